@@ -1,0 +1,73 @@
+"""Spatial layer on network-grid tensors: warping, integration, composition, Jacobians.
+
+Tensors follow :mod:`mmreg.grid`'s conventions: ``(B, C, *spatial)`` with 2 or 3 spatial dims in
+numpy order, voxel-unit displacement fields ``(B, ndim, *spatial)`` whose channel k moves along
+spatial dim k, resampling convention (output voxel x samples the input at x + u(x)).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import SimpleITK as sitk
+import torch
+from monai.networks.blocks import DVF2DDF, Warp
+
+
+@lru_cache(maxsize=None)
+def _warp_layer(mode: str, padding_mode: str) -> Warp:
+    return Warp(mode=mode, padding_mode=padding_mode)
+
+
+def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear",
+         padding_mode: str = "border") -> torch.Tensor:
+    """Resample ``image`` at x + ddf(x) (voxel units) with MONAI's ``Warp``.
+
+    ``mode``: "bilinear" (trilinear in 3-D) or "nearest"; ``padding_mode``: "border", "zeros" or
+    "reflection" (what is read outside the image).
+    """
+    return _warp_layer(mode, padding_mode)(image, ddf)
+
+
+@lru_cache(maxsize=None)
+def _dvf2ddf(steps: int) -> DVF2DDF:
+    return DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="zeros")
+
+
+def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
+    """Scaling and squaring (MONAI ``DVF2DDF``): stationary velocity field -> diffeomorphic displacement.
+
+    Both in voxel units on the same grid; ``steps`` squarings (the field is divided by 2**steps).
+    """
+    return _dvf2ddf(steps)(velocity)
+
+
+def compose_fields(inner: torch.Tensor, outer: torch.Tensor) -> torch.Tensor:
+    """Displacement of the map x -> y = x + inner(x) -> y + outer(y) (voxel units, same grid)."""
+    return inner + warp(outer, inner, padding_mode="border")
+
+
+def identity_ddf(spatial_shape, device=None) -> torch.Tensor:
+    """A zero displacement field ``(1, ndim, *spatial_shape)``."""
+    return torch.zeros((1, len(spatial_shape)) + tuple(spatial_shape), device=device)
+
+
+def jacobian_determinant(field: sitk.Image) -> np.ndarray:
+    """Jacobian determinant of x -> x + u(x) for a displacement image (LPS mm), in physical space.
+
+    Derivatives are central differences in index space converted with the grid's spacing and
+    direction, so anisotropic and oblique grids are handled. Returns a numpy array in (z, y, x)
+    order. Single-voxel axes contribute no derivative (2-D inputs).
+    """
+    u = sitk.GetArrayFromImage(field).astype(np.float64)  # (z, y, x, 3)
+    size = field.GetSize()
+    m = np.array(field.GetDirection()).reshape(3, 3) @ np.diag(field.GetSpacing())
+    m_inv = np.linalg.inv(m)
+    # du/di for each ITK index axis a (numpy axis 2 - a).
+    du_di = np.zeros(u.shape + (3,))  # [..., component, index axis]
+    for a in range(3):
+        if size[a] > 1:
+            du_di[..., a] = np.gradient(u, axis=2 - a)
+    grad = du_di @ m_inv  # du/dx = du/di @ di/dx
+    jac = grad + np.eye(3)
+    return np.linalg.det(jac)
