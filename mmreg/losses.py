@@ -19,6 +19,8 @@ and bending energy terms; MIND-SSC (Heinrich et al., MICCAI 2013) is implemented
 """
 from __future__ import annotations
 
+import contextlib
+import warnings
 from typing import Callable, Dict, Optional
 
 import torch
@@ -349,7 +351,7 @@ def ssim_loss(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = N
     ``data_range`` is the intensity range (1 for images normalised to [0, 1]). 0 for identical
     images, up to 2 for anti-correlated ones. The SSIM map covers the voxels whose whole window
     lies inside the image (valid convolution, as in MONAI SSIMLoss); with ``mask`` the mean is over
-    masked voxels of that region. Every spatial size must be >= ``win_size``.
+    masked voxels of that region (mask voxels within ``win_size // 2`` of the border do not count). Every spatial size must be >= ``win_size``.
     """
     from monai.metrics.regression import compute_ssim_and_cs
 
@@ -371,6 +373,14 @@ def ssim_loss(a: torch.Tensor, b: torch.Tensor, mask: Optional[torch.Tensor] = N
         h = win_size // 2
         m = m[(slice(None), slice(None)) + tuple(slice(h, s - h) for s in m.shape[2:])]
     return 1.0 - _masked_mean(ssim_map, m)
+
+
+@contextlib.contextmanager
+def _quiet_monai_indexing():
+    """Silence torch's deprecation warning about MONAI's list-based slicing in its deform losses."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Using a non-tuple sequence for multidimensional indexing")
+        yield
 
 
 def _check_ddf(ddf, name="ddf") -> int:
@@ -396,7 +406,8 @@ def diffusion_regulariser(ddf: torch.Tensor) -> torch.Tensor:
     _check_ddf(ddf)
     if min(ddf.shape[2:]) <= 2:
         raise InputError(f"diffusion_regulariser needs every spatial size > 2, got {tuple(ddf.shape[2:])}.")
-    return DiffusionLoss(normalize=False, reduction="mean")(ddf)
+    with _quiet_monai_indexing():
+        return DiffusionLoss(normalize=False, reduction="mean")(ddf)
 
 
 def bending_energy(ddf: torch.Tensor) -> torch.Tensor:
@@ -411,7 +422,8 @@ def bending_energy(ddf: torch.Tensor) -> torch.Tensor:
     _check_ddf(ddf)
     if min(ddf.shape[2:]) <= 4:
         raise InputError(f"bending_energy needs every spatial size > 4, got {tuple(ddf.shape[2:])}.")
-    return BendingEnergyLoss(normalize=False, reduction="mean")(ddf)
+    with _quiet_monai_indexing():
+        return BendingEnergyLoss(normalize=False, reduction="mean")(ddf)
 
 
 # ----------------------------------------------------------------------------- uniform modules

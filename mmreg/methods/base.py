@@ -1,0 +1,59 @@
+"""The interface every registration method implements.
+
+The pipeline (:func:`mmreg.register`) does everything that is common: validation, intensity
+normalisation, affine pre-alignment, resampling onto the method's network grid, conversion of
+the predicted voxel-unit field to a physical displacement on the fixed image's full grid,
+warping, quality numbers. A method only chooses its grid and predicts a field on it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..grid import NetworkGrid
+from ..progress import Progress
+
+
+@dataclass
+class GridInputs:
+    """What a method receives, all on ``grid`` as ``(1, 1, *spatial)`` tensors on ``device``.
+
+    ``fixed`` / ``moving``: intensity-normalised images in [0, 1], the moving one already
+    resampled through the affine pre-alignment. ``fixed_mask`` / ``moving_mask``: 1 inside the
+    respective image's field of view (the moving one in fixed space), 0 outside.
+    """
+
+    grid: NetworkGrid
+    fixed: torch.Tensor
+    moving: torch.Tensor
+    fixed_mask: torch.Tensor
+    moving_mask: torch.Tensor
+    device: torch.device
+
+
+class RegistrationMethod:
+    """Base class: subclasses set ``name``/``description`` and implement :meth:`predict`."""
+
+    name: str = ""
+    description: str = ""
+    #: "mono", "multi" or "mono+multi": which pairs the method is meant for.
+    modalities: str = "mono+multi"
+
+    def default_options(self) -> dict:
+        """Options and their defaults (documented by the subclass)."""
+        return {}
+
+    def models(self) -> list:
+        """Trained models available to this method (empty for methods that need none)."""
+        return []
+
+    def grid_for(self, fixed, options: dict) -> NetworkGrid:
+        """The network grid for this fixed image (spacing and size multiple of the method/model)."""
+        return NetworkGrid.for_image(fixed, spacing=float(options.get("spacing", 2.0)),
+                                     multiple=int(options.get("multiple", 16)),
+                                     max_voxels=options.get("max_voxels"))
+
+    def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
+        """Voxel-unit displacement ``(1, ndim, *spatial)`` on ``inputs.grid`` (resampling convention)."""
+        raise NotImplementedError  # abstract: every method implements it
