@@ -31,7 +31,7 @@ SIMILARITIES = ("mind", "mi", "lncc", "mse")
 
 #: Diffusion weight per similarity, chosen on the IXI T1-T1 pairs and the multi-modal template
 #: pairs of the shared data (see docs/optimize.md for the sweep).
-DEFAULT_SMOOTHNESS = {"mind": 1.0, "mi": 0.5, "lncc": 1.0, "mse": 1.0}
+DEFAULT_SMOOTHNESS = {"mind": 0.05, "mi": 0.05, "lncc": 0.05, "mse": 0.05}
 
 
 def _smooth(field: torch.Tensor, passes: int = 2) -> torch.Tensor:
@@ -72,8 +72,8 @@ class _Similarity:
 
 
 def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = None, similarity: str = "mind",
-                      levels: int = 3, iterations=(80, 50, 30), learning_rate: float = 1.0,
-                      smoothness: float | None = None, diffeomorphic: bool = True, finest_factor: int = 1,
+                      levels: int = 3, iterations=(80, 80, 60), learning_rate: float = 1.0,
+                      smoothness: float | None = None, diffeomorphic: bool = True, finest_factor: int = 2,
                       progress: Progress | None = None, **options) -> torch.Tensor:
     """Optimise a field on ``inputs.grid``; returns the voxel-unit displacement ``(1, ndim, *spatial)``.
 
@@ -95,7 +95,7 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     iterations = [int(iterations)] * len(factors) if isinstance(iterations, (int, float)) else list(iterations)
     # Fewer levels than iteration counts (small images): drop the coarsest counts.
     iterations = ([iterations[0]] * (len(factors) - len(iterations)) + iterations)[-len(factors):]
-    steps = int(options.get("integration_steps", 7))
+    steps = int(options.get("integration_steps", 5))
 
     moving, moving_mask = inputs.moving, inputs.moving_mask
     if init_ddf is not None:
@@ -152,8 +152,9 @@ class InstanceOptimisation(RegistrationMethod):
 
     def default_options(self) -> dict:
         """spacing (mm), similarity, levels, iterations per level, learning rate, smoothness, diffeomorphic."""
-        return {"spacing": 2.0, "multiple": 8, "max_voxels": 2_000_000, "similarity": "mind", "levels": 3,
-                "iterations": (80, 50, 30), "learning_rate": 1.0, "smoothness": None, "diffeomorphic": True}
+        return {"spacing": 2.0, "multiple": 16, "max_voxels": 2_000_000, "similarity": "mind", "levels": 3,
+                "finest_factor": 2, "iterations": (80, 80, 60), "learning_rate": 1.0, "smoothness": None,
+                "diffeomorphic": True, "integration_steps": 5}
 
     def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
         opts = {k: v for k, v in options.items() if k not in ("spacing", "multiple", "max_voxels")}
