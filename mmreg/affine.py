@@ -20,7 +20,7 @@ from .errors import InputError
 from .image import physical_bounds
 from .progress import Progress
 
-MAX_SAMPLES = 40_000
+MAX_SAMPLES = 20_000
 
 
 @dataclass
@@ -134,7 +134,7 @@ def _run_stage(fixed, moving, transform, levels, iterations, seed, progress, mas
 
 
 def affine_prealign(fixed: sitk.Image, moving: sitk.Image, *, stages=("rigid", "affine"),
-                    iterations: int = 100, fixed_mask: sitk.Image | None = None,
+                    iterations: int = 50, fixed_mask: sitk.Image | None = None,
                     moving_mask: sitk.Image | None = None, seed: int = 1,
                     progress: Progress | None = None) -> AffineResult:
     """Affine transform aligning ``moving`` to ``fixed`` (fixed point -> moving point, LPS mm).
