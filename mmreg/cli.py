@@ -65,6 +65,7 @@ def _cmd_register(args) -> int:
     try:
         result = register(args.fixed, args.moving, method=args.method, model=args.model, affine=not args.no_affine,
                           fixed_labels=args.fixed_labels, moving_labels=args.moving_labels,
+                          fixed_mask=args.fixed_mask, moving_mask=args.moving_mask,
                           fixed_modality=args.fixed_modality, moving_modality=args.moving_modality,
                           device=args.device, threads=args.threads, label_interpolation=args.label_interpolation,
                           progress=bar, **_options(args.option))
@@ -136,6 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--output-warped-labels", help="warped moving label map")
     reg.add_argument("--label-interpolation", choices=("linear", "nearest"), default="linear",
                      help="labels: per-label linear + argmax (default) or nearest neighbour")
+    reg.add_argument("--fixed-mask", help="fixed mask (nonzero = region that counts, e.g. a brain mask)")
+    reg.add_argument("--moving-mask", help="moving mask")
     reg.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
     reg.add_argument("--fixed-modality", choices=("auto", "MR", "CT"), default="auto")
     reg.add_argument("--moving-modality", choices=("auto", "MR", "CT"), default="auto")

@@ -101,6 +101,11 @@ def _ones_like(image: sitk.Image) -> sitk.Image:
     return ones
 
 
+def _mask_image(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
+    """Float mask on the image's grid: the given mask, or ones (the whole field of view)."""
+    return _ones_like(image) if mask is None else sitk.Cast(mask, sitk.sitkFloat32)
+
+
 def _check_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
     lo_f, hi_f = physical_bounds(fixed)
     lo_m, hi_m = physical_bounds(moving)
@@ -133,6 +138,7 @@ def _label_numbers(fixed_labels: sitk.Image, warped: sitk.Image) -> dict:
 
 def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, model: str | None = None,
              affine: bool = True, fixed_labels: ImageLike | None = None, moving_labels: ImageLike | None = None,
+             fixed_mask: ImageLike | None = None, moving_mask: ImageLike | None = None,
              fixed_modality: str = "auto", moving_modality: str = "auto", device: str | None = "auto",
              threads: int | None = None, label_interpolation: str = "linear",
              progress: ProgressCallback | None = None, **options) -> RegistrationResult:
@@ -142,7 +148,9 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
     slices accepted). ``method``: a name from :func:`mmreg.methods.method_names`; ``model``: the
     trained model to use (learned methods). ``affine``: run the affine pre-alignment first
     (default on). ``fixed_labels``/``moving_labels``: optional label maps; the moving one is
-    warped, and with both the report has Dice and HD95. ``*_modality``: "auto", "MR" or "CT"
+    warped, and with both the report has Dice and HD95. ``fixed_mask``/``moving_mask``: optional
+    masks (nonzero = use; e.g. brain masks) restricting the affine metric, the intensity
+    percentiles and the similarity of the method. ``*_modality``: "auto", "MR" or "CT"
     (intensity normalisation). ``device``: "auto", "cpu", "cuda", "mps". ``progress``: a
     callback ``(fraction, message)`` that may raise :class:`~mmreg.errors.CancelledError` or
     return False to cancel. Other keyword ``options`` go to the method (see ``mmreg methods``).
@@ -160,6 +168,19 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
                 # Labels on another grid are fine physically, but almost always a mix-up.
                 raise InputError(f"The {what} label map (size {lab.GetSize()}) is not on the {what} image's grid "
                                  f"(size {img.GetSize()}); give the label map that belongs to the {what} image.")
+        masks = {}
+        for key, mask, img in (("fixed", fixed_mask, fixed_img), ("moving", moving_mask, moving_img)):
+            if mask is not None:
+                m = read_labels(mask, f"{key.capitalize()} mask")
+                if m.GetSize() != img.GetSize():
+                    raise InputError(f"The {key} mask (size {m.GetSize()}) is not on the {key} image's grid "
+                                     f"(size {img.GetSize()}).")
+                m = sitk.Cast(m > 0, sitk.sitkUInt8)
+                m.CopyInformation(img)
+                if not sitk.GetArrayViewFromImage(m).any():
+                    raise InputError(f"The {key} mask is empty (no nonzero voxel); give a mask of the region to "
+                                     "register or none.")
+                masks[key] = m
         reg_method = get_method(method)
         opts = dict(reg_method.default_options())
         unknown = set(options) - set(opts)
@@ -174,13 +195,14 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
     prog(0.02, "inputs checked")
 
     with prog.step("normalise"):
-        fixed_n, fixed_norm = normalize_intensity(fixed_img, fixed_modality)
-        moving_n, moving_norm = normalize_intensity(moving_img, moving_modality)
+        fixed_n, fixed_norm = normalize_intensity(fixed_img, fixed_modality, mask=masks.get("fixed"))
+        moving_n, moving_norm = normalize_intensity(moving_img, moving_modality, mask=masks.get("moving"))
 
     aff: AffineResult | None = None
     if affine:
         with prog.step("affine"):
-            aff = affine_prealign(fixed_n, moving_n, progress=prog.sub(0.03, 0.25))
+            aff = affine_prealign(fixed_n, moving_n, fixed_mask=masks.get("fixed"), moving_mask=masks.get("moving"),
+                                  progress=prog.sub(0.03, 0.25))
         affine_tx = aff.transform
     else:
         _check_overlap(fixed_img, moving_img)
@@ -193,8 +215,9 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
             grid=grid,
             fixed=grid.image_to_tensor(grid.resample(fixed_n), torch_device),
             moving=grid.image_to_tensor(grid.resample(moving_n, tx), torch_device),
-            fixed_mask=grid.image_to_tensor(grid.resample(_ones_like(fixed_img)), torch_device),
-            moving_mask=grid.image_to_tensor(grid.resample(_ones_like(moving_img), tx), torch_device),
+            fixed_mask=grid.image_to_tensor(grid.resample(_mask_image(fixed_img, masks.get("fixed"))), torch_device),
+            moving_mask=grid.image_to_tensor(grid.resample(_mask_image(moving_img, masks.get("moving")), tx),
+                                             torch_device),
             device=torch_device,
         )
         if float(inputs.moving_mask.mean()) < 0.01:
