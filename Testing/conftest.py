@@ -27,3 +27,18 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared data folder not found at '{path}' (set MMREG_DATA to the shared data folder)")
     return path
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``slow`` (minutes on a 2-core CPU) run only when asked for.
+
+    Ask with ``MMREG_RUN_SLOW=1`` or by selecting them with a marker expression that names them
+    (``-m slow``); otherwise they are skipped with that hint.
+    """
+    if os.environ.get("MMREG_RUN_SLOW", "") not in ("", "0") or "slow" in (config.getoption("markexpr") or ""):
+        return
+    skip = pytest.mark.skip(reason="slow test (minutes on a 2-core CPU): set MMREG_RUN_SLOW=1 "
+                                   "or select it with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

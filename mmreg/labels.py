@@ -2,8 +2,11 @@
 
 Default: per-label linear interpolation of the one-hot masks followed by argmax (a voxel takes
 the label whose interpolated mask is largest, the background's mask being 1 minus the sum of
-the others; background wins ties), which keeps thin structures and boundaries better than nearest
-neighbour. ``interpolation="nearest"`` gives the classic nearest-neighbour resampling.
+the others; background wins ties). Measured against nearest neighbour (Testing/engine/test_geometry.py):
+smoother, more accurate boundaries of structures a few voxels thick (sphere Dice 0.944 vs 0.910;
+thin slabs 0.83 vs 0.81 averaged over sub-voxel shifts), but a structure ONE voxel thick shifted
+by exactly half a voxel can vanish (its mask interpolates to 0.5 everywhere), where nearest keeps
+it. ``interpolation="nearest"`` gives the classic nearest-neighbour resampling.
 """
 from __future__ import annotations
 

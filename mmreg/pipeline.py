@@ -23,7 +23,7 @@ from .affine import AffineResult, affine_prealign
 from .device import choose_device, set_threads
 from .errors import InputError
 from .grid import resample_field
-from .image import ImageLike, physical_bounds, read_image, read_labels, write_image
+from .image import ImageLike, physical_bounds, read_image, read_labels, same_grid, write_image
 from .intensity import normalize_intensity
 from .labels import warp_labels
 from .methods import GridInputs, get_method
@@ -101,6 +101,13 @@ def _ones_like(image: sitk.Image) -> sitk.Image:
     return ones
 
 
+def _grid_mismatch(what: str, a: sitk.Image, other: str, b: sitk.Image) -> str:
+    return (f"The {what} is not on the {other}'s grid (size {a.GetSize()} vs {b.GetSize()}, origin "
+            f"{np.round(a.GetOrigin(), 3).tolist()} vs {np.round(b.GetOrigin(), 3).tolist()} mm, spacing "
+            f"{np.round(a.GetSpacing(), 4).tolist()} vs {np.round(b.GetSpacing(), 4).tolist()} mm). Give the one "
+            f"that belongs to the {other}, or resample it onto that image first.")
+
+
 def _mask_image(image: sitk.Image, mask: sitk.Image | None) -> sitk.Image:
     """Float mask on the image's grid: the given mask, or ones (the whole field of view)."""
     return _ones_like(image) if mask is None else sitk.Cast(mask, sitk.sitkFloat32)
@@ -164,17 +171,15 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
         fixed_lab = read_labels(fixed_labels, "Fixed label map") if fixed_labels is not None else None
         moving_lab = read_labels(moving_labels, "Moving label map") if moving_labels is not None else None
         for lab, img, what in ((fixed_lab, fixed_img, "fixed"), (moving_lab, moving_img, "moving")):
-            if lab is not None and lab.GetSize() != img.GetSize():
+            if lab is not None and not same_grid(lab, img, tol=1e-3):
                 # Labels on another grid are fine physically, but almost always a mix-up.
-                raise InputError(f"The {what} label map (size {lab.GetSize()}) is not on the {what} image's grid "
-                                 f"(size {img.GetSize()}); give the label map that belongs to the {what} image.")
+                raise InputError(_grid_mismatch(f"{what} label map", lab, f"{what} image", img))
         masks = {}
         for key, mask, img in (("fixed", fixed_mask, fixed_img), ("moving", moving_mask, moving_img)):
             if mask is not None:
                 m = read_labels(mask, f"{key.capitalize()} mask")
-                if m.GetSize() != img.GetSize():
-                    raise InputError(f"The {key} mask (size {m.GetSize()}) is not on the {key} image's grid "
-                                     f"(size {img.GetSize()}).")
+                if not same_grid(m, img, tol=1e-3):
+                    raise InputError(_grid_mismatch(f"{key} mask", m, f"{key} image", img))
                 m = sitk.Cast(m > 0, sitk.sitkUInt8)
                 m.CopyInformation(img)
                 if not sitk.GetArrayViewFromImage(m).any():

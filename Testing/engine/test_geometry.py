@@ -369,15 +369,15 @@ def test_single_slice_grid_and_in_plane_translation():
     warped = warped[0, 0].numpy().reshape(pts.shape[:3])
     interior = inside(ref, pts + t)
     err = np.abs(warped - g(pts + t))[interior]
-    assert err.max() < 0.03, err.max()  # measured in test run, see report
+    assert err.max() < 0.03, err.max()  # measured max 0.0072, mean 0.0033
     swapped = direction[:, 0] * (-1.5) + direction[:, 1] * 2.5
-    assert np.abs(warped - g(pts + swapped))[interior].max() > 0.1
-    assert np.abs(warped - g(pts - t))[interior].max() > 0.1
+    assert np.abs(warped - g(pts + swapped))[interior].max() > 0.1  # measured 0.64
+    assert np.abs(warped - g(pts - t))[interior].max() > 0.1  # measured 0.67
     # And on to the single-slice fixed grid with SimpleITK.
     field = resample_field(grid2d.ddf_to_field_image(ddf), fixed2d)
     out = sitk.Resample(moving, fixed2d, sitk.DisplacementFieldTransform(field), sitk.sitkLinear, 0.0)
     fixed_pts = grid_points(fixed2d)
-    assert np.abs(sitk.GetArrayFromImage(out) - g(fixed_pts + t)).max() < 0.015
+    assert np.abs(sitk.GetArrayFromImage(out) - g(fixed_pts + t)).max() < 0.015  # measured 0.0054
 
 
 # ----------------------------------------------------------------------------- composition
@@ -513,17 +513,21 @@ def test_warp_labels_thin_slab_sub_voxel_shifts(moving, thickness):
           f"nearest {np.round(dice['nearest'], 3).tolist()}; kept voxels linear "
           f"{np.round(kept['linear'], 2).tolist()}, nearest {np.round(kept['nearest'], 2).tolist()}")
     # What is robust: averaged over sub-voxel shifts, linear+argmax is at least as good as nearest
-    # (measured means 1.5 mm: 0.77 vs 0.70; 3.0 mm: 0.91 vs 0.86), and nearest keeps the voxel count.
+    # (measured mean Dice 1.5 mm: 0.829 vs 0.809; 3.0 mm: 0.932 vs 0.907; per shift they are equal or
+    # linear is better, except the exact half-voxel shift of the 1.5 mm slab: 0.517 vs 0.594, where
+    # linear keeps only 35 % of the voxels), and nearest keeps the voxel count.
     assert np.mean(dice["linear"]) >= np.mean(dice["nearest"]) - 0.01
     assert np.mean(dice["linear"]) > 0.6
     assert all(abs(k - 1) < 0.05 for k in kept["nearest"])
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mmreg.labels docstring claims per-label linear + argmax 'keeps thin structures better than nearest "
-    "neighbour', but a 1 mm (0.7-1 voxel) oblique slab moved by exactly half a voxel along each axis "
-    "vanishes completely with interpolation='linear' (every interpolated mask value <= 0.5 and the background "
-    "1 - sum wins ties), while 'nearest' keeps all its voxels (measured Dice 0.0 vs 0.395, 0 vs 2581 voxels)."))
-def test_warp_labels_linear_keeps_one_voxel_slab_at_half_voxel_shift(moving):
+# Known limitation, documented in mmreg.labels: a structure one voxel thick moved by exactly half a
+# voxel can vanish with linear+argmax (every interpolated mask value is 0.5 and background wins
+# ties), where nearest keeps it (measured Dice 0.0 vs 0.395). The test pins the documented behaviour.
+def test_warp_labels_one_voxel_slab_at_half_voxel_shift_is_a_documented_limitation(moving):
     dice, kept = _slab_dice(moving, 1.0, [(0.5, 0.5, 0.5)])
-    assert kept["linear"][0] > 0.5 and dice["linear"][0] >= dice["nearest"][0]
+    assert kept["nearest"][0] > 0.9
+    assert dice["linear"][0] <= dice["nearest"][0]
+    import mmreg.labels
+    assert "can vanish" in mmreg.labels.__doc__
+

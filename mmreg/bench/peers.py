@@ -102,6 +102,14 @@ def _same_geometry(a: sitk.Image, b: sitk.Image) -> bool:
 # ----------------------------------------------------------------------------- elastix
 
 
+def set_itk_threads(threads: int) -> None:
+    """Limit ITK's (hence elastix's and transformix's) thread pool to ``threads``."""
+    itk = _itk()
+    n = max(1, int(threads))
+    itk.MultiThreaderBase.SetGlobalMaximumNumberOfThreads(n)
+    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(n)
+
+
 def elastix_bspline_parameter_map(final_grid_spacing_mm: float = ELASTIX_DEFAULTS["final_grid_spacing_mm"],
                                   resolutions: int = ELASTIX_DEFAULTS["resolutions"],
                                   iterations: int = ELASTIX_DEFAULTS["iterations"],
@@ -147,9 +155,12 @@ def run_elastix_bspline(fixed: sitk.Image, moving: sitk.Image, *, threads: int =
     pm = dict(parameter_map) if parameter_map is not None else elastix_bspline_parameter_map(**settings)
     po = itk.ParameterObject.New()
     po.AddParameterMap(pm)
-    itk.MultiThreaderBase.SetGlobalDefaultNumberOfThreads(int(threads))
+    set_itk_threads(threads)
     f_itk, m_itk = sitk_to_itk(fixed), sitk_to_itk(moving)
-    kwargs = {"parameter_object": po, "log_to_console": bool(log_to_console), "number_of_threads": int(threads)}
+    # Not number_of_threads=...: ElastixRegistrationMethod.SetNumberOfThreads crashes (segfault) with
+    # the multi-metric bspline map in itk-elastix 0.25.4 (ITKElastix issues #160, #295); the global
+    # ITK thread pool size is what limits elastix's threads.
+    kwargs = {"parameter_object": po, "log_to_console": bool(log_to_console)}
     if fixed_mask is not None:
         mask = itk.GetImageFromArray(np.ascontiguousarray((sitk.GetArrayFromImage(fixed_mask) > 0).astype(np.uint8)))
         mask.CopyInformation(f_itk)
@@ -167,10 +178,9 @@ def run_elastix_bspline(fixed: sitk.Image, moving: sitk.Image, *, threads: int =
     out_settings = {"method": "elastix B-spline (itk-elastix default 'bspline' map)", "threads": int(threads),
                     "parameter_map": {k: list(v) for k, v in pm.items()}}
     try:
-        import itk as _itk_mod  # noqa: PLC0415
         from importlib.metadata import version  # noqa: PLC0415
         out_settings["itk_elastix_version"] = version("itk-elastix")
-        out_settings["itk_version"] = _itk_mod.Version.GetITKVersion()
+        out_settings["itk_version"] = itk.Version.GetITKVersion()
     except Exception:  # pragma: no cover - informational only
         pass
     return PeerResult(disp, t_reg, out_settings, {"elastix_s": round(t_reg, 3), "deformation_field_s": round(t_field, 3)},

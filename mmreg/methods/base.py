@@ -9,10 +9,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..grid import NetworkGrid
 from ..progress import Progress
+
+
+def resolve_spacing(spacing, fixed) -> float:
+    """Network spacing in mm: a number as given, or "auto" = the geometric mean of the fixed image's
+    voxel size along its non-singleton axes, clamped to 1..4 mm (fine anatomy keeps its detail,
+    large volumes are bounded further by ``max_voxels``)."""
+    if spacing in (None, "auto"):
+        sizes = [sp for sp, n in zip(fixed.GetSpacing(), fixed.GetSize()) if n > 1]
+        return float(min(4.0, max(1.0, float(np.exp(np.mean(np.log(sizes)))))))
+    return float(spacing)
 
 
 @dataclass
@@ -50,7 +61,7 @@ class RegistrationMethod:
 
     def grid_for(self, fixed, options: dict) -> NetworkGrid:
         """The network grid for this fixed image (spacing and size multiple of the method/model)."""
-        return NetworkGrid.for_image(fixed, spacing=float(options.get("spacing", 2.0)),
+        return NetworkGrid.for_image(fixed, spacing=resolve_spacing(options.get("spacing", "auto"), fixed),
                                      multiple=int(options.get("multiple", 16)),
                                      max_voxels=options.get("max_voxels"))
 

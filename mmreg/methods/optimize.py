@@ -31,7 +31,12 @@ SIMILARITIES = ("mind", "mi", "lncc", "mse")
 
 #: Diffusion weight per similarity, chosen on the IXI T1-T1 pairs and the multi-modal template
 #: pairs of the shared data (see docs/optimize.md for the sweep).
-DEFAULT_SMOOTHNESS = {"mind": 0.05, "mi": 0.05, "lncc": 0.05, "mse": 0.05}
+DEFAULT_SMOOTHNESS = {"mind": 0.05, "mi": 5.0, "lncc": 0.05, "mse": 0.05}
+
+
+#: Adam step (voxels of the level) per similarity: MI's gradients come from a random voxel subsample
+#: and are noisy, so it takes smaller steps.
+DEFAULT_LEARNING_RATE = {"mind": 1.0, "mi": 0.2, "lncc": 1.0, "mse": 1.0}
 
 
 def _smooth(field: torch.Tensor, passes: int = 2) -> torch.Tensor:
@@ -72,7 +77,7 @@ class _Similarity:
 
 
 def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = None, similarity: str = "mind",
-                      levels: int = 3, iterations=(80, 80, 60), learning_rate: float = 1.0,
+                      levels: int = 3, iterations=(80, 80, 60), learning_rate: float | None = None,
                       smoothness: float | None = None, diffeomorphic: bool = True, finest_factor: int = 2,
                       progress: Progress | None = None, **options) -> torch.Tensor:
     """Optimise a field on ``inputs.grid``; returns the voxel-unit displacement ``(1, ndim, *spatial)``.
@@ -80,7 +85,8 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     ``init_ddf`` (voxel units, same grid): a field to refine (e.g. a network's prediction); the
     optimiser then finds a residual r and returns the composition x -> x + r(x) -> y + init(y).
     ``iterations``: Adam steps per level, coarse to fine (an int applies to all levels);
-    ``learning_rate`` in voxels of the level; ``smoothness``: diffusion weight (default by
+    ``learning_rate``: Adam step in voxels of the level (default by similarity,
+    :data:`DEFAULT_LEARNING_RATE`); ``smoothness``: diffusion weight (default by
     similarity, :data:`DEFAULT_SMOOTHNESS`); ``finest_factor``: the finest level optimised (1: the
     grid itself, 2: half its resolution, the field then upsampled; much faster). Extra options: ``mind_radius``, ``mind_dilation``,
     ``mi_bins``, ``mi_max_voxels``, ``integration_steps``.
@@ -90,6 +96,7 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
         raise InputError(f"Unknown similarity '{similarity}' for instance optimisation; use one of "
                          f"{', '.join(SIMILARITIES)}.")
     lam = DEFAULT_SMOOTHNESS[similarity] if smoothness is None else float(smoothness)
+    lr = DEFAULT_LEARNING_RATE[similarity] if learning_rate is None else float(learning_rate)
     factors = [f for f in (choose_levels(inputs.grid, int(levels) + int(np.log2(finest_factor))) or [1])
                if f >= finest_factor] or [1]
     iterations = [int(iterations)] * len(factors) if isinstance(iterations, (int, float)) else list(iterations)
@@ -122,7 +129,7 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
             else:
                 param = upsample_field(param.detach(), prev_factor // factor)
             param = param.detach().requires_grad_(True)
-            optimiser = torch.optim.Adam([param], lr=learning_rate)
+            optimiser = torch.optim.Adam([param], lr=lr)
             for it in range(int(n_iter)):
                 optimiser.zero_grad(set_to_none=True)
                 field = _smooth(param)
@@ -151,10 +158,12 @@ class InstanceOptimisation(RegistrationMethod):
     modalities = "mono+multi"
 
     def default_options(self) -> dict:
-        """spacing (mm), similarity, levels, iterations per level, learning rate, smoothness, diffeomorphic."""
-        return {"spacing": 2.0, "multiple": 16, "max_voxels": 2_000_000, "similarity": "mind", "levels": 3,
-                "finest_factor": 2, "iterations": (80, 80, 60), "learning_rate": 1.0, "smoothness": None,
-                "diffeomorphic": True, "integration_steps": 5}
+        """Options of :func:`instance_optimise` plus the grid: ``spacing`` (mm, or "auto": the fixed
+        image's geometric-mean voxel size clamped to 1..4 mm), ``multiple`` and ``max_voxels``."""
+        return {"spacing": "auto", "multiple": 16, "max_voxels": 2_000_000, "similarity": "mind", "levels": 3,
+                "finest_factor": 2, "iterations": (80, 80, 60), "learning_rate": None, "smoothness": None,
+                "diffeomorphic": True, "integration_steps": 5, "mind_radius": 1, "mind_dilation": 2,
+                "mi_bins": 32, "mi_max_voxels": 100_000}
 
     def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
         opts = {k: v for k, v in options.items() if k not in ("spacing", "multiple", "max_voxels")}
