@@ -93,6 +93,7 @@ class NetworkGrid:
     # ---------------------------------------------------------------- properties
     @property
     def direction_matrix(self) -> np.ndarray:
+        """The 3x3 direction matrix (columns: the grid axes in LPS)."""
         return np.array(self.direction).reshape(3, 3)
 
     @property

@@ -108,15 +108,19 @@ class Case:
 
     # -- loading (SimpleITK images are returned validated, never modified)
     def fixed_image(self) -> sitk.Image:
+        """The fixed image, read and validated."""
         return read_image(self.fixed, f"{self.name}: fixed image")
 
     def moving_image(self) -> sitk.Image:
+        """The moving image."""
         return read_image(self.moving, f"{self.name}: moving image")
 
     def fixed_label_map(self) -> sitk.Image | None:
+        """The fixed label map, or None."""
         return None if self.fixed_labels is None else read_labels(self.fixed_labels, f"{self.name}: fixed labels")
 
     def moving_label_map(self) -> sitk.Image | None:
+        """The moving label map (on the moving image grid), or None."""
         return None if self.moving_labels is None else read_labels(self.moving_labels, f"{self.name}: moving labels")
 
     def scored_labels(self) -> list | None:

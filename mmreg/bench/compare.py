@@ -248,6 +248,7 @@ def _short(rec: dict) -> str:
 
 
 def machine_info(threads: int, device: str) -> dict:
+    """CPU, cores, threads, device and library versions for the report header."""
     cpu = platform.processor() or ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
@@ -320,6 +321,7 @@ def summarise(records: list) -> list:
 
 
 def write_markdown(path: Path, records: list, summary: list, meta: dict, settings: dict, case_infos: list) -> None:
+    """Write the comparison table (rows per case x method), the per-group medians and the settings."""
     m = meta["machine"]
     lines = [
         "# mmreg instance optimisation vs elastix B-spline",
@@ -434,6 +436,7 @@ def write_markdown(path: Path, records: list, summary: list, meta: dict, setting
 
 
 def parse_args(argv=None) -> argparse.Namespace:
+    """Command-line arguments of ``python -m mmreg.bench.compare``."""
     p = argparse.ArgumentParser(prog="python -m mmreg.bench.compare", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=SPEC_HELP)
     p.add_argument("--cases", nargs="+", default=["default"], help="case specs (see below); default: default")
@@ -456,6 +459,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(argv=None) -> int:
+    """Run the comparison; returns the exit code."""
     args = parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if not valid_method(m)]

@@ -8,8 +8,9 @@ regulariser:
   multi-modal), ``"mi"`` (Parzen-window mutual information), ``"lncc"`` or ``"mse"``;
 * parameter: a stationary velocity field integrated by scaling and squaring (diffeomorphic,
   default) or a plain displacement field, smoothed by two 3-voxel box filters each step;
-* regulariser: mean squared spatial gradient of the displacement (voxel units, which at every
-  pyramid level equals the physical gradient, so one weight serves all levels).
+* regulariser: :func:`mmreg.losses.diffusion_regulariser` (MONAI ``DiffusionLoss``), the mean
+  squared spatial gradient of the displacement in voxel units, which at every pyramid level
+  equals the physical gradient, so one weight serves all levels.
 
 Every learned method reuses :func:`instance_optimise` as an optional refinement of its
 prediction (``init_ddf``).
@@ -22,16 +23,16 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..grid import choose_levels, downsample_image, upsample_field
-from ..losses import MutualInformationLoss, lncc_loss, mind_ssc
+from ..losses import MutualInformationLoss, diffusion_regulariser, lncc_loss, mind_loss_from_features, mind_ssc, mse_loss
 from ..progress import Progress
 from ..spatial import compose_fields, integrate_velocity, warp
 from .base import GridInputs, RegistrationMethod
 
 SIMILARITIES = ("mind", "mi", "lncc", "mse")
 
-#: Diffusion weight per similarity, chosen on the IXI T1-T1 pairs and the multi-modal template
-#: pairs of the shared data (see docs/optimize.md for the sweep).
-DEFAULT_SMOOTHNESS = {"mind": 0.05, "mi": 5.0, "lncc": 0.05, "mse": 0.05}
+#: Diffusion weight per similarity, chosen on the shared data (IXI T1-T1, avg152 T1<-T2 and CT<-T1
+#: with known deformations, spinal-cord T2<-T1; the sweep is in docs/optimize.md).
+DEFAULT_SMOOTHNESS = {"mind": 0.15, "mi": 5.0, "lncc": 0.15, "mse": 0.15}
 
 
 #: Adam step (voxels of the level) per similarity: MI's gradients come from a random voxel subsample
@@ -46,14 +47,6 @@ def _smooth(field: torch.Tensor, passes: int = 2) -> torch.Tensor:
     for _ in range(passes):
         field = pool(F.pad(field, pad, mode="replicate"), 3, stride=1)
     return field
-
-
-def _diffusion(ddf: torch.Tensor) -> torch.Tensor:
-    terms = []
-    for dim in range(2, ddf.dim()):
-        if ddf.shape[dim] > 1:
-            terms.append(torch.diff(ddf, dim=dim).pow(2).mean())
-    return torch.stack(terms).sum()
 
 
 class _Similarity:
@@ -71,14 +64,16 @@ class _Similarity:
         if self.name == "mi":
             return self.mi(warped, self.fixed, mask=weight > 0.5)
         if self.name == "lncc":
-            return lncc_loss(warped, self.fixed)
-        err = (warped - self.fixed).pow(2).mean(1, keepdim=True)
-        return (err * weight).sum() / weight.sum().clamp_min(1.0)
+            return lncc_loss(warped, self.fixed, mask=weight)
+        if self.name == "mse":
+            return mse_loss(warped, self.fixed, mask=weight)
+        return mind_loss_from_features(warped, self.fixed, mask=weight)
 
 
 def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = None, similarity: str = "mind",
-                      levels: int = 3, iterations=(80, 80, 60), learning_rate: float | None = None,
+                      levels: int = 3, iterations=(40, 40, 30), learning_rate: float | None = None,
                       smoothness: float | None = None, diffeomorphic: bool = True, finest_factor: int = 2,
+                      schedule: str = "cosine",
                       progress: Progress | None = None, **options) -> torch.Tensor:
     """Optimise a field on ``inputs.grid``; returns the voxel-unit displacement ``(1, ndim, *spatial)``.
 
@@ -88,10 +83,14 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     ``learning_rate``: Adam step in voxels of the level (default by similarity,
     :data:`DEFAULT_LEARNING_RATE`); ``smoothness``: diffusion weight (default by
     similarity, :data:`DEFAULT_SMOOTHNESS`); ``finest_factor``: the finest level optimised (1: the
-    grid itself, 2: half its resolution, the field then upsampled; much faster). Extra options: ``mind_radius``, ``mind_dilation``,
-    ``mi_bins``, ``mi_max_voxels``, ``integration_steps``.
+    grid itself, 2: half its resolution, the field then upsampled; much faster). Extra options:
+    ``mind_radius``, ``mind_dilation``, ``mi_bins``, ``mi_max_voxels``, ``integration_steps``.
+    ``schedule``: "cosine" (the step decays to 5 % within each level, so Adam settles instead of
+    jittering by a whole step) or "constant".
     """
     progress = progress or Progress()
+    if schedule not in ("cosine", "constant"):
+        raise InputError(f"Unknown schedule '{schedule}'; use 'cosine' or 'constant'.")
     if similarity not in SIMILARITIES:
         raise InputError(f"Unknown similarity '{similarity}' for instance optimisation; use one of "
                          f"{', '.join(SIMILARITIES)}.")
@@ -130,13 +129,17 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
                 param = upsample_field(param.detach(), prev_factor // factor)
             param = param.detach().requires_grad_(True)
             optimiser = torch.optim.Adam([param], lr=lr)
+            decay = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, int(n_iter)), lr * 0.05)
+                     if schedule == "cosine" else None)
             for it in range(int(n_iter)):
                 optimiser.zero_grad(set_to_none=True)
                 field = _smooth(param)
                 ddf = integrate_velocity(field, steps) if diffeomorphic else field
-                loss = sim(ddf, weight) + lam * _diffusion(ddf)
+                loss = sim(ddf, weight) + lam * diffusion_regulariser(ddf)
                 loss.backward()
                 optimiser.step()
+                if decay is not None:
+                    decay.step()
                 done += 1
                 progress(done / total_iters, f"instance optimisation, level 1/{factor}: step {it + 1}/{n_iter}")
             prev_factor = factor
@@ -161,10 +164,11 @@ class InstanceOptimisation(RegistrationMethod):
         """Options of :func:`instance_optimise` plus the grid: ``spacing`` (mm, or "auto": the fixed
         image's geometric-mean voxel size clamped to 1..4 mm), ``multiple`` and ``max_voxels``."""
         return {"spacing": "auto", "multiple": 16, "max_voxels": 2_000_000, "similarity": "mind", "levels": 3,
-                "finest_factor": 2, "iterations": (80, 80, 60), "learning_rate": None, "smoothness": None,
+                "finest_factor": 2, "iterations": (40, 40, 30), "learning_rate": None, "smoothness": None,
                 "diffeomorphic": True, "integration_steps": 5, "mind_radius": 1, "mind_dilation": 2,
-                "mi_bins": 32, "mi_max_voxels": 100_000}
+                "mi_bins": 32, "mi_max_voxels": 100_000, "schedule": "cosine"}
 
     def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
+        """Run :func:`instance_optimise` with the options (grid options removed); voxel-unit ddf on the grid."""
         opts = {k: v for k, v in options.items() if k not in ("spacing", "multiple", "max_voxels")}
         return instance_optimise(inputs, progress=progress, **opts)
