@@ -346,8 +346,7 @@ def test_affine_prealign_is_repeatable(shared_data):
 
 
 @pytest.mark.shared_data
-@pytest.mark.slow
-def test_ixi_t1_pair_defaults(shared_data):
+def test_ixi_t1_pair_defaults(shared_data):  # about 45 s on 2 cores
     d = shared_data / "ixi10_T1_dlmuse"
     fixed, moving = d / "nifti" / "IXI012-HH-1211-T1_ds.nii.gz", d / "nifti" / "IXI013-HH-1212-T1_ds.nii.gz"
     fixed_labels = d / "dlmuse" / "IXI012-HH-1211-T1_ds_DLMUSE.nii.gz"
