@@ -68,6 +68,20 @@ def data_dir(path: str | os.PathLike | None = None) -> Path:
     return chosen
 
 
+def portable_path(path) -> str:
+    """A path for reports that does not name this machine: ``$MMREG_DATA/...`` inside the data
+    folder, ``~/...`` inside the home folder, else as given."""
+    p = Path(path)
+    try:
+        return "$MMREG_DATA/" + p.resolve().relative_to(data_dir().resolve()).as_posix()
+    except (ValueError, InputError):
+        pass
+    try:
+        return "~/" + p.resolve().relative_to(Path.home().resolve()).as_posix()
+    except ValueError:
+        return str(p)
+
+
 def _file(root: Path, *parts: str) -> Path:
     path = root.joinpath(*parts)
     if not path.exists():
@@ -148,9 +162,9 @@ class Case:
         return h.hexdigest()[:16]
 
     def describe(self) -> dict:
-        """JSON-friendly description (paths as strings, images as '<image>')."""
+        """JSON-friendly description (paths relative to the data folder, images as '<image>')."""
         def what(x):
-            return None if x is None else ("<image>" if isinstance(x, sitk.Image) else str(x))
+            return None if x is None else ("<image>" if isinstance(x, sitk.Image) else portable_path(x))
         return {"name": self.name, "group": self.group, "fixed": what(self.fixed), "moving": what(self.moving),
                 "fixed_labels": what(self.fixed_labels), "moving_labels": what(self.moving_labels),
                 "label_ids": self.label_ids, "has_ground_truth": self.true_displacement is not None,

@@ -52,7 +52,7 @@ from ..labels import warp_labels
 from ..metrics import label_overlap_report
 from ..pipeline import jacobian_report
 from ..transforms import affine_to_field, displacement_transform, fold_affine
-from .cases import SPEC_HELP, Case, build_cases
+from .cases import SPEC_HELP, Case, build_cases, portable_path
 from .peers import (ELASTIX_DEFAULTS, PeerResult, check_elastix_convention, identity_after_affine,
                     run_elastix_bspline, set_itk_threads)
 
@@ -495,7 +495,7 @@ def main(argv=None) -> int:
             "started": _dt.datetime.now().isoformat(timespec="seconds"),
             "machine": machine_info(args.threads, args.device), "methods": methods,
             "elastix_settings": elastix_settings, "optimize_options": optimize_options,
-            "affine_cache": str(cache) if cache else None}
+            "affine_cache": portable_path(cache) if cache else None}
     _log(f"{len(cases)} case(s): {', '.join(c.name for c in cases)}; methods {methods}; threads {args.threads}")
 
     def flush(final=False):

@@ -7,6 +7,7 @@ warping, quality numbers. A method only chooses its grid and predicts a field on
 """
 from __future__ import annotations
 
+import abc
 from dataclasses import dataclass
 
 import numpy as np
@@ -43,7 +44,7 @@ class GridInputs:
     device: torch.device
 
 
-class RegistrationMethod:
+class RegistrationMethod(abc.ABC):
     """Base class: subclasses set ``name``/``description`` and implement :meth:`predict`."""
 
     name: str = ""
@@ -65,6 +66,6 @@ class RegistrationMethod:
                                      multiple=int(options.get("multiple", 16)),
                                      max_voxels=options.get("max_voxels"))
 
+    @abc.abstractmethod
     def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
         """Voxel-unit displacement ``(1, ndim, *spatial)`` on ``inputs.grid`` (resampling convention)."""
-        raise NotImplementedError  # abstract: every method implements it
