@@ -6,6 +6,7 @@ spatial dim k, resampling convention (output voxel x samples the input at x + u(
 """
 from __future__ import annotations
 
+import warnings
 from functools import lru_cache
 
 import numpy as np
@@ -16,7 +17,10 @@ from monai.networks.blocks import DVF2DDF, Warp
 
 @lru_cache(maxsize=None)
 def _warp_layer(mode: str, padding_mode: str) -> Warp:
-    return Warp(mode=mode, padding_mode=padding_mode)
+    with warnings.catch_warnings():
+        # MONAI announces that it uses torch's grid_sample (its compiled extension is optional).
+        warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+        return Warp(mode=mode, padding_mode=padding_mode)
 
 
 def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear",
@@ -31,7 +35,9 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear",
 
 @lru_cache(maxsize=None)
 def _dvf2ddf(steps: int) -> DVF2DDF:
-    return DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="zeros")
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*Using PyTorch native grid_sample.*")
+        return DVF2DDF(num_steps=steps, mode="bilinear", padding_mode="zeros")
 
 
 def integrate_velocity(velocity: torch.Tensor, steps: int = 7) -> torch.Tensor:
