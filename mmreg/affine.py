@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import SimpleITK as sitk
 
-from .errors import InputError
+from .errors import CancelledError, InputError
 from .image import physical_bounds
 from .progress import Progress
 
@@ -55,6 +55,12 @@ class AffineResult:
 
 def _is_single_slice(image: sitk.Image) -> bool:
     return image.GetSize()[2] == 1
+
+
+def _axial(image: sitk.Image) -> bool:
+    """True when the third axis of the image is +-z in LPS (the 2-D path is exact then)."""
+    d = np.array(image.GetDirection()).reshape(3, 3)
+    return bool(np.allclose(np.abs(d[:, 2]), [0.0, 0.0, 1.0], atol=1e-6))
 
 
 def _to_2d(image: sitk.Image) -> sitk.Image:
@@ -116,12 +122,20 @@ def _run_stage(fixed, moving, transform, levels, iterations, seed, progress, mas
                                                  relaxationFactor=0.6)
     reg.SetOptimizerScalesFromPhysicalShift()
     reg.SetInitialTransform(transform, inPlace=True)
-    counter = {"level": 0, "it": 0}
+    counter = {"level": 0, "it": 0, "cancelled": None}
 
     def on_iteration():
+        # SimpleITK turns exceptions raised in callbacks into RuntimeErrors: stop the optimiser
+        # and re-raise the cancellation after Execute returns.
         counter["it"] += 1
-        progress(min(1.0, (counter["level"] + min(counter["it"] / iterations, 1.0)) / levels),
-                 "affine pre-alignment")
+        if counter["cancelled"] is not None:
+            return
+        try:
+            progress(min(1.0, (counter["level"] + min(counter["it"] / iterations, 1.0)) / levels),
+                     "affine pre-alignment")
+        except CancelledError as exc:
+            counter["cancelled"] = exc
+            reg.Abort()
 
     def on_level():
         counter["level"] = reg.GetCurrentLevel()
@@ -132,12 +146,16 @@ def _run_stage(fixed, moving, transform, levels, iterations, seed, progress, mas
     try:
         reg.Execute(fixed, moving)
     except RuntimeError as exc:
+        if counter["cancelled"] is not None:
+            raise counter["cancelled"] from None
         if "outside" in str(exc).lower() or "samples" in str(exc).lower():
             raise InputError(
                 "Affine pre-alignment failed: the fixed and moving images do not overlap enough "
                 "(too many samples map outside the moving image). Check that both images show the "
                 "same anatomy, or align them roughly first (e.g. fix the origin in the header).") from None
         raise
+    if counter["cancelled"] is not None:
+        raise counter["cancelled"]
     return transform, reg.GetMetricValue()
 
 
@@ -165,7 +183,15 @@ def _affine_prealign(fixed, moving, stages, iterations, fixed_mask, moving_mask,
     t0 = time.perf_counter()
     if not set(stages) <= {"rigid", "affine"} or not stages:
         raise InputError(f"Affine stages must be a non-empty subset of ('rigid', 'affine'), got {stages}.")
+    if _is_single_slice(fixed) != _is_single_slice(moving):
+        raise InputError("Affine pre-alignment of a single slice with a volume is not supported: give two "
+                         "volumes or two slices, or turn the affine pre-alignment off (--no-affine) when the "
+                         "slice already lies in the volume's space.")
     two_d = _is_single_slice(fixed) and _is_single_slice(moving)
+    if two_d and not (_axial(fixed) and _axial(moving)):
+        raise InputError("Affine pre-alignment of single slices needs slices whose normal is the image z axis "
+                         "(direction matrix with third column (0, 0, +-1)); turn it off (--no-affine) for "
+                         "oblique or reformatted slices.")
     f, m = (_to_2d(fixed), _to_2d(moving)) if two_d else (fixed, moving)
     masks = ((_to_2d(fixed_mask) if two_d else fixed_mask) if fixed_mask is not None else None,
              (_to_2d(moving_mask) if two_d else moving_mask) if moving_mask is not None else None)

@@ -93,8 +93,9 @@ def _cmd_evaluate(args) -> int:
     from .pipeline import evaluate
     out = evaluate(args.transform, args.fixed_labels, args.moving_labels, args.label_interpolation)
     if args.report:
-        with open(args.report, "w") as fh:
-            json.dump(out, fh, indent=2)
+        from .image import atomic_output
+        with atomic_output(args.report, "report") as tmp:
+            tmp.write_text(json.dumps(out, indent=2))
     labels = out["labels"]
     print(f"mean Dice {labels['mean_dice']:.4f} over {len(labels['dice'])} labels; "
           f"mean HD95 {labels['mean_hd95_mm']:.2f} mm; folding {out['jacobian']['folding_percent']:.3f} %")
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
         print(f"mmreg: {exc}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:
-        print("mmreg: cancelled; nothing was written.", file=sys.stderr)
+        print("mmreg: cancelled; files are written whole or not at all.", file=sys.stderr)
         return 130
     except MMRegError as exc:
         print(f"mmreg: error: {exc}", file=sys.stderr)

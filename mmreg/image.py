@@ -8,6 +8,7 @@ single-slice 3-D volume so that every method sees 3-D geometry.
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Union
 
@@ -150,19 +151,56 @@ def read_labels(path: ImageLike, what: str = "Label map") -> sitk.Image:
     return validate_labels(labels, what)
 
 
+@contextmanager
+def atomic_output(path: str | os.PathLike, what: str = "file"):
+    """Context manager giving a temporary path beside ``path`` (same extension) to write to.
+
+    On success the temporary file replaces ``path`` in one step, so an interrupted or failed
+    write never leaves a truncated output; on failure it is removed and the error becomes an
+    :class:`InputError` naming the file.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.part{''.join(path.suffixes)}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        yield tmp
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        raise InputError(f"Could not write the {what} '{path}': {_first_line(exc)}. Use a writable folder and a "
+                         "known extension (.nii.gz, .nrrd, .mha for images; .h5, .tfm for transforms).") from None
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def read_mask(path: ImageLike, what: str = "Mask") -> sitk.Image:
+    """Read a mask (any scalar image; nonzero = inside) as a 3-D uint8 0/1 image on its own grid.
+
+    Probability maps and masks with a negative background are fine: every nonzero voxel counts.
+    Raises :class:`InputError` for vector or 4-D images, NaN/Inf and masks with no nonzero voxel.
+    """
+    mask = path if isinstance(path, sitk.Image) else _read(path, what)
+    if mask.GetNumberOfComponentsPerPixel() > 1:
+        raise InputError(f"{what} is a vector image; a mask has one value per voxel (nonzero = inside).")
+    mask = _to_3d(mask, what)
+    arr = sitk.GetArrayViewFromImage(mask)
+    if not np.all(np.isfinite(arr)):
+        raise InputError(f"{what} contains NaN or infinite voxels; give a mask with finite values.")
+    if not np.any(arr != 0):
+        raise InputError(f"{what} is empty (no nonzero voxel); give a mask of the region to register, or none.")
+    out = sitk.Cast(mask != 0, sitk.sitkUInt8)
+    out.CopyInformation(mask)
+    return out
+
+
 def write_image(image: sitk.Image, path: str | os.PathLike) -> Path:
     """Write an image or label map; the format follows the extension (.nii.gz, .nrrd, .mha, ...).
 
-    Creates the parent folder. Returns the path written.
+    Creates the parent folder; the file appears only when completely written. Returns the path.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        sitk.WriteImage(image, str(path), True)
-    except RuntimeError as exc:
-        raise InputError(f"Could not write '{path}': {_first_line(exc)}. Use a writable folder and an "
-                         "image extension such as .nii.gz, .nrrd or .mha.") from None
-    return path
+    with atomic_output(path, "image") as tmp:
+        sitk.WriteImage(image, str(tmp), True)
+    return Path(path)
 
 
 def same_grid(a: sitk.Image, b: sitk.Image, tol: float = 1e-4) -> bool:

@@ -23,7 +23,8 @@ from .affine import AffineResult, affine_prealign
 from .device import choose_device, set_threads
 from .errors import InputError
 from .grid import resample_field
-from .image import ImageLike, physical_bounds, read_image, read_labels, same_grid, write_image
+from .image import (ImageLike, atomic_output, physical_bounds, read_image, read_labels, read_mask, same_grid,
+                    write_image)
 from .intensity import normalize_intensity
 from .labels import warp_labels
 from .methods import GridInputs, get_method
@@ -80,8 +81,8 @@ class RegistrationResult:
             written["warped_labels"] = str(write_image(self.warped_labels, warped_labels_path))
         if report_path:
             report = dict(self.report, outputs=dict(self.report.get("outputs", {}), **written))
-            Path(report_path).parent.mkdir(parents=True, exist_ok=True)
-            Path(report_path).write_text(json.dumps(report, indent=2, default=_json_default))
+            with atomic_output(report_path, "report") as tmp:
+                tmp.write_text(json.dumps(report, indent=2, default=_json_default))
             written["report"] = str(report_path)
         self.report.setdefault("outputs", {}).update(written)
         return written
@@ -177,15 +178,12 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
         masks = {}
         for key, mask, img in (("fixed", fixed_mask, fixed_img), ("moving", moving_mask, moving_img)):
             if mask is not None:
-                m = read_labels(mask, f"{key.capitalize()} mask")
+                m = read_mask(mask, f"{key.capitalize()} mask")
                 if not same_grid(m, img, tol=1e-3):
                     raise InputError(_grid_mismatch(f"{key} mask", m, f"{key} image", img))
-                m = sitk.Cast(m > 0, sitk.sitkUInt8)
-                m.CopyInformation(img)
-                if not sitk.GetArrayViewFromImage(m).any():
-                    raise InputError(f"The {key} mask is empty (no nonzero voxel); give a mask of the region to "
-                                     "register or none.")
                 masks[key] = m
+        if not affine:
+            _check_overlap(fixed_img, moving_img)
         reg_method = get_method(method)
         opts = dict(reg_method.default_options())
         unknown = set(options) - set(opts)
@@ -210,7 +208,6 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
                                   progress=prog.sub(0.03, 0.25))
         affine_tx = aff.transform
     else:
-        _check_overlap(fixed_img, moving_img)
         affine_tx = None
 
     with prog.step("resample_to_network_grid"):

@@ -58,22 +58,27 @@ def identity_ddf(spatial_shape, device=None) -> torch.Tensor:
     return torch.zeros((1, len(spatial_shape)) + tuple(spatial_shape), device=device)
 
 
-def jacobian_determinant(field: sitk.Image) -> np.ndarray:
+def jacobian_determinant(field: sitk.Image, slab: int = 16) -> np.ndarray:
     """Jacobian determinant of x -> x + u(x) for a displacement image (LPS mm), in physical space.
 
     Derivatives are central differences in index space converted with the grid's spacing and
-    direction, so anisotropic and oblique grids are handled. Returns a numpy array in (z, y, x)
-    order. Single-voxel axes contribute no derivative (2-D inputs).
+    direction, so anisotropic and oblique grids are handled. Returns a float32 numpy array in
+    (z, y, x) order. Single-voxel axes contribute no derivative (2-D inputs). Computed in slabs
+    of ``slab`` slices so large (CT-sized) grids need little extra memory.
     """
-    u = sitk.GetArrayFromImage(field).astype(np.float64)  # (z, y, x, 3)
+    u_all = sitk.GetArrayViewFromImage(field)  # (z, y, x, 3)
     size = field.GetSize()
-    m = np.array(field.GetDirection()).reshape(3, 3) @ np.diag(field.GetSpacing())
-    m_inv = np.linalg.inv(m)
-    # du/di for each ITK index axis a (numpy axis 2 - a).
-    du_di = np.zeros(u.shape + (3,))  # [..., component, index axis]
-    for a in range(3):
-        if size[a] > 1:
-            du_di[..., a] = np.gradient(u, axis=2 - a)
-    grad = du_di @ m_inv  # du/dx = du/di @ di/dx
-    jac = grad + np.eye(3)
-    return np.linalg.det(jac)
+    m_inv = np.linalg.inv(np.array(field.GetDirection()).reshape(3, 3) @ np.diag(field.GetSpacing()))
+    nz = u_all.shape[0]
+    out = np.empty(u_all.shape[:3], dtype=np.float32)
+    for z0 in range(0, nz, slab):
+        z1 = min(nz, z0 + slab)
+        lo, hi = max(0, z0 - 1), min(nz, z1 + 1)  # one slice of context for central differences
+        u = np.asarray(u_all[lo:hi], dtype=np.float64)
+        du_di = np.zeros(u.shape + (3,))  # [..., component, index axis]
+        for a in range(3):
+            if size[a] > 1 and u.shape[2 - a] > 1:
+                du_di[..., a] = np.gradient(u, axis=2 - a)
+        jac = du_di @ m_inv + np.eye(3)  # du/dx = du/di @ di/dx
+        out[z0:z1] = np.linalg.det(jac)[z0 - lo:z0 - lo + (z1 - z0)]
+    return out

@@ -25,6 +25,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import InputError
+from .image import atomic_output
 
 _TRANSFORM_EXTS = (".h5", ".hdf5", ".tfm", ".txt")
 _IMAGE_EXTS = (".nii", ".nii.gz", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -60,15 +61,12 @@ def write_transform(transform_or_field, path: str | os.PathLike) -> Path:
     take any SimpleITK transform (a displacement image is wrapped). Returns the path written.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ext = _ext(path)
     if ext in _TRANSFORM_EXTS:
         tx = (displacement_transform(transform_or_field) if isinstance(transform_or_field, sitk.Image)
               else transform_or_field)
-        try:
-            sitk.WriteTransform(tx, str(path))
-        except RuntimeError as exc:
-            raise InputError(f"Could not write the transform '{path}': {str(exc).splitlines()[-1]}") from None
+        with atomic_output(path, "transform") as tmp:
+            sitk.WriteTransform(tx, str(tmp))
         return path
     if ext not in _IMAGE_EXTS:
         raise InputError(f"Unknown transform file extension '{ext}' for '{path}'; use .h5, .tfm, "
@@ -80,10 +78,11 @@ def write_transform(transform_or_field, path: str | os.PathLike) -> Path:
             raise InputError(f"Only displacement fields can be written as images; write '{path.name}' as .h5.")
         field = tx.GetDisplacementField()
     check_displacement(field)
-    if ext in (".nii", ".nii.gz"):
-        _write_nifti_displacement(field, path)
-    else:
-        sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat32), str(path), True)
+    with atomic_output(path, "displacement field") as tmp:
+        if ext in (".nii", ".nii.gz"):
+            _write_nifti_displacement(field, tmp)
+        else:
+            sitk.WriteImage(sitk.Cast(field, sitk.sitkVectorFloat32), str(tmp), True)
     return path
 
 

@@ -210,3 +210,51 @@ def test_2d_png_image_is_a_single_slice_volume(tmp_path):
         u = sitk.GetArrayFromImage(result.displacement)
         assert np.all(np.isfinite(u)) and np.abs(u[..., 2]).max() < 1e-6  # nothing moves out of the slice
         assert result.report["network_grid"]["size"][2] == 1
+
+
+# ----------------------------------------------------------------------------- found in review
+
+
+def test_single_slice_with_volume_and_affine_is_refused_with_the_fix(fixed):
+    slice_img = fixed[:, :, 8:9]
+    expect_input_error("single slice with a volume", "--no-affine", fixed=slice_img, moving=fixed, **QUICK)
+
+
+def test_cancel_during_affine_is_a_cancellation_not_a_crash(fixed, moving):
+    from mmreg import CancelledError
+
+    seen = []
+
+    def cancel_in_affine(fraction, message):
+        seen.append(message)
+        if "affine" in message:
+            raise CancelledError("stop")
+
+    with pytest.raises(CancelledError):
+        mmreg.register(fixed, moving, progress=cancel_in_affine, **QUICK)
+    assert "affine pre-alignment" in seen
+
+
+def test_unwritable_output_is_an_input_error_and_leaves_no_partial_file(fixed, moving, tmp_path):
+    result = mmreg.register(fixed, moving, affine=False, **QUICK)
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("x")
+    with pytest.raises(InputError) as info:
+        result.save(blocker / "t.h5")
+    assert "Could not write" in str(info.value)
+    result.save(tmp_path / "t.nii.gz", tmp_path / "w.nii.gz")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["not_a_folder", "t.nii.gz", "w.nii.gz"]
+
+
+def test_soft_and_negative_background_masks_are_accepted(fixed, moving):
+    soft = sitk.Cast(fixed, sitk.sitkFloat32) / 255.0  # probability-like, values in [0, 1]
+    negative = sitk.Cast(labels_of(fixed), sitk.sitkInt16) * 2 - 1  # -1 outside, 1 inside
+    for mask in (soft, negative):
+        result = mmreg.register(fixed, moving, affine=False, fixed_mask=mask, **QUICK)
+        assert result.displacement.GetSize() == fixed.GetSize()
+    expect_input_error("fixed mask", "empty", fixed=fixed, moving=moving, affine=False,
+                       fixed_mask=sitk.Cast(fixed * 0, sitk.sitkUInt8), **QUICK)
+
+
+def test_bad_iterations_option(fixed, moving):
+    expect_input_error("iterations", fixed=fixed, moving=moving, affine=False, iterations=[], levels=2)

@@ -32,8 +32,9 @@ class GridInputs:
     """What a method receives, all on ``grid`` as ``(1, 1, *spatial)`` tensors on ``device``.
 
     ``fixed`` / ``moving``: intensity-normalised images in [0, 1], the moving one already
-    resampled through the affine pre-alignment. ``fixed_mask`` / ``moving_mask``: 1 inside the
-    respective image's field of view (the moving one in fixed space), 0 outside.
+    resampled through the affine pre-alignment. ``fixed_mask`` / ``moving_mask``: the user's mask
+    when one was given, else the image's field of view (1 inside, 0 outside); the moving one
+    resampled through the affine into fixed space. Methods use them to weight the similarity.
     """
 
     grid: NetworkGrid

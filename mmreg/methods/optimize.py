@@ -99,6 +99,9 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     factors = [f for f in (choose_levels(inputs.grid, int(levels) + int(np.log2(finest_factor))) or [1])
                if f >= finest_factor] or [1]
     iterations = [int(iterations)] * len(factors) if isinstance(iterations, (int, float)) else list(iterations)
+    if not iterations or any(int(n) < 0 for n in iterations) or int(levels) < 1:
+        raise InputError(f"iterations must be a non-negative number or list of them and levels >= 1; got "
+                         f"iterations={iterations}, levels={levels}.")
     # Fewer levels than iteration counts (small images): drop the coarsest counts.
     iterations = ([iterations[0]] * (len(factors) - len(iterations)) + iterations)[-len(factors):]
     steps = int(options.get("integration_steps", 5))
