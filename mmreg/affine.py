@@ -17,7 +17,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from .errors import CancelledError, InputError
-from .image import physical_bounds
+from .image import describe_extents
 from .progress import Progress
 
 MAX_SAMPLES = 20_000
@@ -223,12 +223,8 @@ def _affine_prealign(fixed, moving, stages, iterations, fixed_mask, moving_mask,
         if value is not None:
             candidates.append((value, name, tx))
     if not candidates:
-        lo_f, hi_f = physical_bounds(fixed)
-        lo_m, hi_m = physical_bounds(moving)
-        raise InputError(
-            "The fixed and moving images could not be brought to overlap (fixed spans "
-            f"{np.round(lo_f, 1).tolist()}..{np.round(hi_f, 1).tolist()} mm, moving "
-            f"{np.round(lo_m, 1).tolist()}..{np.round(hi_m, 1).tolist()} mm LPS). Check the inputs.")
+        raise InputError(f"The fixed and moving images could not be brought to overlap "
+                         f"({describe_extents(fixed, moving)}). Check the inputs.")
     candidates.sort(key=lambda c: c[0])
     _, init_name, rigid = candidates[0]
     progress(0.1, "affine pre-alignment")

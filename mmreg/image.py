@@ -217,3 +217,10 @@ def physical_bounds(image: sitk.Image) -> tuple[np.ndarray, np.ndarray]:
     corners = np.array(np.meshgrid(*[[0, s - 1] for s in size], indexing="ij")).reshape(3, -1).T
     pts = np.array([image.TransformContinuousIndexToPhysicalPoint(c.astype(float).tolist()) for c in corners])
     return pts.min(0), pts.max(0)
+
+
+def describe_extents(fixed: sitk.Image, moving: sitk.Image) -> str:
+    """'fixed spans A..B mm, moving spans C..D mm LPS' (bounding boxes), for overlap error messages."""
+    (lo_f, hi_f), (lo_m, hi_m) = physical_bounds(fixed), physical_bounds(moving)
+    return (f"fixed spans {np.round(lo_f, 1).tolist()}..{np.round(hi_f, 1).tolist()} mm, moving "
+            f"{np.round(lo_m, 1).tolist()}..{np.round(hi_m, 1).tolist()} mm LPS")

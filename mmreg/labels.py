@@ -15,6 +15,7 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from .errors import InputError
+from .transforms import transform_to_field
 
 
 def warp_labels(labels: sitk.Image, transform: sitk.Transform, reference: sitk.Image,
@@ -79,10 +80,7 @@ def warp_labels(labels: sitk.Image, transform: sitk.Transform, reference: sitk.I
 
 def _moving_indices(transform: sitk.Transform, ref: sitk.Image, moving: sitk.Image) -> np.ndarray:
     """Continuous moving-image indices (z, y, x) of the reference voxel centres mapped by ``transform``."""
-    flt = sitk.TransformToDisplacementFieldFilter()
-    flt.SetReferenceImage(ref)
-    flt.SetOutputPixelType(sitk.sitkVectorFloat64)
-    u = sitk.GetArrayFromImage(flt.Execute(transform))  # (z, y, x, 3) LPS mm
+    u = sitk.GetArrayFromImage(transform_to_field(transform, ref))  # (z, y, x, 3) LPS mm
     grid = np.stack(np.meshgrid(*[np.arange(n, dtype=np.float64) for n in u.shape[:3]], indexing="ij"), -1)
     m_ref = np.array(ref.GetDirection()).reshape(3, 3) @ np.diag(ref.GetSpacing())
     x = grid[..., ::-1] @ m_ref.T + np.array(ref.GetOrigin()) + u  # physical moving points

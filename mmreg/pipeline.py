@@ -12,25 +12,24 @@ import json
 import os
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
+from functools import cached_property
 
 import numpy as np
 import SimpleITK as sitk
-import torch
 
 from . import __version__
 from .affine import AffineResult, affine_prealign
 from .device import choose_device, set_threads
 from .errors import InputError
 from .grid import resample_field
-from .image import (ImageLike, atomic_output, physical_bounds, read_image, read_labels, read_mask, same_grid,
+from .image import (ImageLike, atomic_output, describe_extents, physical_bounds, read_image, read_labels, read_mask, same_grid,
                     write_image)
 from .intensity import normalize_intensity
 from .labels import warp_labels
 from .methods import GridInputs, get_method
 from .progress import Progress, ProgressCallback
 from .spatial import jacobian_determinant
-from .transforms import affine_to_field, displacement_transform, fold_affine, write_transform
+from .transforms import transform_to_field, displacement_transform, fold_affine, write_transform
 
 
 @dataclass
@@ -55,9 +54,9 @@ class RegistrationResult:
     warped_labels: sitk.Image | None = None
     report: dict = field(default_factory=dict)
 
-    @property
+    @cached_property
     def transform(self) -> sitk.DisplacementFieldTransform:
-        """The whole registration as a SimpleITK transform (fixed point -> moving point)."""
+        """The whole registration as a SimpleITK transform (fixed point -> moving point); built once."""
         return displacement_transform(self.displacement)
 
     def warp(self, image: ImageLike, labels: bool = False, interpolation: str = "linear") -> sitk.Image:
@@ -120,10 +119,8 @@ def _check_overlap(fixed: sitk.Image, moving: sitk.Image) -> None:
     tol = np.maximum(np.array(fixed.GetSpacing()).max(), np.array(moving.GetSpacing()).max())
     if np.any(np.minimum(hi_f, hi_m) + tol < np.maximum(lo_f, lo_m)):
         raise InputError(
-            "The fixed and moving images do not overlap in physical space (fixed spans "
-            f"{np.round(lo_f, 1).tolist()}..{np.round(hi_f, 1).tolist()} mm, moving "
-            f"{np.round(lo_m, 1).tolist()}..{np.round(hi_m, 1).tolist()} mm LPS) and affine "
-            "pre-alignment is off. Turn affine pre-alignment on, or fix the images' origins.")
+            f"The fixed and moving images do not overlap in physical space ({describe_extents(fixed, moving)}) "
+            "and affine pre-alignment is off. Turn affine pre-alignment on, or fix the images' origins.")
 
 
 def jacobian_report(displacement: sitk.Image, mask: sitk.Image | None = None) -> dict:
@@ -279,7 +276,9 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "conventions": "displacement on the fixed grid, LPS mm; fixed point x maps to moving point x + u(x)",
     }
-    return RegistrationResult(fixed_img, moving_img, displacement, affine_tx, warped, warped_lab, report)
+    result = RegistrationResult(fixed_img, moving_img, displacement, affine_tx, warped, warped_lab, report)
+    result.__dict__["transform"] = transform  # the one built above (cached_property's slot)
+    return result
 
 
 def evaluate(transform_path: str | os.PathLike, fixed_labels: ImageLike, moving_labels: ImageLike,
@@ -294,6 +293,6 @@ def evaluate(transform_path: str | os.PathLike, fixed_labels: ImageLike, moving_
     tx = read_transform(transform_path)
     warped = warp_labels(moving_lab, tx, fixed_lab, label_interpolation)
     out = {"transform": str(transform_path), "labels": _label_numbers(fixed_lab, warped)}
-    field_img = affine_to_field(tx, fixed_lab)
+    field_img = transform_to_field(tx, fixed_lab)
     out["jacobian"] = jacobian_report(field_img)
     return out

@@ -149,14 +149,14 @@ def read_transform(path: str | os.PathLike) -> sitk.Transform:
     return tx
 
 
-def affine_to_field(affine: sitk.Transform, reference: sitk.Image) -> sitk.Image:
+def transform_to_field(transform: sitk.Transform, reference: sitk.Image) -> sitk.Image:
     """The displacement image (LPS mm) of any transform sampled on ``reference``'s grid: u(x) = T(x) - x."""
     ref = sitk.Image(reference.GetSize(), sitk.sitkUInt8)
     ref.CopyInformation(reference)
     flt = sitk.TransformToDisplacementFieldFilter()
     flt.SetReferenceImage(ref)
     flt.SetOutputPixelType(sitk.sitkVectorFloat64)
-    return flt.Execute(affine)
+    return flt.Execute(transform)
 
 
 def fold_affine(deformable: sitk.Image, affine: sitk.Transform | None) -> sitk.Image:
@@ -170,5 +170,5 @@ def fold_affine(deformable: sitk.Image, affine: sitk.Transform | None) -> sitk.I
     composite = sitk.CompositeTransform(3)
     composite.AddTransform(affine)                              # applied second
     composite.AddTransform(displacement_transform(deformable))  # applied first
-    return affine_to_field(composite, deformable)
+    return transform_to_field(composite, deformable)
 

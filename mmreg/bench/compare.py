@@ -51,7 +51,7 @@ from ..intensity import normalize_intensity
 from ..labels import warp_labels
 from ..metrics import label_overlap_report
 from ..pipeline import jacobian_report
-from ..transforms import affine_to_field, displacement_transform, fold_affine
+from ..transforms import transform_to_field, displacement_transform, fold_affine
 from .cases import SPEC_HELP, Case, build_cases, portable_path
 from .peers import (ELASTIX_DEFAULTS, PeerResult, check_elastix_convention, identity_after_affine,
                     run_elastix_bspline, set_itk_threads)
@@ -212,7 +212,7 @@ def run_case(case: Case, methods, *, threads: int, device: str, cache_dir: Path 
         _log(f"{case.name}: {method} ...")
         res = run_method(method, fixed_n, aligned_n, threads=threads, device=device,
                          elastix_settings=elastix_settings, optimize_options=optimize_options)
-        total = fold_affine(res.displacement, affine) if method != "affine" else affine_to_field(affine, fixed)
+        total = fold_affine(res.displacement, affine) if method != "affine" else transform_to_field(affine, fixed)
         t1 = time.perf_counter()
         numbers = score(case, fixed, total, res.displacement, fixed_labels=fixed_labels, moving_labels=moving_labels,
                         label_ids=label_ids, mask=mask, per_label=per_label)

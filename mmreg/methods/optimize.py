@@ -118,7 +118,7 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
 
     total_iters = max(1, sum(iterations))
     done = 0
-    param = None
+    param, prev_factor = None, None
     with torch.enable_grad():
         for factor, n_iter in zip(factors, iterations):
             fixed_l = downsample_image(fixed, factor)
