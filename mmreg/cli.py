@@ -5,6 +5,7 @@
         [--fixed-labels FL] [--no-affine] [--device cpu|cuda|mps|auto] [--report R.json]
     mmreg evaluate TRANSFORM --fixed-labels FL --moving-labels ML [--report R.json]
     mmreg methods [--json]
+    mmreg bench [--quick] [--cases ...] [--methods affine,ants,elastix,optimize] [--threads 2] [--repeats N]
 
 Exit codes: 0 success, 2 bad input (message on stderr), 130 cancelled (Ctrl-C).
 """
@@ -118,6 +119,12 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_bench(args) -> int:
+    from .bench.harness import run_benchmark
+    run_benchmark(args, "mmreg bench " + " ".join(sys.argv[2:]))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of the ``mmreg`` command."""
     parser = argparse.ArgumentParser(prog="mmreg", description="Learning-based deformable image registration "
@@ -162,6 +169,14 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="list the installed methods and their models")
     me.add_argument("--json", action="store_true")
     me.set_defaults(func=_cmd_methods)
+
+    from .bench.harness import add_arguments
+    be = sub.add_parser("bench", help="benchmark methods against ANTs SyN and elastix on the shared data",
+                        description="Run registration methods and the classical peers on the benchmark cases built "
+                                    "from the shared data folder, from one cached affine start, scored by one "
+                                    "function; write docs/benchmarks.md, its JSON and figures.",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(be).set_defaults(func=_cmd_bench)
     return parser
 
 

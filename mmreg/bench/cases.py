@@ -11,6 +11,10 @@ score it. Builders:
   avg152T1 warped by a known deformation; same labels.
 * :func:`ixi_vs_template` -- fixed = IXI012 T1 (+ DLMUSE), moving = avg152T2/PD with the
   Neuromorphometrics labels brought onto the template's 2 mm grid; scored on shared label IDs.
+* :func:`spinal_cord_case` -- same-subject spinal-cord T2 (fixed) <- T1 (moving), 1 mm, manual cord
+  segmentations (one label).
+* :func:`abdomen_ct_mr_case` -- inter-subject abdominal MR (fixed) <- CT (moving), 3 mm,
+  TotalSegmentator labels matched by structure name.
 * :func:`build_cases` -- a list of cases from short specs (``"ixi:5"``, ``"template:T2:0"``, ...).
 
 Direction of the known deformations (pinned by :func:`check_known_deformation`): a forward field
@@ -45,6 +49,8 @@ DEFAULT_DATA = Path(__file__).resolve().parents[2].parent / "shared" / "data"
 IXI_DIR = "ixi10_T1_dlmuse"
 SPM_DIR = "spm12_mni_T1T2PD_labels"
 CT_DIR = "ichseg_CT_template_MNI"
+SPINE_DIR = "sct_spinalcord_T1_T2_T2s_MT"
+ABDOMEN_DIR = "totalseg_CT_MR_examples"
 
 #: Tissue labels of the template cases.
 TISSUE_LABELS = {1: "grey matter", 2: "white matter", 3: "CSF"}
@@ -98,7 +104,9 @@ class Case:
     """One directed registration problem of the benchmark.
 
     ``fixed`` / ``moving``: image paths or SimpleITK images. ``fixed_labels`` /
-    ``moving_labels``: label maps on their image's grid (optional). ``label_ids``: the labels to
+    ``moving_labels``: label maps on their image's grid (optional). ``mono_modal``: both images
+    have the same contrast (chooses the peers' metric: CC for ANTs on mono-modal pairs, MI
+    otherwise). ``label_names``: label ID -> structure name, where known. ``label_ids``: the labels to
     score; None means the IDs present in both label maps. ``true_displacement``: ground truth as a
     vector image on the fixed grid (LPS mm, resampling convention: fixed point x <-> moving point
     x + u(x)), or None. ``fixed_mask``: where the endpoint error is scored (default: fixed labels
@@ -113,6 +121,8 @@ class Case:
     fixed_labels: ImageLike | None = None
     moving_labels: ImageLike | None = None
     label_ids: list | None = None
+    mono_modal: bool = False
+    label_names: dict | None = None
     true_displacement: sitk.Image | None = None
     fixed_mask: ImageLike | None = None
     fixed_modality: str = "auto"
@@ -167,7 +177,8 @@ class Case:
             return None if x is None else ("<image>" if isinstance(x, sitk.Image) else portable_path(x))
         return {"name": self.name, "group": self.group, "fixed": what(self.fixed), "moving": what(self.moving),
                 "fixed_labels": what(self.fixed_labels), "moving_labels": what(self.moving_labels),
-                "label_ids": self.label_ids, "has_ground_truth": self.true_displacement is not None,
+                "label_ids": self.label_ids, "label_names": self.label_names, "mono_modal": self.mono_modal,
+                "has_ground_truth": self.true_displacement is not None,
                 "fixed_modality": self.fixed_modality, "moving_modality": self.moving_modality,
                 "notes": self.notes, "info": self.info}
 
@@ -221,7 +232,7 @@ def ixi_pairs(n: int = 5, root: str | os.PathLike | None = None) -> list:
     for fi, mi in order[:n]:
         (fid, fimg, flab), (mid, mimg, mlab) = subjects[fi], subjects[mi]
         cases.append(Case(name=f"{fid}<-{mid}", group="IXI T1-T1", fixed=fimg, moving=mimg, fixed_labels=flab,
-                          moving_labels=mlab, fixed_modality="MR", moving_modality="MR",
+                          moving_labels=mlab, fixed_modality="MR", moving_modality="MR", mono_modal=True,
                           notes="inter-subject, DLMUSE labels present in both"))
     return cases
 
@@ -448,16 +459,72 @@ def ixi_vs_template(modality: str = "T2", subject: str = "IXI012", root: str | o
                       f"avg152 grid; {len(ids)} shared label IDs")
 
 
+def spinal_cord_case(root: str | os.PathLike | None = None) -> Case:
+    """Same-subject spinal cord: fixed = T2 (60x55x52, 1 mm), moving = T1 (42x76x77, 1 mm), both with the
+    manual cord segmentation (label 1). Different fields of view and contrasts, same session: rigid
+    drift plus small deformations. The cord is ~2 % of the voxels, so Dice moves in coarse steps.
+    """
+    base = data_dir(root) / SPINE_DIR
+    return Case(name="spine T2<-T1", group="spinal cord T2<-T1", fixed=_file(base, "t2", "t2.nii.gz"),
+                moving=_file(base, "t1", "t1w.nii.gz"), fixed_labels=_file(base, "t2", "t2_seg-manual.nii.gz"),
+                moving_labels=_file(base, "t1", "t1w_seg-manual.nii.gz"), label_ids=[1], label_names={1: "spinal cord"},
+                fixed_modality="MR", moving_modality="MR",
+                notes="same subject and session (SCT errsm_30), manual cord segmentations")
+
+
+def abdomen_ct_mr_case(root: str | os.PathLike | None = None, min_voxels: int = 50) -> Case:
+    """Inter-subject abdomen: fixed = MR (117x91x20, 3 mm), moving = CT (122x101x30 crop, 3 mm).
+
+    The MR covers 60 mm, so it is the fixed image (labels are scored on the fixed grid) and the
+    CT crop on which its segmentation is defined is the moving image. The labels are
+    TotalSegmentator predictions (tasks ``total`` for CT and ``total_mr`` for MR, different IDs):
+    both maps are renumbered 1..K over the structure names present in both with at least
+    ``min_voxels`` voxels on each side (the order of the CT class map), everything else becomes 0.
+    The two scans are in unrelated scanner coordinates, so the affine start does the gross alignment.
+    """
+    import json  # noqa: PLC0415
+
+    base = data_dir(root) / ABDOMEN_DIR
+    class_map = json.loads(_file(base, "class_map_total_and_total_mr.json").read_text())
+    ct_lab = read_labels(_file(base, "example_seg.nii.gz"))
+    mr_lab = read_labels(_file(base, "example_seg_mr.nii.gz"))
+
+    def counts(img, task):
+        ids, n = np.unique(sitk.GetArrayViewFromImage(img), return_counts=True)
+        return {class_map[task][str(int(i))]: (int(i), int(c)) for i, c in zip(ids, n)
+                if i and str(int(i)) in class_map[task]}
+
+    ct, mr = counts(ct_lab, "total"), counts(mr_lab, "total_mr")
+    names = [n for n in ct if n in mr and ct[n][1] >= min_voxels and mr[n][1] >= min_voxels]
+
+    def renumber(img, table):
+        lut = np.zeros(int(sitk.GetArrayViewFromImage(img).max()) + 1, np.uint8)
+        for new, name in enumerate(names, start=1):
+            lut[table[name][0]] = new
+        out = sitk.GetImageFromArray(lut[sitk.GetArrayViewFromImage(img)])
+        out.CopyInformation(img)
+        return out
+
+    return Case(name="abdomen MR<-CT", group="abdomen MR<-CT", fixed=_file(base, "example_mr_sm.nii.gz"),
+                moving=_file(base, "example_ct_sm.nii.gz"), fixed_labels=renumber(mr_lab, mr),
+                moving_labels=renumber(ct_lab, ct), label_ids=list(range(1, len(names) + 1)),
+                label_names=dict(enumerate(names, start=1)), fixed_modality="MR", moving_modality="CT",
+                notes=f"inter-subject CT and MR (TotalSegmentator examples), {len(names)} structures matched by name "
+                      "(model-predicted labels, not manual)")
+
+
 # ----------------------------------------------------------------------------- specs
 
 #: Named case sets for :func:`build_cases`.
 CASE_SETS = {
-    "smoke": ["ixi:1", "template:T2:0"],
-    "default": ["ixi:5", "template:T2:0", "template:PD:1", "ct:2", "ixi-template:T2", "ixi-template:PD"],
+    "quick": ["ixi:1", "template:T2:0", "spine"],
+    "full": ["ixi:5", "template:T2:0", "template:PD:1", "ct:2", "ixi-template:T2", "ixi-template:PD", "spine",
+             "abdomen"],
 }
 
 SPEC_HELP = ("case specs: ixi[:N] (first N IXI T1-T1 pairs, default 5), template:T2|PD[:SEED] (known deformation), "
-             "ct[:SEED] (CT template <- warped avg152T1), ixi-template:T2|PD (IXI012 <- avg152T2/PD), or a set: "
+             "ct[:SEED] (CT template <- warped avg152T1), ixi-template:T2|PD (IXI012 <- avg152T2/PD), spine (spinal cord "
+             "T2 <- T1), abdomen (abdominal MR <- CT), or a set: "
              + ", ".join(f"{k} = {' '.join(v)}" for k, v in CASE_SETS.items()))
 
 
@@ -482,6 +549,10 @@ def build_cases(specs, root: str | os.PathLike | None = None) -> list:
                 out.append(ct_template_known_deformation(int(parts[1]) if len(parts) > 1 else 0, root))
             elif kind == "ixi-template" and len(parts) == 2:
                 out.append(ixi_vs_template(parts[1].upper(), root=root))
+            elif kind == "spine" and len(parts) == 1:
+                out.append(spinal_cord_case(root))
+            elif kind == "abdomen" and len(parts) == 1:
+                out.append(abdomen_ct_mr_case(root))
             else:
                 raise ValueError
         except ValueError as exc:
