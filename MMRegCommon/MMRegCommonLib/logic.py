@@ -1,0 +1,342 @@
+"""The base Logic of every method module: one call from MRML nodes to registered outputs.
+
+From the Slicer Python console (any method module; ``optimize`` needs no trained model)::
+
+    logic = slicer.util.getModuleLogic("MIRegistration")
+    outcome = logic.run(fixedVolume, movingVolume, movingSegmentation, fixedSegmentation,
+                        progress=lambda fraction, message: print(f"{fraction:.0%} {message}"))
+    outcome.transform_node, outcome.volume_node, outcome.segmentation_node, outcome.summary()
+
+Conventions (DESIGN.md): the result is a grid transform whose *FromParent* maps a fixed-space
+point (RAS) to the corresponding moving-space point; the warped volume and segmentation lie on
+the fixed volume's grid. Every conversion goes through :mod:`mmreg_slicer.bridge`.
+
+Choices made here:
+
+* Inputs are not modified, with one documented exception: with
+  ``place_moving_under_transform=True`` (the default, as the panel does) the moving volume's
+  parent transform is set to the result, so that it overlays the fixed volume; its voxels are
+  untouched, and the previous parent is kept in :attr:`RegistrationOutcome.previous_moving_parent_id`.
+* The registration works on the nodes' own (local) coordinates: parent transforms of the
+  moving volume and segmentation are ignored (a previous result is replaced, not composed),
+  and a fixed volume under a transform is refused (the result is defined on its grid).
+* Outputs are made only after the engine finished; a cancel or an error before that leaves
+  the scene exactly as it was, and a failure while making them removes what was made. Output
+  nodes that the caller chose get their content replaced (node, name and display kept).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import SimpleITK as sitk
+import slicer
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
+
+from . import panel
+
+
+@dataclass
+class RegistrationOutcome:
+    """What :meth:`RegistrationLogic.run` returns.
+
+    ``transform_node``: grid transform, FromParent = fixed (RAS) -> moving (RAS).
+    ``volume_node``: the moving volume resampled onto the fixed grid. ``segmentation_node``:
+    the moving segmentation warped onto the fixed grid (None without one). ``result``: the
+    engine's :class:`mmreg.RegistrationResult` (displacement in LPS mm, report).
+    ``segment_names``: label value in the report -> segment name; ``scored_labels``: the
+    values that have a fixed segment of the same name (None: all). ``created_node_ids``: nodes
+    this run added to the scene. ``notes``: remarks for the user (e.g. unmatched segments).
+    """
+
+    transform_node: object
+    volume_node: object
+    segmentation_node: object
+    result: object
+    segment_names: dict = field(default_factory=dict)
+    scored_labels: list | None = None
+    created_node_ids: list = field(default_factory=list)
+    notes: list = field(default_factory=list)
+    previous_moving_parent_id: str | None = None
+
+    @property
+    def report(self) -> dict:
+        """The engine's JSON-friendly report (timings in s, quality numbers, options)."""
+        return self.result.report
+
+    def summary(self) -> dict:
+        """Runtime, folding % and Dice per segment name (see :func:`MMRegCommonLib.panel.summarize`)."""
+        return panel.summarize(self.result.report, self.segment_names, self.scored_labels)
+
+    def summary_text(self) -> str:
+        """The results area's HTML text, followed by the notes."""
+        return panel.format_summary(self.summary()) + "".join(f"<br><i>{note}</i>" for note in self.notes)
+
+
+def match_segments(fixed_labels: sitk.Image, fixed_info: dict, moving_info: dict) -> tuple:
+    """Renumber a fixed label image so that each segment gets the value of the moving segment of the same name.
+
+    Names are compared case-insensitively. Returns ``(labels, matched moving values, unmatched
+    fixed names)``; unmatched fixed segments become background (they cannot be scored).
+    """
+    by_name = {str(info["name"]).strip().lower(): value for value, info in moving_info.items()}
+    arr = sitk.GetArrayFromImage(fixed_labels)
+    lut = np.zeros(int(arr.max()) + 1 if arr.size else 1, dtype=np.int32)
+    matched, unmatched = [], []
+    for value, info in fixed_info.items():
+        target = by_name.get(str(info["name"]).strip().lower())
+        if target is None:
+            unmatched.append(info["name"])
+            continue
+        matched.append(target)
+        if value < lut.size:
+            lut[value] = target
+    out = sitk.GetImageFromArray(lut[arr])
+    out.CopyInformation(fixed_labels)
+    return out, sorted(matched), unmatched
+
+
+def remove_nodes(nodes) -> None:
+    """Remove nodes from their scene together with their display and storage nodes."""
+    for node in nodes:
+        scene = node.GetScene() if node is not None else None
+        if scene is None:
+            continue
+        extra = []
+        if node.IsA("vtkMRMLDisplayableNode"):
+            extra += [node.GetNthDisplayNode(i) for i in range(node.GetNumberOfDisplayNodes())]
+        if node.IsA("vtkMRMLStorableNode"):
+            extra.append(node.GetStorageNode())
+        for other in extra:
+            if other is not None and other.GetScene() is not None:
+                scene.RemoveNode(other)
+        scene.RemoveNode(node)
+
+
+class RegistrationLogic(ScriptedLoadableModuleLogic):
+    """Logic shared by the method modules; a module sets :attr:`method_name` and :attr:`parameterNodeClass`.
+
+    :meth:`run` is the documented call from nodes to outputs; :meth:`run_with_parameters` runs
+    from the module's parameter node (what Apply does); :meth:`cancel` asks a running
+    registration to stop at its next progress report.
+    """
+
+    #: The engine method this module runs (a name from ``mmreg.method_names()``).
+    method_name = ""
+    #: The module's ``@parameterNodeWrapper`` class (a subclass of RegistrationParameters).
+    parameterNodeClass = None
+
+    def __init__(self, method_name: str | None = None):
+        ScriptedLoadableModuleLogic.__init__(self)
+        if method_name:
+            self.method_name = method_name
+        self._cancel_requested = False
+        self.is_running = False
+
+    def getParameterNode(self):
+        """The module's parameter node, wrapped in :attr:`parameterNodeClass` (created on first use)."""
+        node = ScriptedLoadableModuleLogic.getParameterNode(self)
+        return self.parameterNodeClass(node) if self.parameterNodeClass is not None else node
+
+    def method_status(self, method: str | None = None) -> panel.MethodStatus:
+        """Whether the engine offers this module's method (or ``method``), its models and options."""
+        return panel.method_status(method or self.method_name)
+
+    def cancel(self) -> None:
+        """Ask the running registration to stop; it raises ``mmreg.CancelledError`` at its next progress report."""
+        self._cancel_requested = True
+
+    def _check_cancel(self) -> None:
+        if self._cancel_requested:
+            import mmreg
+            raise mmreg.CancelledError("Registration cancelled by the user; the scene is unchanged.")
+
+    def _progress(self, user_callback):
+        def callback(fraction, message):
+            self._check_cancel()
+            if user_callback is not None and user_callback(fraction, message) is False:
+                self.cancel()
+            self._check_cancel()
+        return callback
+
+    # ------------------------------------------------------------------ run
+    def run(self, fixed_volume, moving_volume, moving_segmentation=None, fixed_segmentation=None, *,
+            model: str | None = None, device: str = "auto", affine: bool = True, refinement_steps: int | None = None,
+            diffeomorphic: bool | None = None, output_transform=None, output_volume=None, output_segmentation=None,
+            place_moving_under_transform: bool = True, method: str | None = None, threads: int | None = None,
+            progress=None, **options) -> RegistrationOutcome:
+        """Register ``moving_volume`` to ``fixed_volume``; returns a :class:`RegistrationOutcome`.
+
+        ``moving_segmentation`` (optional) is warped with the image; ``fixed_segmentation``
+        (optional) is only used to score: Dice/HD95 per segment, matched by segment name.
+        ``model``: a trained model of the method (None: its default). ``device``: "auto",
+        "cpu", "cuda", "cuda:N" or "mps". ``affine``: affine pre-alignment first.
+        ``refinement_steps`` / ``diffeomorphic``: method options (None: the method's default;
+        an error for a method without them). ``output_*``: existing nodes to fill (their
+        content is replaced); None creates new ones. ``place_moving_under_transform``: put
+        the moving volume under the result afterwards (changes only its parent transform).
+        ``method``: another engine method than the module's (e.g. "optimize" in tests).
+        ``progress(fraction, message)`` is called often (return False or raise
+        ``mmreg.CancelledError`` to cancel, as :meth:`cancel` does). Other keyword
+        ``options`` go to the engine method (e.g. ``iterations=[20]``). Raises
+        ``mmreg.MMRegError`` subclasses with a readable message for bad input.
+        """
+        import mmreg
+        method = method or self.method_name
+        status = panel.method_status(method)
+        if not status.available:
+            raise mmreg.InputError(status.reason)
+        options = dict(options, **panel.engine_options(status, refinement_steps, diffeomorphic))
+        scene = self._check_nodes(fixed_volume, moving_volume, moving_segmentation, fixed_segmentation,
+                                  output_transform, output_volume, output_segmentation)
+        self._cancel_requested = False
+        self.is_running = True
+        try:
+            inputs = self._engine_inputs(fixed_volume, moving_volume, moving_segmentation, fixed_segmentation)
+            self._check_cancel()
+            t0 = time.perf_counter()
+            result = mmreg.register(inputs["fixed"], inputs["moving"], method, model=model or None, affine=affine,
+                                    fixed_labels=inputs["fixed_labels"], moving_labels=inputs["moving_labels"],
+                                    device=device, threads=threads, progress=self._progress(progress), **options)
+            logging.info("%s: registration with '%s' took %.1f s", self.moduleName, method, time.perf_counter() - t0)
+            self._check_cancel()
+            outcome = self._make_outputs(scene, result, fixed_volume, moving_volume, inputs["moving_info"],
+                                         output_transform, output_volume, output_segmentation)
+        finally:
+            self.is_running = False
+        outcome.notes, outcome.scored_labels = inputs["notes"], inputs["scored"]
+        outcome.segment_names = {value: info["name"] for value, info in (inputs["moving_info"] or {}).items()}
+        if place_moving_under_transform:
+            parent = moving_volume.GetParentTransformNode()
+            outcome.previous_moving_parent_id = parent.GetID() if parent is not None else None
+            from mmreg_slicer import bridge
+            bridge.place_under_transform(moving_volume, outcome.transform_node)
+        return outcome
+
+    def run_with_parameters(self, parameters, progress=None, **options) -> RegistrationOutcome:
+        """Run from a parameter node (the panel's Apply); the outputs made are written back into it.
+
+        Controls the method does not have (refinement steps, diffeomorphic) are not passed.
+        """
+        status = self.method_status(options.get("method"))
+        outcome = self.run(
+            parameters.fixedVolume, parameters.movingVolume, parameters.movingSegmentation,
+            parameters.fixedSegmentation, model=parameters.model or None, device=parameters.device or "auto",
+            affine=parameters.affine,
+            refinement_steps=parameters.refinementSteps if status.supports_refinement else None,
+            diffeomorphic=parameters.diffeomorphic if status.supports_diffeomorphic else None,
+            output_transform=parameters.outputTransform, output_volume=parameters.outputVolume,
+            output_segmentation=parameters.outputSegmentation,
+            place_moving_under_transform=parameters.placeMovingUnderTransform, progress=progress, **options)
+        parameters.outputTransform = outcome.transform_node
+        parameters.outputVolume = outcome.volume_node
+        if outcome.segmentation_node is not None:
+            parameters.outputSegmentation = outcome.segmentation_node
+        return outcome
+
+    def show_outcome(self, outcome: RegistrationOutcome, fixed_volume) -> None:
+        """Slice views: fixed volume as background, warped volume as foreground (50 %); warped segmentation shown."""
+        slicer.util.setSliceViewerLayers(background=fixed_volume, foreground=outcome.volume_node,
+                                         foregroundOpacity=0.5, fit=True)
+        if outcome.segmentation_node is not None:
+            display = outcome.segmentation_node.GetDisplayNode()
+            if display is not None:
+                display.SetVisibility(True)
+
+    # ------------------------------------------------------------------ steps
+    @staticmethod
+    def _check_nodes(fixed_volume, moving_volume, moving_segmentation, fixed_segmentation, output_transform,
+                     output_volume, output_segmentation):
+        """Readable errors for unusable node choices; returns the scene."""
+        from mmreg import InputError
+        if fixed_volume is None or moving_volume is None:
+            raise InputError(f"Select the {'fixed' if fixed_volume is None else 'moving'} volume.")
+        if fixed_volume is moving_volume or (fixed_volume.GetID() and fixed_volume.GetID() == moving_volume.GetID()):
+            raise InputError("The fixed and moving volumes must be two different volumes.")
+        scene = fixed_volume.GetScene()
+        given = [n for n in (moving_volume, moving_segmentation, fixed_segmentation, output_transform, output_volume,
+                             output_segmentation) if n is not None]
+        if scene is None or any(n.GetScene() is not scene for n in given):
+            raise InputError("All inputs and outputs must be nodes of the same scene.")
+        if fixed_volume.GetParentTransformNode() is not None:
+            raise InputError(f"The fixed volume '{fixed_volume.GetName()}' is under the transform "
+                             f"'{fixed_volume.GetParentTransformNode().GetName()}'. The result is defined on the fixed "
+                             "volume's own grid: harden that transform (Transforms module) or remove it first.")
+        if output_volume is not None and output_volume in (fixed_volume, moving_volume):
+            raise InputError("The output volume must not be the fixed or the moving volume: choose 'Create new'.")
+        if output_segmentation is not None and output_segmentation in (moving_segmentation, fixed_segmentation):
+            raise InputError("The output segmentation must not be an input segmentation: choose 'Create new'.")
+        for node, what in ((moving_segmentation, "moving segmentation"), (fixed_segmentation, "fixed segmentation")):
+            if node is not None and not node.IsA("vtkMRMLSegmentationNode"):
+                raise InputError(f"The {what} must be a segmentation node, not a {node.GetClassName()}.")
+        return scene
+
+    @staticmethod
+    def _labels_on_grid(segmentation_node, reference: sitk.Image) -> tuple:
+        """The segments as one label image on ``reference``'s grid (local coordinates) and their info."""
+        from mmreg_slicer import bridge
+        labels, info = bridge.segmentation_to_labelmap_image(segmentation_node)
+        labels = sitk.Resample(labels, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0, labels.GetPixelID())
+        return labels, info
+
+    def _engine_inputs(self, fixed_volume, moving_volume, moving_segmentation, fixed_segmentation) -> dict:
+        """SimpleITK images (LPS) for the engine, label maps on the image grids, segment info and notes."""
+        from mmreg_slicer import bridge
+        out = {"fixed": bridge.image_from_volume_node(fixed_volume),
+               "moving": bridge.image_from_volume_node(moving_volume),
+               "fixed_labels": None, "moving_labels": None, "moving_info": None, "scored": None, "notes": []}
+        if moving_segmentation is not None:
+            out["moving_labels"], out["moving_info"] = self._labels_on_grid(moving_segmentation, out["moving"])
+        if fixed_segmentation is not None:
+            if moving_segmentation is None:
+                out["notes"].append("The fixed segmentation is only used to score a warped moving segmentation; "
+                                    "select a moving segmentation to get Dice.")
+            else:
+                labels, info = self._labels_on_grid(fixed_segmentation, out["fixed"])
+                labels, matched, unmatched = match_segments(labels, info, out["moving_info"])
+                if matched:
+                    out["fixed_labels"], out["scored"] = labels, matched
+                if unmatched:
+                    out["notes"].append("Fixed segments without a moving segment of the same name (not scored): "
+                                        + ", ".join(unmatched) + ".")
+        return out
+
+    def _make_outputs(self, scene, result, fixed_volume, moving_volume, moving_info, output_transform,
+                      output_volume, output_segmentation) -> RegistrationOutcome:
+        """New nodes for the result (bridge), then moved into the chosen output nodes; all-or-nothing."""
+        from mmreg_slicer import bridge
+        created = []
+        base = moving_volume.GetName()
+        try:
+            transform = bridge.grid_transform_node_from_displacement(
+                result.displacement, scene, scene.GenerateUniqueName(f"{base} to {fixed_volume.GetName()}"))
+            created.append(transform)
+            volume = bridge.volume_node_from_image(result.warped, scene, scene.GenerateUniqueName(f"{base} registered"))
+            created.append(volume)
+            segmentation = None
+            if result.warped_labels is not None:
+                segmentation = bridge.segmentation_node_from_labelmap_image(
+                    result.warped_labels, scene, scene.GenerateUniqueName(f"{base} segmentation registered"),
+                    moving_info)
+                created.append(segmentation)
+        except Exception:
+            remove_nodes(created)
+            raise
+        kept = []
+        for target, made in ((output_transform, transform), (output_volume, volume),
+                             (output_segmentation, segmentation)):
+            if made is None:
+                continue
+            if target is None:
+                kept.append(made)
+                continue
+            target.CopyContent(made, True)
+            if not target.IsA("vtkMRMLTransformNode") and target.GetDisplayNode() is None:
+                target.CreateDefaultDisplayNodes()
+            remove_nodes([made])
+        chosen = {"transform": output_transform or transform, "volume": output_volume or volume,
+                  "segmentation": (output_segmentation or segmentation) if segmentation is not None else None}
+        return RegistrationOutcome(chosen["transform"], chosen["volume"], chosen["segmentation"], result,
+                                   created_node_ids=[n.GetID() for n in kept])

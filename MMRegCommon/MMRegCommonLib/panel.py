@@ -1,0 +1,226 @@
+"""What the common panel shows, computed without Qt: method availability, model and device
+choices, whether Apply is possible (and why not), the engine options behind the panel's
+controls, the results summary and readable error messages.
+
+Everything here is plain Python so that it is unit-tested headless; the Widget
+(:mod:`MMRegCommonLib.widget`) only copies these values into Qt widgets. The engine
+(:mod:`mmreg`, which imports torch) is imported lazily: a module must load in Slicer before
+its dependencies are installed.
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+
+#: Engine option (in a method's ``default_options()``) behind the "refinement steps" control:
+#: instance-optimisation steps run after a network's prediction (0 = network alone).
+REFINEMENT_OPTION = "refinement_steps"
+#: Engine option behind the "diffeomorphic" checkbox (integrate the field as a stationary velocity).
+DIFFEOMORPHIC_OPTION = "diffeomorphic"
+
+
+@dataclass
+class ModelChoice:
+    """One entry of the model selector: ``value`` goes to the engine (``model=``), ``label`` is shown."""
+
+    value: str
+    label: str
+    tooltip: str = ""
+
+
+@dataclass
+class MethodStatus:
+    """Whether the engine offers a method, and what the panel needs to know about it.
+
+    ``available`` False comes with ``reason`` (a sentence for the user). ``models``: shipped
+    and fine-tuned models (empty for methods that need none); ``options``: the method's
+    default options; ``supports_refinement`` / ``supports_diffeomorphic``: whether the
+    panel's refinement-steps and diffeomorphic controls apply to this method.
+    """
+
+    name: str
+    available: bool
+    reason: str = ""
+    description: str = ""
+    models: list = field(default_factory=list)
+    options: dict = field(default_factory=dict)
+    #: True when the engine itself could not be imported (missing torch/monai): Apply then
+    #: stays enabled and first offers to install the dependencies.
+    engine_missing: bool = False
+
+    @property
+    def supports_refinement(self) -> bool:
+        """True when the method has the :data:`REFINEMENT_OPTION` option."""
+        return REFINEMENT_OPTION in self.options
+
+    @property
+    def supports_diffeomorphic(self) -> bool:
+        """True when the method has the :data:`DIFFEOMORPHIC_OPTION` option."""
+        return DIFFEOMORPHIC_OPTION in self.options
+
+
+def model_choice(entry) -> ModelChoice:
+    """A selector entry from one item of ``get_method(name).models()``.
+
+    Accepted items: a model name (str), or a dict with ``name`` (or ``id``) and optionally
+    ``label``, ``description`` and ``source`` ("shipped" or "fine-tuned"/"user": fine-tuned
+    models are marked as such in the label).
+    """
+    if isinstance(entry, str):
+        return ModelChoice(entry, entry)
+    if isinstance(entry, dict):
+        value = str(entry.get("name") or entry.get("id") or "")
+        label = str(entry.get("label") or value)
+        if str(entry.get("source", "")).lower() in ("fine-tuned", "finetuned", "user"):
+            label += " (fine-tuned)"
+        return ModelChoice(value, label, str(entry.get("description", "")))
+    return ModelChoice(str(entry), str(entry))
+
+
+def method_status(name: str) -> MethodStatus:
+    """The engine's answer for method ``name`` (never raises; unavailable methods carry a reason)."""
+    try:
+        import mmreg
+    except ImportError as exc:  # torch or monai missing: the dependency check installs them
+        return MethodStatus(name, False, f"The registration engine cannot be loaded ({exc}). Click Apply to "
+                                         "install the missing Python packages.", engine_missing=True)
+    if name not in mmreg.method_names():
+        return MethodStatus(name, False, f"Method '{name}' is not available in this version (mmreg "
+                                         f"{mmreg.__version__}); available: {', '.join(mmreg.method_names())}.")
+    method = mmreg.get_method(name)
+    return MethodStatus(name, True, "", method.description, [model_choice(m) for m in method.models()],
+                        dict(method.default_options()))
+
+
+def model_items(status: MethodStatus) -> list:
+    """``[(value, label, tooltip), ...]`` for the model selector; value "" is the method's default model."""
+    if not status.models:
+        return [("", "No trained model needed" if status.available else "No models available", "")]
+    return [("", "Default model of the method", "The model the method uses when none is chosen.")] + [
+        (m.value, m.label, m.tooltip) for m in status.models]
+
+
+def device_choices() -> list:
+    """``[(value, label), ...]`` for the device selector: auto (saying what it picks), CPU, each CUDA GPU, MPS.
+
+    Values are what :func:`mmreg.device.choose_device` accepts. Works without torch (then
+    only "auto" and "cpu", labelled accordingly).
+    """
+    cores = os.cpu_count() or 1
+    try:
+        import torch
+    except ImportError:
+        return [("auto", "Automatic (PyTorch not installed yet)"), ("cpu", f"CPU ({cores} cores)")]
+    gpus = []
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        for index in range(count):
+            props = torch.cuda.get_device_properties(index)
+            value = "cuda" if count == 1 else f"cuda:{index}"
+            gpus.append((value, f"GPU: {props.name} ({props.total_memory / 2**30:.0f} GB)"))
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        gpus.append(("mps", "GPU: Apple (MPS)"))
+    auto = gpus[0][1] if gpus else f"CPU ({cores} cores), no GPU found"
+    return [("auto", f"Automatic: {auto}"), ("cpu", f"CPU ({cores} cores)")] + gpus
+
+
+def engine_options(status: MethodStatus, refinement_steps=None, diffeomorphic=None) -> dict:
+    """The method options behind the panel's controls; None leaves the method's default.
+
+    Raises :class:`mmreg.InputError` when a value is given for a control the method does not
+    have (the Widget disables such controls; this catches scripted calls).
+    """
+    from mmreg import InputError
+    options = {}
+    for option, value in ((REFINEMENT_OPTION, refinement_steps), (DIFFEOMORPHIC_OPTION, diffeomorphic)):
+        if value is None:
+            continue
+        if option not in status.options:
+            raise InputError(f"Method '{status.name}' has no option '{option}'; leave it unset (None) for this "
+                             "method.")
+        options[option] = int(value) if option == REFINEMENT_OPTION else bool(value)
+    return options
+
+
+def apply_state(status: MethodStatus, fixed_volume, moving_volume, running: bool = False) -> tuple:
+    """``(enabled, reason)`` for the Apply button: reason says what is missing when disabled."""
+    if running:
+        return False, "A registration is running; Cancel stops it."
+    if not status.available and not status.engine_missing:
+        return False, status.reason
+    if fixed_volume is None:
+        return False, "Select the fixed volume (the image that stays in place)."
+    if moving_volume is None:
+        return False, "Select the moving volume (the image that is deformed onto the fixed one)."
+    if fixed_volume is moving_volume or fixed_volume.GetID() == moving_volume.GetID():
+        return False, "The fixed and moving volumes must be two different volumes."
+    return True, "Ready: Apply registers the moving volume to the fixed volume."
+
+
+def user_message(exc: BaseException) -> str:
+    """A readable sentence for an error: the engine's own message, or the type and first line otherwise."""
+    from mmreg import MMRegError
+    if isinstance(exc, MMRegError):
+        return str(exc)
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"Unexpected error ({type(exc).__name__}{': ' + text if text else ''}). Details are in the Python log."
+
+
+_STEP = re.compile(r"[:,]?\s*(step|level)\s*\d+\s*/\s*\d+.*$", re.IGNORECASE)
+
+
+def progress_stage(message: str) -> str:
+    """The stage of a progress message without its step counter ("... level 1/2: step 3/40" -> "...")."""
+    return _STEP.sub("", message).strip()
+
+
+def summarize(report: dict, segment_names: dict | None = None, scored=None) -> dict:
+    """The results area's numbers from an engine report (``RegistrationResult.report``).
+
+    Returns ``{"runtime_s", "registration_s", "folding_percent", "device", "dice": [(segment
+    name, Dice after affine or None, Dice after registration)], "mean_dice_affine",
+    "mean_dice"}``; ``dice`` is empty unless both segmentations were given. ``segment_names``
+    maps label values (as in the report) to segment names; ``scored`` (label values) limits
+    the rows and means to segments present in both segmentations (None: all reported).
+    """
+    names = {str(k): v for k, v in (segment_names or {}).items()}
+    quality = report.get("quality", {})
+    after = quality.get("labels") or {}
+    affine = quality.get("labels_after_affine") or {}
+    labels = [label for label in after.get("labels", []) if scored is None or label in set(scored)]
+    dice = [(names.get(str(label), f"Label {label}"), (affine.get("dice") or {}).get(str(label)),
+             (after.get("dice") or {}).get(str(label))) for label in labels]
+
+    def mean(values):
+        values = [v for v in values if v is not None]
+        return float(sum(values) / len(values)) if values else None
+
+    timings = report.get("timings_s", {})
+    return {"runtime_s": timings.get("total"), "registration_s": timings.get("method"),
+            "folding_percent": quality.get("deformable", {}).get("folding_percent"),
+            "device": report.get("device", ""), "dice": dice,
+            "mean_dice_affine": mean(row[1] for row in dice), "mean_dice": mean(row[2] for row in dice)}
+
+
+def _num(value, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
+
+def format_summary(summary: dict) -> str:
+    """The results area's text (HTML for a QLabel/QTextBrowser) from :func:`summarize`."""
+    rows = [f"<b>Runtime</b>: {_num(summary['runtime_s'], '.1f')} s (registration "
+            f"{_num(summary['registration_s'], '.1f')} s, {summary['device'] or 'device n/a'})",
+            f"<b>Folding</b>: {_num(summary['folding_percent'], '.3f')} % of voxels (Jacobian determinant "
+            "&le; 0; 0 is ideal)"]
+    if summary["dice"]:
+        rows.append("<b>Dice per segment</b> (1 = perfect overlap): after affine &rarr; after registration")
+        rows.append("<table>" + "".join(
+            f"<tr><td>{name}&nbsp;&nbsp;</td><td>{_num(before, '.3f')}</td><td>&nbsp;&rarr;&nbsp;</td>"
+            f"<td><b>{_num(after, '.3f')}</b></td></tr>" for name, before, after in summary["dice"])
+            + f"<tr><td><i>mean</i></td><td>{_num(summary['mean_dice_affine'], '.3f')}</td><td>&nbsp;&rarr;&nbsp;"
+            f"</td><td><b>{_num(summary['mean_dice'], '.3f')}</b></td></tr></table>")
+    else:
+        rows.append("Dice: select a moving and a fixed segmentation (with matching segment names) to see it.")
+    return "<br>".join(rows)

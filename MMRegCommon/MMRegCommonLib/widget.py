@@ -1,0 +1,246 @@
+"""The base Widget of every method module: the common panel, built from the module's ``.ui`` file.
+
+The Widget only collects parameters (in the module's parameter node), runs the Logic, and
+shows progress, results and errors; every decision it shows (Apply enabled and why, model
+and device lists, results text, error text) comes from :mod:`MMRegCommonLib.panel`, which
+is tested headless.
+
+Responsiveness: the registration runs in Slicer's main thread and the progress callback calls
+``slicer.app.processEvents()``. The engine reports progress between optimisation steps and
+pipeline stages (typically every 0.05-1 s), so the GUI repaints, the progress bar moves and the
+Cancel button is handled; a click sets a flag that the Logic turns into
+``mmreg.CancelledError`` at the next report. A worker thread or process would keep the GUI
+live even inside one long step, but MRML and VTK are not thread-safe, Slicer's Python threads
+only progress while the main thread runs Python, and a process would have to copy the images;
+the outputs are anyway made in the main thread after the engine returns. Apply and the input
+sections are disabled while running, so processEvents cannot start a second run.
+"""
+from __future__ import annotations
+
+import logging
+import traceback
+
+import slicer
+import vtk
+from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
+from slicer.util import VTKObservationMixin
+
+from . import panel
+from .parameters import COMBO_PROPERTY
+
+#: Sections disabled while a registration runs (object names in the .ui file).
+_SECTIONS = ("inputsCollapsibleButton", "methodCollapsibleButton", "optionsCollapsibleButton",
+             "outputsCollapsibleButton")
+
+
+class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """The common panel; a module sets :attr:`logicClass` (its RegistrationLogic subclass)."""
+
+    #: The module's Logic class.
+    logicClass = None
+
+    def __init__(self, parent=None):
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._status = None
+        self._combos = {}
+        self._updatingCombos = False
+        self._lastStage = ""
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self):
+        """Load the .ui file, bind it to the parameter node, fill the run-time choices."""
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{self.moduleName}.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = self.logicClass()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.cancelButton.enabled = False
+        self.ui.progressBar.value = 0
+
+        for widget in self.ui.__dict__.values():
+            name = widget.property(COMBO_PROPERTY) if hasattr(widget, "property") else None
+            if name:
+                self._combos[name] = widget
+                widget.connect("currentIndexChanged(int)", lambda index, n=name: self._onComboChanged(n))
+        self.refreshMethod()
+        self.initializeParameterNode()
+
+    def refreshMethod(self):
+        """Ask the engine again about the method (after installing dependencies) and refill the choices."""
+        self._status = self.logic.method_status()
+        status = self._status
+        self.ui.methodInfoLabel.text = status.description if status.available else status.reason
+        self._fillCombo("model", panel.model_items(status))
+        self._combos["model"].enabled = status.available and bool(status.models)
+        self._fillCombo("device", [(value, label, "") for value, label in panel.device_choices()])
+        for widget, supported, what in ((self.ui.refinementStepsSpinBox, status.supports_refinement, "refinement"),
+                                        (self.ui.diffeomorphicCheckBox, status.supports_diffeomorphic,
+                                         "a diffeomorphic option")):
+            widget.enabled = supported
+            if not supported:
+                widget.toolTip = f"Method '{status.name}' has no {what}; this setting is not used."
+        self._updateApplyState()
+
+    def cleanup(self):
+        """Called when the application closes and the module widget is destroyed."""
+        self.removeObservers()
+
+    def enter(self):
+        """Called each time the user opens this module."""
+        self.initializeParameterNode()
+
+    def exit(self):
+        """Called each time the user opens a different module: stop updating the GUI from the node."""
+        self.setParameterNode(None)
+
+    def onSceneStartClose(self, caller, event):
+        """The scene is about to close: forget its parameter node."""
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event):
+        """The scene closed: a fresh parameter node when the module is shown."""
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self):
+        """Use the module's parameter node; select the first two volumes as fixed/moving when none are set."""
+        self.setParameterNode(self.logic.getParameterNode())
+        p = self._parameterNode
+        if p.fixedVolume is None and p.movingVolume is None:
+            volumes = [n for n in slicer.util.getNodesByClass("vtkMRMLScalarVolumeNode")
+                       if not n.IsA("vtkMRMLLabelMapVolumeNode")]
+            if len(volumes) >= 2:
+                p.fixedVolume, p.movingVolume = volumes[0], volumes[1]
+
+    def setParameterNode(self, parameterNode):
+        """Bind the GUI to ``parameterNode`` (a parameterNodeWrapper of the module) or unbind (None)."""
+        if self._parameterNode is not None:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._parameterNode = parameterNode
+        if parameterNode is not None:
+            self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
+            self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+            self._onParameterNodeModified()
+
+    # ------------------------------------------------------------------ run-time combo boxes
+    def _fillCombo(self, name, items):
+        import qt
+        combo = self._combos[name]
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for value, label, tooltip in items:
+            combo.addItem(label, value)
+            if tooltip:
+                combo.setItemData(combo.count - 1, tooltip, qt.Qt.ToolTipRole)
+        combo.blockSignals(wasBlocked)
+        self._updateCombos()
+
+    def _updateCombos(self):
+        if self._parameterNode is None:
+            return
+        self._updatingCombos = True
+        try:
+            for name, combo in self._combos.items():
+                value = getattr(self._parameterNode, name)
+                index = next((i for i in range(combo.count) if (combo.itemData(i) or "") == value), 0)
+                combo.currentIndex = index
+        finally:
+            self._updatingCombos = False
+
+    def _onComboChanged(self, name):
+        if self._updatingCombos or self._parameterNode is None:
+            return
+        combo = self._combos[name]
+        setattr(self._parameterNode, name, combo.itemData(combo.currentIndex) or "")
+
+    def _onParameterNodeModified(self, caller=None, event=None):
+        self._updateCombos()
+        self._updateApplyState()
+
+    def _updateApplyState(self):
+        if self._status is None or self._parameterNode is None:
+            return
+        p = self._parameterNode
+        enabled, reason = panel.apply_state(self._status, p.fixedVolume, p.movingVolume, self.logic.is_running)
+        self.ui.applyButton.enabled = enabled
+        self.ui.applyButton.toolTip = reason
+        self.ui.statusLabel.text = reason
+
+    # ------------------------------------------------------------------ running
+    def _log(self, text):
+        self.ui.statusLog.appendPlainText(text)
+        logging.info("%s: %s", self.moduleName, text)
+
+    def _setRunning(self, running):
+        for name in _SECTIONS:
+            getattr(self.ui, name).enabled = not running
+        self.ui.cancelButton.enabled = running
+        self._updateApplyState()
+
+    def _onProgress(self, fraction, message):
+        self.ui.progressBar.value = int(round(100 * fraction))
+        self.ui.statusLabel.text = message
+        stage = panel.progress_stage(message)
+        if stage != self._lastStage:
+            self._log(f"{fraction:4.0%}  {stage}")
+            self._lastStage = stage
+        slicer.app.processEvents()
+
+    def onCancelButton(self):
+        """Ask the running registration to stop (at its next progress report)."""
+        self.logic.cancel()
+        self._log("Cancelling...")
+
+    def onApplyButton(self):
+        """Install missing dependencies (after asking), run the registration, show results or a readable error."""
+        from .dependencies import ensure_dependencies
+        ok, message = ensure_dependencies()
+        if not ok:
+            self._log(message)
+            slicer.util.warningDisplay(message)
+            return
+        if self._status.engine_missing:
+            self.refreshMethod()
+            if not self._status.available:
+                self._log(self._status.reason)
+                return
+        import mmreg
+        self._lastStage = ""
+        self._log(f"--- {self._status.name}: registering '{self._parameterNode.movingVolume.GetName()}' to "
+                  f"'{self._parameterNode.fixedVolume.GetName()}'")
+        self.ui.progressBar.value = 0
+        self.logic.is_running = True
+        self._setRunning(True)
+        try:
+            outcome = self.logic.run_with_parameters(self._parameterNode, progress=self._onProgress)
+        except mmreg.CancelledError as exc:
+            self._log(str(exc))
+            self.ui.progressBar.value = 0
+        except Exception as exc:
+            text = panel.user_message(exc)
+            self._log("Error: " + text)
+            extra = {}
+            if not isinstance(exc, mmreg.MMRegError):  # a bug, not bad input: keep the traceback at hand
+                extra["detailedText"] = traceback.format_exc()
+                logging.error(extra["detailedText"])
+            slicer.util.errorDisplay(text, **extra)
+        else:
+            self.ui.resultsLabel.text = outcome.summary_text()
+            self.logic.show_outcome(outcome, self._parameterNode.fixedVolume)
+            summary = outcome.summary()
+            self._log(f"Done in {summary['runtime_s']:.1f} s; folding {summary['folding_percent']:.3f} %.")
+        finally:
+            self.logic.is_running = False
+            self._setRunning(False)

@@ -1,0 +1,83 @@
+"""Draw the extension's icons (128 x 128 PNG) with numpy and Pillow; run from the repository root.
+
+    python Resources/Icons/make_icons.py
+
+Writes ``Resources/Icons/MultiModalRegistration.png`` (the extension) and
+``MIRegistration/Resources/Icons/MIRegistration.png`` (the module). The motif: a fixed image
+(grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a deformed
+grid, i.e. a deformable multi-modal registration.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+REPO = Path(__file__).resolve().parents[2]
+SIZE = 128
+SCALE = 4  # draw large, then downsample (anti-aliasing)
+
+
+def _warp(x, y, amplitude=7.0):
+    """A smooth deformation of the canvas (pixels of the large canvas)."""
+    s = SIZE * SCALE
+    return (x + amplitude * SCALE * np.sin(2 * np.pi * y / s * 1.5),
+            y + amplitude * SCALE * np.sin(2 * np.pi * x / s * 1.2))
+
+
+def _canvas():
+    s = SIZE * SCALE
+    image = Image.new("RGBA", (s, s), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(image)
+    draw.rounded_rectangle([0, 0, s - 1, s - 1], radius=22 * SCALE, fill=(28, 44, 66, 255))
+    for k in range(1, 8):  # deformed grid
+        t = np.linspace(0, s, 60)
+        c = k * s / 8
+        for xs, ys in ((np.full_like(t, c), t), (t, np.full_like(t, c))):
+            wx, wy = _warp(xs, ys)
+            draw.line(list(zip(wx, wy)), fill=(90, 140, 190, 150), width=2 * SCALE)
+    return image, draw
+
+
+def _blob(draw, centre, radii, fill, outline=None, width=0):
+    s = SCALE
+    cx, cy = centre
+    angles = np.linspace(0, 2 * np.pi, 120)
+    r = 1 + 0.08 * np.sin(3 * angles) + 0.05 * np.cos(5 * angles)
+    pts = [(s * (cx + radii[0] * r[i] * np.cos(a)), s * (cy + radii[1] * r[i] * np.sin(a))) for i, a in enumerate(angles)]
+    draw.polygon(pts, fill=fill, outline=outline, width=width * s)
+
+
+def _finish(image, path: Path, label: str | None = None):
+    if label:
+        draw = ImageDraw.Draw(image)
+        try:
+            font = ImageFont.truetype("DejaVuSans-Bold.ttf", 30 * SCALE)
+        except OSError:
+            font = ImageFont.load_default()
+        box = draw.textbbox((0, 0), label, font=font)
+        x = SIZE * SCALE - (box[2] - box[0]) - 10 * SCALE
+        y = SIZE * SCALE - (box[3] - box[1]) - 16 * SCALE
+        draw.text((x, y), label, font=font, fill=(255, 255, 255, 255), stroke_width=2 * SCALE,
+                  stroke_fill=(28, 44, 66, 255))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.resize((SIZE, SIZE), Image.LANCZOS).save(path, optimize=True)
+    print(path)
+
+
+def main():
+    """Draw both icons."""
+    image, draw = _canvas()
+    _blob(draw, (54, 60), (34, 30), fill=(200, 200, 205, 235))                                  # fixed (MR-like)
+    _blob(draw, (74, 70), (32, 28), fill=(240, 140, 50, 150), outline=(255, 190, 90, 255), width=3)  # moving (CT-like)
+    _finish(image, REPO / "Resources" / "Icons" / "MultiModalRegistration.png")
+
+    image, draw = _canvas()
+    _blob(draw, (56, 52), (36, 30), fill=(200, 200, 205, 235))
+    _blob(draw, (66, 58), (34, 28), fill=(240, 140, 50, 140), outline=(255, 190, 90, 255), width=3)
+    _finish(image, REPO / "MIRegistration" / "Resources" / "Icons" / "MIRegistration.png", label="MI")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,142 @@
+"""Render a module's .ui file offscreen with PySide6 to a PNG (for the docs and for review).
+
+    python Testing/modules/render_ui.py                       # every module -> docs/<Module>_panel.png
+    python Testing/modules/render_ui.py MIRegistration -o out.png
+
+Slicer's and CTK's widgets do not exist outside Slicer, so for the picture only they are
+replaced by plain Qt stand-ins that keep their class name visible: ``ctkCollapsibleButton`` ->
+``QGroupBox`` (titled "<text>"), ``qMRMLNodeComboBox`` -> ``QComboBox`` showing its
+"none" text followed by "(qMRMLNodeComboBox)", ``qMRMLWidget`` -> ``QWidget``. The run-time
+parts are filled as the module fills them: the method's description or the reason it is not
+available, the model and device lists, the Apply button's state and reason (from
+``MMRegCommonLib.panel``, i.e. from the installed engine). Needs PySide6 (``pip install
+PySide6-Essentials``); uses ``QT_QPA_PLATFORM=offscreen``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+#: Custom widget -> (stand-in class, property renames, properties kept).
+STAND_INS = {
+    "qMRMLWidget": ("QWidget", {}, None),
+    "ctkCollapsibleButton": ("QGroupBox", {"text": "title"}, {"text", "toolTip", "enabled"}),
+    "qMRMLNodeComboBox": ("QComboBox", {}, {"toolTip", "enabled"}),
+}
+
+
+def _string_property(element, name):
+    for prop in element.findall("property"):
+        if prop.get("name") == name and prop.find("string") is not None:
+            return prop.find("string").text or ""
+    return None
+
+
+def stand_in_ui(ui_path: Path) -> bytes:
+    """The .ui XML with Slicer/CTK widgets replaced by plain Qt stand-ins (see the module docstring)."""
+    tree = ET.parse(ui_path)
+    root = tree.getroot()
+    for element in root.iter("widget"):
+        original = element.get("class")
+        if original not in STAND_INS:
+            continue
+        cls, renames, kept = STAND_INS[original]
+        element.set("class", cls)
+        none_text = _string_property(element, "noneDisplay")
+        for prop in list(element.findall("property")):
+            if kept is not None and prop.get("name") not in kept and prop.get("stdset") != "0":
+                element.remove(prop)
+            elif prop.get("name") in renames:
+                prop.set("name", renames[prop.get("name")])
+        if original == "qMRMLNodeComboBox":
+            item = ET.SubElement(element, "item")
+            text = ET.SubElement(ET.SubElement(item, "property", name="text"), "string")
+            text.text = f"{none_text or 'Select'}  ({original})"
+    for tag in ("customwidgets", "connections"):
+        for child in root.findall(tag):
+            root.remove(child)
+    return ET.tostring(root, encoding="utf-8", xml_declaration=True)
+
+
+def _fill_run_time_state(widget, module_name: str, method: str | None = None) -> None:
+    """Fill what the framework fills in Slicer, from the same pure functions (engine status, devices)."""
+    from PySide6 import QtWidgets
+    sys.path[:0] = [str(REPO / "MMRegCommon")]
+    try:
+        from MMRegCommonLib import panel
+    except ImportError:
+        return
+    method = method or _module_method(module_name)
+    status = panel.method_status(method) if method else None
+    find = lambda cls, name: widget.findChild(cls, name)  # noqa: E731
+    if status is not None:
+        find(QtWidgets.QLabel, "methodInfoLabel").setText(status.description if status.available else status.reason)
+        model = find(QtWidgets.QComboBox, "modelComboBox")
+        model.clear()
+        for value, label, _ in panel.model_items(status):
+            model.addItem(label, value)
+        model.setEnabled(status.available and bool(status.models))
+        find(QtWidgets.QSpinBox, "refinementStepsSpinBox").setEnabled(status.supports_refinement)
+        find(QtWidgets.QCheckBox, "diffeomorphicCheckBox").setEnabled(status.supports_diffeomorphic)
+        enabled, reason = panel.apply_state(status, None, None)
+        find(QtWidgets.QPushButton, "applyButton").setEnabled(enabled)
+        find(QtWidgets.QLabel, "statusLabel").setText(reason)
+    device = find(QtWidgets.QComboBox, "deviceComboBox")
+    device.clear()
+    for value, label in panel.device_choices():
+        device.addItem(label, value)
+
+
+def _module_method(module_name: str) -> str | None:
+    """The METHOD constant of the module's .py file, read without importing it (no Slicer needed)."""
+    source = (REPO / module_name / f"{module_name}.py").read_text()
+    for line in source.splitlines():
+        if line.startswith("METHOD = "):
+            return line.split("=", 1)[1].strip().strip("\"'")
+    return None
+
+
+def render(module_name: str, png_path: Path, width: int = 440, method: str | None = None) -> Path:
+    """Render ``<module>/Resources/UI/<module>.ui`` to ``png_path``; returns the path.
+
+    ``method``: show the state for another engine method than the module's (e.g. "optimize", to
+    see the panel of an available method while the module's own is not in the engine yet).
+    """
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
+    from PySide6 import QtCore, QtUiTools, QtWidgets
+    app = QtWidgets.QApplication.instance() or QtWidgets.QApplication([])
+    data = QtCore.QByteArray(stand_in_ui(REPO / module_name / "Resources" / "UI" / f"{module_name}.ui"))
+    buffer = QtCore.QBuffer(data)
+    buffer.open(QtCore.QIODevice.ReadOnly)
+    widget = QtUiTools.QUiLoader().load(buffer)
+    if widget is None:
+        raise RuntimeError(f"PySide6 could not load the .ui of {module_name}")
+    _fill_run_time_state(widget, module_name, method)
+    widget.resize(width, widget.sizeHint().height())
+    app.processEvents()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    if not widget.grab().save(str(png_path)):
+        raise RuntimeError(f"Could not write {png_path}")
+    return png_path
+
+
+def main(argv=None) -> int:
+    """Command line: render the given modules (default: every module with a .ui) to docs/<Module>_panel.png."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("modules", nargs="*", help="module folder names (default: all with a Resources/UI/*.ui)")
+    parser.add_argument("-o", "--output", type=Path, help="PNG path (one module only)")
+    parser.add_argument("--method", help="show the panel's state for this engine method instead of the module's")
+    args = parser.parse_args(argv)
+    modules = args.modules or sorted(p.parents[2].name for p in REPO.glob("*/Resources/UI/*.ui"))
+    for module in modules:
+        out = args.output or REPO / "docs" / f"{module}_panel.png"
+        print(render(module, out, method=args.method))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,126 @@
+"""Checks of every module's .ui file (Qt Designer XML), and its offscreen rendering.
+
+* every widget class is a Qt class or declared in <customwidgets>;
+* object names are unique;
+* every parameter of the module's parameter node is bound to exactly one widget, of a kind
+  that can show its type (``SlicerParameterName`` for parameterNodeWrapper, or
+  ``MMRegParameterName`` for the combo boxes the framework fills at run time), and no widget
+  names a parameter that does not exist;
+* every node selector receives the scene (``mrmlSceneChanged`` -> ``setMRMLScene``), without
+  which it stays empty in Slicer;
+* the widgets the shared Widget code uses exist;
+* the panel renders offscreen with PySide6 (skipped when PySide6 is missing).
+"""
+from __future__ import annotations
+
+import importlib
+import typing
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+UI_FILES = sorted(REPO.glob("*/Resources/UI/*.ui"))
+#: Qt classes the .ui files may use without declaring them.
+QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QCheckBox", "QSpinBox", "QDoubleSpinBox", "QPushButton",
+              "QProgressBar", "QPlainTextEdit", "QTextBrowser", "QGroupBox", "QLineEdit", "QFrame", "QTableWidget"}
+#: Widget classes parameterNodeWrapper can bind for each parameter type.
+BINDABLE = {bool: {"QCheckBox", "QPushButton"}, int: {"QSpinBox", "QSlider"}, float: {"QDoubleSpinBox", "ctkSliderWidget"},
+            str: {"QLineEdit", "QComboBox"}, "node": {"qMRMLNodeComboBox"}}
+#: Object names the shared Widget (MMRegCommonLib.widget) looks up.
+FRAMEWORK_WIDGETS = {"applyButton", "cancelButton", "progressBar", "statusLabel", "statusLog", "resultsLabel",
+                     "methodInfoLabel", "refinementStepsSpinBox", "diffeomorphicCheckBox", "inputsCollapsibleButton",
+                     "methodCollapsibleButton", "optionsCollapsibleButton", "outputsCollapsibleButton"}
+
+
+def _dynamic(widget, name):
+    for prop in widget.findall("property"):
+        if prop.get("name") == name and prop.get("stdset") == "0":
+            return prop.find("string").text
+    return None
+
+
+def _parameters(module_name: str) -> dict:
+    """{parameter name: type} of the module's parameter node class (imports the module headless)."""
+    module = importlib.import_module(module_name)
+    cls = getattr(module, f"{module_name}ParameterNode")
+    return typing.get_type_hints(cls)
+
+
+@pytest.fixture(params=UI_FILES, ids=lambda p: p.stem)
+def ui(request):
+    return request.param, ET.parse(request.param).getroot()
+
+
+def test_there_are_ui_files():
+    assert any(p.stem == "MIRegistration" for p in UI_FILES)
+
+
+def test_custom_widgets_declared_and_names_unique(ui):
+    path, root = ui
+    declared = {c.findtext("class") for c in root.iter("customwidget")}
+    widgets = list(root.iter("widget"))
+    undeclared = {w.get("class") for w in widgets} - declared - QT_CLASSES
+    assert not undeclared, f"{path.name}: classes used but not declared in <customwidgets>: {undeclared}"
+    for custom in root.iter("customwidget"):
+        assert custom.findtext("header"), f"{path.name}: {custom.findtext('class')} has no <header>"
+    names = [e.get("name") for e in root.iter() if e.tag in ("widget", "layout", "spacer")]
+    duplicates = {n for n in names if names.count(n) > 1}
+    assert not duplicates, f"{path.name}: object names used more than once: {duplicates}"
+    assert root.find("widget").get("name") == path.stem, "top-level widget must be named after the module"
+    assert FRAMEWORK_WIDGETS <= set(names), f"missing widgets: {FRAMEWORK_WIDGETS - set(names)}"
+
+
+def test_every_parameter_bound_once_to_a_suitable_widget(ui):
+    import slicer
+    from MMRegCommonLib.parameters import COMBO_PARAMETERS, COMBO_PROPERTY
+
+    path, root = ui
+    parameters = _parameters(path.stem)
+    bound = {}
+    for widget in root.iter("widget"):
+        for prop_name in ("SlicerParameterName", COMBO_PROPERTY):
+            name = _dynamic(widget, prop_name)
+            if name is None:
+                continue
+            assert name not in bound, f"parameter '{name}' is bound twice"
+            assert name in parameters, f"{widget.get('name')} binds unknown parameter '{name}'"
+            bound[name] = (widget.get("class"), prop_name)
+    assert set(bound) == set(parameters), f"parameters without a widget: {set(parameters) - set(bound)}"
+    for name, (cls, prop_name) in bound.items():
+        kind = parameters[name]  # (get_type_hints drops Annotated[...] extras)
+        kind = "node" if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode) else kind
+        assert cls in BINDABLE[kind], f"{name}: a {cls} cannot show a {kind}"
+        # Run-time-filled combos are bound by the framework, everything else by parameterNodeWrapper.
+        assert (prop_name == COMBO_PROPERTY) == (name in COMBO_PARAMETERS), f"{name} bound by {prop_name}"
+
+
+def test_node_selectors_receive_the_scene(ui):
+    path, root = ui
+    selectors = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    connected = {c.findtext("receiver") for c in root.iter("connection")
+                 if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
+                 and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)" and c.findtext("sender") == path.stem}
+    assert selectors and selectors <= connected, f"selectors without the scene: {selectors - connected}"
+
+
+def test_every_input_has_a_tooltip(ui):
+    path, root = ui
+    interactive = ("qMRMLNodeComboBox", "QComboBox", "QCheckBox", "QSpinBox", "QPushButton")
+    missing = [w.get("name") for w in root.iter("widget") if w.get("class") in interactive
+               and not any(p.get("name") == "toolTip" for p in w.findall("property"))]
+    assert not missing, f"{path.name}: controls without a tooltip: {missing}"
+
+
+def test_panel_renders_offscreen(tmp_path):
+    pytest.importorskip("PySide6.QtUiTools", reason="PySide6 is not installed (pip install PySide6-Essentials)")
+    import render_ui
+    from PySide6 import QtGui
+
+    for path in UI_FILES:
+        png = render_ui.render(path.stem, tmp_path / f"{path.stem}.png")
+        image = QtGui.QImage(str(png))
+        assert image.width() >= 400 and image.height() >= 600
+        colours = {image.pixel(x, y) for x in range(0, image.width(), 7) for y in range(0, image.height(), 7)}
+        assert len(colours) > 20, "the rendering looks blank"
