@@ -110,7 +110,8 @@ def _cmd_methods(args) -> int:
         print(json.dumps(methods, indent=2, default=str))
         return 0
     for m in methods:
-        models = ", ".join(x["name"] if isinstance(x, dict) else str(x) for x in m["models"]) or "(needs no model)"
+        models = (", ".join(f"{x['name']} ({x['source']}: {x['path']})" for x in m["models"])
+                  or ("none installed: train one with `mmreg train`" if m["requires_model"] else "(needs no model)"))
         print(f"{m['name']:<13} {m['description']}\n{'':<13} modalities: {m['modalities']}; models: {models}")
         print(f"{'':<13} options: " + ", ".join(f"{k}={v}" for k, v in m["options"].items()))
     missing = [p for p in PLANNED if p not in {m["name"] for m in methods}]

@@ -89,8 +89,12 @@ def method_status(name: str) -> MethodStatus:
         return MethodStatus(name, False, f"Method '{name}' is not available in this version (mmreg "
                                          f"{mmreg.__version__}); available: {', '.join(mmreg.method_names())}.")
     method = mmreg.get_method(name)
-    return MethodStatus(name, True, "", method.description, [model_choice(m) for m in method.models()],
-                        dict(method.default_options()))
+    models = [model_choice(m) for m in method.models()]
+    if getattr(method, "requires_model", False) and not models:
+        return MethodStatus(name, False, f"Method '{name}' has no trained model yet: train one (RegistrationTraining "
+                                         f"module, or `mmreg train` in a shell) or install a model folder; see "
+                                         "`mmreg methods`.", method.description, [], dict(method.default_options()))
+    return MethodStatus(name, True, "", method.description, models, dict(method.default_options()))
 
 
 def model_items(status: MethodStatus) -> list:

@@ -197,3 +197,10 @@ def test_bench_command_on_the_spinal_cord(shared_data, tmp_path):
     assert rows["optimize"]["mean_dice"] > rows["affine"]["mean_dice"] + 0.02
     assert rows["optimize"]["folding_percent"] < 0.01
     assert "| spine T2<-T1 | spinal cord T2<-T1 | mmreg optimize |" in out.read_text()
+
+
+def test_default_methods_skip_learned_methods_without_a_model(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "user"))
+    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))
+    methods = harness.default_methods()
+    assert methods[:3] == ["affine", "ants", "elastix"] and "optimize" in methods and "mi" not in methods

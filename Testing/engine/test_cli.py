@@ -66,11 +66,25 @@ def test_evaluate_scores_the_written_transform(demo_run, capsys):
     assert "mean Dice" in capsys.readouterr().out
 
 
-def test_methods_lists_optimize(capsys):
+def test_methods_lists_optimize_and_mi(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "user"))
+    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))
     assert main(["methods", "--json"]) == 0
     methods = json.loads(capsys.readouterr().out)
-    assert [m["name"] for m in methods] == ["optimize"]
+    assert [m["name"] for m in methods] == ["optimize", "mi"]
     assert methods[0]["options"]["similarity"] == "mind"
+    assert methods[1]["models"] == [] and methods[1]["options"]["refinement_steps"] == 0
+
+
+def test_mi_without_a_model_is_a_clear_error(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "user"))
+    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))
+    argv = ["register", str(SAMPLE / "fixed.nii.gz"), str(SAMPLE / "moving.nii.gz"), "-o", str(tmp_path / "x.h5"),
+            "--method", "mi", "--no-affine", "-q"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "No trained model for method 'mi'" in err and "mmreg train" in err
+    assert not (tmp_path / "x.h5").exists()
 
 
 @pytest.mark.parametrize("argv, words", [

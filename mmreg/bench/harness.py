@@ -194,9 +194,10 @@ def resolve_method(name: str) -> BenchMethod:
 
 
 def default_methods() -> list:
-    """affine, the two peers and every installed engine method."""
-    from ..methods import method_names  # noqa: PLC0415
-    return ["affine", "ants", "elastix"] + method_names()
+    """affine, the two peers and every engine method that can run here (learned ones need a trained model)."""
+    from ..methods import get_method, method_names  # noqa: PLC0415
+    usable = [n for n in method_names() if not get_method(n).requires_model or get_method(n).models()]
+    return ["affine", "ants", "elastix"] + usable
 
 
 def _peer_family(name: str) -> str | None:
@@ -675,7 +676,8 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
     p.add_argument("--cases", nargs="+", default=None, help="case specs or sets (see below); default: full")
     p.add_argument("--methods", default=None,
                    help="comma-separated methods (affine, ants, ants-mi, ants-cc, elastix, elastix@SPACING, and the "
-                        "engine's methods); default: affine, ants, elastix and every installed engine method")
+                        "engine's methods); default: affine, ants, elastix and every engine method that can run "
+                        "(learned methods only with a trained model); model and options with --options")
     p.add_argument("--threads", type=int, default=2, help="threads for every method (torch, ITK, elastix, ANTs)")
     p.add_argument("--repeats", type=int, default=None,
                    help="runs per case and method for the timings (medians); default 1, 3 with --quick")

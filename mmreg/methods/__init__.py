@@ -13,9 +13,10 @@ from .base import GridInputs, RegistrationMethod
 #: name -> "module:class" of the implementation (imported on first use).
 _METHODS = {
     "optimize": "mmreg.methods.optimize:InstanceOptimisation",
+    "mi": "mmreg.methods.mi:MIRegistration",
 }
 #: Names reserved for methods that later releases add (shown in error messages).
-PLANNED = ("mi", "grad", "metric", "disentangled", "multiscale")
+PLANNED = ("grad", "metric", "disentangled", "multiscale")
 
 
 def method_names() -> list:
@@ -39,7 +40,8 @@ def describe_methods() -> list:
     for name in method_names():
         method = get_method(name)
         out.append({"name": name, "description": method.description, "modalities": method.modalities,
-                    "models": method.models(), "options": method.default_options()})
+                    "requires_model": method.requires_model, "models": method.models(),
+                    "options": method.default_options()})
     return out
 
 

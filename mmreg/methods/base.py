@@ -52,6 +52,8 @@ class RegistrationMethod(abc.ABC):
     description: str = ""
     #: "mono", "multi" or "mono+multi": which pairs the method is meant for.
     modalities: str = "mono+multi"
+    #: True for learned methods: they cannot run without a trained model (see :meth:`models`).
+    requires_model: bool = False
 
     def default_options(self) -> dict:
         """Options and their defaults (documented by the subclass)."""

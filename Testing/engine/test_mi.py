@@ -1,0 +1,143 @@
+"""The ``mi`` method's pieces: network, model files (cards, checksums, refusals), inference geometry."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import mmreg
+from mmreg.errors import InputError, WeightsError
+from mmreg.models import ModelCard, list_models, load_model, save_model
+from mmreg.networks import DEFAULT_ARCHITECTURE, parameter_count, registration_unet, size_multiple
+
+SMALL = {"channels": [8, 8, 8, 8], "final_conv_channels": [8]}
+
+
+@pytest.fixture
+def model_root(tmp_path, monkeypatch):
+    """An empty user model folder and no shipped models."""
+    monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "user"))
+    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))
+    return tmp_path
+
+
+def _save(root, name="default", arch=SMALL, diffeomorphic=True, spacing=2.0, shift_voxels=None, method="mi"):
+    torch.manual_seed(0)
+    net = registration_unet(arch)
+    if shift_voxels is not None:  # a network whose output is a constant field: zero last weights, bias = shift
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+        with torch.no_grad():
+            last.weight.zero_()
+            last.bias.copy_(torch.tensor(shift_voxels, dtype=torch.float32))
+    card = ModelCard(name=name, method=method, architecture=dict(DEFAULT_ARCHITECTURE, **arch), spacing_mm=spacing,
+                     multiple=size_multiple(dict(DEFAULT_ARCHITECTURE, **arch)), diffeomorphic=diffeomorphic)
+    return save_model(root / "user" / method / name, net, card), net
+
+
+def test_network_is_near_identity_at_init_and_takes_any_multiple():
+    net = registration_unet()
+    assert 250_000 < parameter_count(net) < 350_000  # VoxelMorph-sized: ~300k
+    assert size_multiple(DEFAULT_ARCHITECTURE) == 16
+    with torch.no_grad():
+        out = net(torch.rand(1, 2, 32, 48, 16))
+    assert out.shape == (1, 3, 32, 48, 16)
+    assert float(out.abs().max()) < 1e-3
+    with torch.no_grad():
+        assert registration_unet({"spatial_dims": 2}).eval()(torch.rand(1, 2, 32, 48)).shape == (1, 2, 32, 48)
+
+
+def test_save_load_round_trip_and_listing(model_root):
+    folder, net = _save(model_root)
+    loaded, card = load_model("mi", "default", registration_unet)
+    x = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(x).numpy(), net.eval()(x).numpy(), atol=1e-7)
+    assert card.sha256 and card.spacing_mm == 2.0 and card.multiple == 4
+    assert [m["name"] for m in list_models("mi")] == ["default"]
+    assert [m["name"] for m in mmreg.methods.get_method("mi").models()] == ["default"]
+    # by folder path too
+    assert load_model("mi", str(folder), registration_unet)[1].name == "default"
+
+
+def test_bad_model_files_are_refused_with_the_file_and_the_fix(model_root):
+    with pytest.raises(WeightsError, match="No trained model for method 'mi'.*mmreg train"):
+        load_model("mi", None, registration_unet)
+    folder, _ = _save(model_root)
+    with pytest.raises(WeightsError, match="available default"):
+        load_model("mi", "nonexistent", registration_unet)
+    weights = folder / "model.pt"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:-100] + bytes(100))  # corrupted
+    with pytest.raises(WeightsError, match="do not match the checksum"):
+        load_model("mi", "default", registration_unet)
+    card = json.loads((folder / "model.json").read_text())
+    card["sha256"] = ""  # no checksum to catch it: the unreadable file is still refused
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="cannot be read|do not fit"):
+        load_model("mi", "default", registration_unet)
+    weights.write_bytes(good)
+    card["architecture"]["channels"] = [8, 8, 8, 8, 8, 8]  # another architecture than the weights
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="do not fit the architecture"):
+        load_model("mi", "default", registration_unet)
+    card["method"] = "grad"
+    (folder / "model.json").write_text(json.dumps(card))
+    with pytest.raises(WeightsError, match="trained for method 'grad'"):
+        load_model("mi", "default", registration_unet)
+    (folder / "model.json").write_text("{not json")
+    with pytest.raises(WeightsError, match="not valid JSON"):
+        load_model("mi", "default", registration_unet)
+
+
+def _blob_pair(shift_mm, spacing=(2.0, 2.0, 2.0), size=(48, 40, 32)):
+    """fixed(x) = moving(x + t): the moving image is the fixed one moved by -t (so u = +t)."""
+    z, y, x = np.mgrid[:size[2], :size[1], :size[0]].astype(float)
+    arr = np.exp(-(((x - 24) / 7) ** 2 + ((y - 20) / 6) ** 2 + ((z - 16) / 5) ** 2))
+    arr += 0.5 * np.exp(-(((x - 14) / 4) ** 2 + ((y - 26) / 4) ** 2 + ((z - 12) / 4) ** 2))
+    fixed = sitk.GetImageFromArray(arr.astype(np.float32))
+    fixed.SetSpacing(spacing)
+    fixed.SetOrigin((-40.0, -30.0, -20.0))
+    moving = sitk.Resample(fixed, fixed, sitk.TranslationTransform(3, [-v for v in shift_mm]), sitk.sitkLinear, 0.0)
+    return fixed, moving
+
+
+def test_network_output_becomes_the_right_physical_displacement(model_root):
+    # A "network" that outputs +2 voxels along tensor dim 4 (= x) on the model's 2 mm grid: u = +4 mm along LPS x.
+    _save(model_root, "shift", diffeomorphic=False, shift_voxels=[0.0, 0.0, 2.0])
+    fixed, moving = _blob_pair((4.0, 0.0, 0.0))
+    res = mmreg.register(fixed, moving, method="mi", model="shift", affine=False, threads=1)
+    u = sitk.GetArrayFromImage(res.displacement)[8:-8, 8:-8, 8:-8]
+    np.testing.assert_allclose(u[..., 0], 4.0, atol=0.1)  # the translation recovered to 0.1 mm
+    np.testing.assert_allclose(u[..., 1:], 0.0, atol=0.1)
+    f, w = sitk.GetArrayFromImage(fixed), sitk.GetArrayFromImage(res.warped)
+    before = np.abs(f - sitk.GetArrayFromImage(moving))[4:-4, 4:-4, 4:-4].mean()
+    after = np.abs(f - w)[4:-4, 4:-4, 4:-4].mean()
+    assert after < 0.1 * before
+
+
+def test_untrained_model_is_identity_and_refinement_registers(model_root):
+    _save(model_root)
+    fixed, moving = _blob_pair((4.0, -2.0, 2.0))
+    plain = mmreg.register(fixed, moving, method="mi", affine=False, threads=1)
+    assert float(np.abs(sitk.GetArrayFromImage(plain.displacement)).max()) < 0.05  # near identity at init
+    refined = mmreg.register(fixed, moving, method="mi", affine=False, threads=1, refinement_steps=60)
+    u = sitk.GetArrayFromImage(refined.displacement)[12:-12, 12:-12, 10:-10]
+    # the refinement (instance optimisation from the network's field) finds the shift: measured 3.98, -1.98, 1.97 mm
+    for k, t in enumerate((4.0, -2.0, 2.0)):
+        assert abs(float(np.median(u[..., k])) - t) < 0.25
+    assert refined.report["quality"]["deformable"]["folding_percent"] == 0.0
+
+
+def test_model_defines_diffeomorphic_and_options_are_checked(model_root):
+    _save(model_root, diffeomorphic=True)
+    fixed, moving = _blob_pair((2.0, 0.0, 0.0))
+    with pytest.raises(InputError, match="predicts a velocity"):
+        mmreg.register(fixed, moving, method="mi", affine=False, diffeomorphic=False)
+    with pytest.raises(InputError, match="refinement_steps must be >= 0"):
+        mmreg.register(fixed, moving, method="mi", affine=False, refinement_steps=-1)
+    # the grid is the model's: 2 mm, sizes multiple of 4 for this small network
+    grid = mmreg.methods.get_method("mi").grid_for(fixed, {"model": None, "max_voxels": None})
+    assert np.allclose(grid.spacing, 2.0) and all(n % 4 == 0 for n in grid.size)

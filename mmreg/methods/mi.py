@@ -1,0 +1,113 @@
+"""Method ``mi``: an unsupervised CNN trained with differentiable mutual information.
+
+The paper's recipe: an encoder-decoder CNN (:func:`mmreg.networks.registration_unet`, VoxelMorph
+layout: 3x3x3 convolutions, LeakyReLU, strided downsampling, skip connections) reads the
+concatenated fixed and moving images and predicts a dense field; it is trained without ground
+truth to minimise ``-MI(fixed, moving o phi) + lambda * |grad u|^2`` with a Parzen-window
+(Gaussian kernel) estimate of mutual information (:class:`mmreg.losses.MutualInformationLoss`,
+MONAI) and the diffusion regulariser. One network serves same-modality and cross-modality pairs
+without being told which it gets (MI does not care).
+
+Inference: the images on the model's network grid (its ``spacing_mm``, sizes padded to its
+``multiple``) -> one forward pass -> the field (integrated by scaling and squaring when the
+model predicts a stationary velocity: ``diffeomorphic`` in its card) -> optionally refined by the
+engine's instance optimisation (``refinement_steps`` > 0, MIND-SSC by default) starting from it.
+
+Training (:func:`training_loss`) is shared with ``mmreg train``.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..errors import InputError
+from ..grid import NetworkGrid
+from ..losses import MutualInformationLoss, diffusion_regulariser
+from ..models import CARD_FILE, ModelCard, list_models, load_model, resolve_model
+from ..networks import registration_unet
+from ..progress import Progress
+from ..spatial import integrate_velocity, warp
+from .base import GridInputs, RegistrationMethod
+from .optimize import instance_optimise
+
+#: Training defaults of the loss (the paper: MI + lambda * squared gradient of the field).
+DEFAULT_LOSS = {"mi_bins": 32, "mi_max_voxels": 100_000, "smoothness": 1.0}
+
+
+def training_loss(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor, *, diffeomorphic: bool = True,
+                  integration_steps: int = 7, smoothness: float = DEFAULT_LOSS["smoothness"],
+                  mi_bins: int = DEFAULT_LOSS["mi_bins"], mi_max_voxels: int = DEFAULT_LOSS["mi_max_voxels"],
+                  mask: torch.Tensor | None = None) -> tuple:
+    """The ``mi`` training objective for a batch: ``(loss, {"mi": ..., "smoothness": ...})``.
+
+    ``fixed`` / ``moving``: ``(B, 1, *spatial)`` images in [0, 1]; ``field``: the network output
+    ``(B, ndim, *spatial)`` in voxels (a velocity when ``diffeomorphic``). ``mask``: optional
+    ``(B, 1, *spatial)`` weight of the similarity (e.g. the moving image's field of view).
+    Returns minus MI (lower is better) plus ``smoothness`` x the diffusion regulariser of the
+    displacement.
+    """
+    ddf = integrate_velocity(field, integration_steps) if diffeomorphic else field
+    warped = warp(moving, ddf)
+    mi = MutualInformationLoss(num_bins=int(mi_bins), max_voxels=int(mi_max_voxels))
+    sim = mi(warped, fixed, mask)
+    reg = diffusion_regulariser(ddf)
+    return sim + float(smoothness) * reg, {"mi": float(-sim.detach()), "smoothness": float(reg.detach())}
+
+
+class MIRegistration(RegistrationMethod):
+    """Mutual-information CNN (needs a trained model: shipped or from ``mmreg train``)."""
+
+    name = "mi"
+    description = ("Unsupervised CNN trained with Parzen-window mutual information and a smoothness penalty; one "
+                   "network for mono- and multi-modal pairs; optional instance-optimisation refinement.")
+    modalities = "mono+multi"
+    requires_model = True
+
+    def default_options(self) -> dict:
+        """``model``: a model name or folder (None: "default" or the only one); ``refinement_steps``:
+        Adam steps of instance optimisation after the network (0 = network only), on the network grid
+        at half resolution, with ``refine_similarity`` ("mind" or "mi"); ``diffeomorphic``: None = as
+        the model was trained (a different value is an error: the model defines what its output is);
+        ``max_voxels``: bound on the network grid (larger fields of view get a coarser grid)."""
+        return {"model": None, "refinement_steps": 0, "refine_similarity": "mind", "diffeomorphic": None,
+                "max_voxels": 4_000_000}
+
+    def models(self) -> list:
+        """Shipped and user models of ``mi`` (see :func:`mmreg.models.list_models`)."""
+        return list_models(self.name)
+
+    def card(self, options: dict) -> ModelCard:
+        """The model card of the chosen model (read from disk; no weights loaded)."""
+        import json  # noqa: PLC0415
+        folder = resolve_model(self.name, options.get("model"))
+        return ModelCard.from_dict(json.loads((folder / CARD_FILE).read_text()), str(folder / CARD_FILE))
+
+    def grid_for(self, fixed, options: dict) -> NetworkGrid:
+        """The model's grid: its spacing (mm) and size multiple, over the fixed image's extent."""
+        card = self.card(options)
+        return NetworkGrid.for_image(fixed, spacing=float(card.spacing_mm), multiple=int(card.multiple),
+                                     max_voxels=options.get("max_voxels"))
+
+    def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
+        """One forward pass (then the optional refinement); voxel-unit displacement on ``inputs.grid``."""
+        network, card = load_model(self.name, options.get("model"), registration_unet, inputs.device)
+        if inputs.fixed.dim() - 2 != int(card.architecture.get("spatial_dims", 3)):
+            raise InputError(f"Model '{card.name}' is a {card.architecture.get('spatial_dims')}-D network; this pair "
+                             f"is {inputs.fixed.dim() - 2}-D on the network grid.")
+        wanted = options.get("diffeomorphic")
+        if wanted is not None and bool(wanted) != bool(card.diffeomorphic):
+            raise InputError(f"Model '{card.name}' predicts a {'velocity (diffeomorphic)' if card.diffeomorphic else 'displacement'}"
+                             f"; diffeomorphic={wanted} needs a model trained that way (leave the option unset).")
+        steps = int(options.get("refinement_steps") or 0)
+        if steps < 0:
+            raise InputError(f"refinement_steps must be >= 0, got {steps}.")
+        progress(0.0, "network")
+        with torch.inference_mode():
+            field = network(torch.cat([inputs.fixed, inputs.moving], dim=1))
+            ddf = integrate_velocity(field, int(card.integration_steps)) if card.diffeomorphic else field
+        ddf = ddf.clone()  # leave inference mode: the refinement differentiates through a warp of it
+        progress(0.3 if steps else 1.0, "network done")
+        if steps:
+            ddf = instance_optimise(inputs, init_ddf=ddf, similarity=options.get("refine_similarity", "mind"),
+                                    levels=1, iterations=[steps], diffeomorphic=bool(card.diffeomorphic),
+                                    progress=progress.sub(0.3, 1.0))
+        return ddf

@@ -1,0 +1,213 @@
+"""Trained models: where they live, their model cards, saving and safe loading.
+
+A model is a folder ``<name>/`` holding ``model.pt`` (a PyTorch ``state_dict``, loaded with
+``weights_only=True``) and ``model.json`` (its model card, :class:`ModelCard`): method,
+architecture arguments, network spacing and size multiple, intensity normalisation, whether it
+predicts a stationary velocity (diffeomorphic) or a displacement, training data and recipe,
+benchmark numbers, and the SHA-256 of ``model.pt``.
+
+Models are found, per method, in two places (the first wins on a name clash):
+
+* user models: ``$MMREG_MODELS/<method>/<name>`` (default ``~/.mmreg/models``), where
+  ``mmreg train`` and the Slicer training module put fine-tuned models;
+* shipped models: ``$MMREG_SHIPPED_MODELS/<method>/<name>`` (default ``Resources/Models`` of
+  the repository / extension).
+
+A model can also be named by its folder path. Loading refuses, with the file and the fix in
+the message (:class:`mmreg.errors.WeightsError`): a missing folder or file, a checksum mismatch
+(corrupted or edited weights), a card of another method, weights that do not fit the
+architecture of the card.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .errors import WeightsError
+
+FORMAT_VERSION = 1
+WEIGHTS_FILE, CARD_FILE = "model.pt", "model.json"
+
+
+def shipped_model_root() -> Path:
+    """Folder of the shipped models: ``$MMREG_SHIPPED_MODELS`` or ``<repository>/Resources/Models``."""
+    env = os.environ.get("MMREG_SHIPPED_MODELS")
+    return Path(env).expanduser() if env else Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+def user_model_root() -> Path:
+    """Folder of the user's (fine-tuned) models: ``$MMREG_MODELS`` or ``~/.mmreg/models``."""
+    env = os.environ.get("MMREG_MODELS")
+    return Path(env).expanduser() if env else Path.home() / ".mmreg" / "models"
+
+
+@dataclass
+class ModelCard:
+    """What a model is and how to use it (stored as ``model.json`` beside the weights).
+
+    ``spacing_mm``: isotropic spacing of the network grid the model was trained on (mm);
+    ``multiple``: spatial sizes must be multiples of it; ``normalisation``: how inputs were
+    scaled (the engine's :func:`mmreg.intensity.normalize_intensity`, images in [0, 1]);
+    ``diffeomorphic``: the network output is a stationary velocity integrated by scaling and
+    squaring in ``integration_steps`` steps (else a displacement); both in voxels of the network
+    grid, resampling convention. ``training`` / ``benchmark``: free-form records (data, steps,
+    wall time; Dice etc.). ``sha256``: of the weights file.
+    """
+
+    name: str
+    method: str
+    architecture: dict
+    spacing_mm: float
+    multiple: int
+    normalisation: str = "mmreg.intensity.normalize_intensity (CT window -1000..1000 HU, MR 1st-99th percentile) to [0, 1]"
+    diffeomorphic: bool = True
+    integration_steps: int = 7
+    description: str = ""
+    training: dict = field(default_factory=dict)
+    benchmark: dict = field(default_factory=dict)
+    sha256: str = ""
+    created: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        """JSON-friendly dict."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "model card") -> "ModelCard":
+        """Card from a dict; :class:`WeightsError` naming ``source`` when fields are missing or unknown."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        required = {f.name for f in dataclasses.fields(cls)
+                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+        missing = required - set(data)
+        if missing:
+            raise WeightsError(f"{source} lacks {', '.join(sorted(missing))}; it is not an mmreg model card.")
+        if int(data.get("format_version", FORMAT_VERSION)) > FORMAT_VERSION:
+            raise WeightsError(f"{source} was written by a newer mmreg (format {data['format_version']}); update mmreg.")
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+def sha256_of(path: Path) -> str:
+    """Hex SHA-256 of a file."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def save_model(folder, network: torch.nn.Module, card: ModelCard) -> Path:
+    """Write ``model.pt`` (state dict, CPU tensors) and ``model.json`` (card with checksum) into ``folder``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    weights = folder / WEIGHTS_FILE
+    tmp = weights.with_suffix(".pt.tmp")
+    torch.save({k: v.detach().cpu() for k, v in network.state_dict().items()}, tmp)
+    os.replace(tmp, weights)
+    card.sha256 = sha256_of(weights)
+    card.created = card.created or _dt.datetime.now().isoformat(timespec="seconds")
+    (folder / CARD_FILE).write_text(json.dumps(card.to_dict(), indent=1))
+    return folder
+
+
+def _candidates(method: str) -> list:
+    out = []
+    for source, root in (("user", user_model_root()), ("shipped", shipped_model_root())):
+        base = root / method
+        if base.is_dir():
+            out += [(source, d) for d in sorted(base.iterdir()) if (d / CARD_FILE).is_file()]
+    return out
+
+
+def list_models(method: str) -> list:
+    """The models of ``method``: dicts with name, source ("user"/"shipped"), path, description, spacing."""
+    seen, out = set(), []
+    for source, folder in _candidates(method):
+        if folder.name in seen:
+            continue
+        seen.add(folder.name)
+        try:
+            card = json.loads((folder / CARD_FILE).read_text())
+        except (OSError, json.JSONDecodeError):
+            card = {}
+        out.append({"name": folder.name, "source": source, "path": str(folder),
+                    "description": card.get("description", ""), "spacing_mm": card.get("spacing_mm")})
+    return out
+
+
+def resolve_model(method: str, model: str | os.PathLike | None) -> Path:
+    """The folder of ``model`` (a name, a folder path, or None = "default" or the only model of ``method``)."""
+    if model is not None and Path(model).expanduser().is_dir():
+        return Path(model).expanduser()
+    found = {m["name"]: Path(m["path"]) for m in list_models(method)}
+    if model is None:
+        if "default" in found:
+            return found["default"]
+        if len(found) == 1:
+            return next(iter(found.values()))
+    elif str(model) in found:
+        return found[str(model)]
+    where = f"{user_model_root() / method} or {shipped_model_root() / method}"
+    if not found:
+        raise WeightsError(f"No trained model for method '{method}' (looked in {where}). Train one with "
+                           f"`mmreg train` or point --model at a model folder (with {WEIGHTS_FILE} and {CARD_FILE}).")
+    want = "a model name" if model is None else f"model '{model}'"
+    raise WeightsError(f"Method '{method}' needs {want}: available {', '.join(sorted(found))} (in {where}), "
+                       "or a model folder path.")
+
+
+_CACHE: dict = {}
+
+
+def load_model(method: str, model, build: Callable[[dict], torch.nn.Module],
+               device: torch.device | str = "cpu") -> tuple:
+    """(network in eval mode on ``device``, :class:`ModelCard`) for ``model`` of ``method``.
+
+    ``build(architecture)`` makes the untrained network the card describes. Checks the card,
+    the checksum and that the weights fit; cached per folder while the files are unchanged.
+    """
+    folder = resolve_model(method, model)
+    card_path, weights = folder / CARD_FILE, folder / WEIGHTS_FILE
+    for path in (card_path, weights):
+        if not path.is_file():
+            raise WeightsError(f"Model folder '{folder}' has no {path.name}; reinstall or retrain the model.")
+    key = (str(folder.resolve()), weights.stat().st_mtime_ns, card_path.stat().st_mtime_ns, str(device))
+    if key in _CACHE:
+        return _CACHE[key]
+    try:
+        card = ModelCard.from_dict(json.loads(card_path.read_text()), str(card_path))
+    except json.JSONDecodeError as exc:
+        raise WeightsError(f"Model card '{card_path}' is not valid JSON ({exc}); reinstall or retrain the model.") from None
+    if card.method != method:
+        raise WeightsError(f"Model '{folder}' was trained for method '{card.method}', not '{method}'; "
+                           f"use it with --method {card.method}.")
+    digest = sha256_of(weights)
+    if card.sha256 and digest != card.sha256:
+        raise WeightsError(f"Weights '{weights}' do not match the checksum in '{card_path}' (corrupted or replaced "
+                           "file); reinstall or retrain the model.")
+    try:
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken file
+        raise WeightsError(f"Weights '{weights}' cannot be read ({type(exc).__name__}: {exc}); reinstall or retrain "
+                           "the model.") from None
+    network = build(card.architecture)
+    try:
+        network.load_state_dict(state, strict=True)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0][:300]
+        raise WeightsError(f"Weights '{weights}' do not fit the architecture in its card ({first}); the files do not "
+                           "belong together: reinstall or retrain the model.") from None
+    network = network.to(device).eval()
+    for p in network.parameters():
+        p.requires_grad_(False)
+    _CACHE.clear()  # keep one network in memory
+    _CACHE[key] = (network, card)
+    return network, card
