@@ -5,6 +5,7 @@
         [--fixed-labels FL] [--no-affine] [--device cpu|cuda|mps|auto] [--report R.json]
     mmreg evaluate TRANSFORM --fixed-labels FL --moving-labels ML [--report R.json]
     mmreg methods [--json]
+    mmreg train CONFIG.toml [--resume] [--steps N] [--output DIR] [--device auto|cpu|cuda] [--threads N] [--data DIR]
     mmreg bench [--quick] [--cases ...] [--methods affine,ants,elastix,optimize] [--threads 2] [--repeats N]
 
 Exit codes: 0 success, 2 bad input (message on stderr), 130 cancelled (Ctrl-C).
@@ -120,6 +121,38 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_train(args) -> int:
+    from .training import load_config, train
+    from pathlib import Path
+    cfg = load_config(args.config, steps=args.steps, device=args.device, threads=args.threads,
+                      output=str(Path(args.output).resolve()) if args.output else None,
+                      data_root=str(Path(args.data).resolve()) if args.data else None)
+    bar = _Bar(not args.quiet)
+
+    def log(line):
+        if bar.bar is not None:
+            bar.bar.write(line, file=sys.stderr)
+        else:
+            print(line, file=sys.stderr)
+    try:
+        result = train(cfg, resume=args.resume, progress=bar, log=log)
+    finally:
+        bar.close()
+    h = result.history
+    sps = h["seconds_per_step"]
+    lines = [f"trained {result.final_step} steps in {result.seconds:.1f} s (total wall time {h['wall_seconds']:.1f} s; "
+             f"median {sorted(sps)[len(sps) // 2] if sps else float('nan'):.2f} s/step)"]
+    if h.get("validation"):
+        last, best = h["validation"][-1], h.get("best") or {}
+        lines.append(f"validation mean Dice: {h.get('identity_dice', float('nan')):.4f} identity -> {last['mean_dice']:.4f} "
+                     f"at step {last['step']} (best {best.get('mean_dice', float('nan')):.4f} at step {best.get('step')}); "
+                     f"folding {last['folding_percent']:.3f} %")
+    lines.append(f"model '{result.card.name}' ({result.card.training.get('weights')} weights) written to {result.model_dir}")
+    lines.append(f"use it: mmreg register FIXED MOVING --method {result.card.method} --model {result.model_dir}")
+    print("\n".join(lines))
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench.harness import run_benchmark
     run_benchmark(args, "mmreg bench " + " ".join(sys.argv[2:]))
@@ -170,6 +203,17 @@ def build_parser() -> argparse.ArgumentParser:
     me = sub.add_parser("methods", help="list the installed methods and their models")
     me.add_argument("--json", action="store_true")
     me.set_defaults(func=_cmd_methods)
+
+    tr = sub.add_parser("train", help="train a learned method's network from a TOML config (rerunnable, resumable)")
+    tr.add_argument("config", help="training config (TOML), e.g. Resources/Training/mi_brain.toml")
+    tr.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
+    tr.add_argument("--steps", type=int, default=None, help="total number of steps (overrides the config)")
+    tr.add_argument("--output", default=None, help="model folder (default: the user model folder /<method>/<name>)")
+    tr.add_argument("--device", default=None, help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
+    tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all cores)")
+    tr.add_argument("--data", default=None, help="shared data folder (default: $MMREG_DATA or ../shared/data)")
+    tr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    tr.set_defaults(func=_cmd_train)
 
     from .bench.harness import add_arguments
     be = sub.add_parser("bench", help="benchmark methods against ANTs SyN and elastix on the shared data",

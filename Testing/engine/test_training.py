@@ -1,0 +1,226 @@
+"""`mmreg train`: config validation, a tiny synthetic run, checkpoint/resume, the saved model in use."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import mmreg
+from mmreg.errors import CancelledError, InputError
+from mmreg.grid import NetworkGrid
+from mmreg.models import load_model
+from mmreg.networks import registration_unet
+from mmreg.spatial import integrate_velocity
+from mmreg.training import (Subject, TrainingData, config_from_dict, load_config, load_checkpoint, prepare_ixi,
+                            random_smooth_field, train)
+
+N = 32
+TINY_ARCH = {"channels": [8, 8, 8, 8], "final_conv_channels": [8]}
+NO_AUGMENT = {"deformation_max_mm": 0, "rotation_deg": 0, "scale": 0, "translation_mm": 0, "bias_strength": 0,
+              "noise_std": 0}
+
+
+def blob(sid: str, shift_x: float = 0.0) -> Subject:
+    """A 32^3 'head': nested spheres (4 labels) centred at x = 16 + shift_x (voxels)."""
+    z, y, x = np.mgrid[:N, :N, :N].astype(np.float32)
+    c = N / 2
+    r = np.sqrt((z - c) ** 2 + (y - c) ** 2 + (x - shift_x - c) ** 2)
+    lab = np.zeros((N, N, N), np.int16)
+    lab[r < 11] = 1
+    lab[r < 7] = 2
+    lab[r < 4] = 3
+    lab[(r < 11) & (r >= 7) & (x - shift_x > c + 3)] = 4
+    from scipy.ndimage import gaussian_filter
+    img = gaussian_filter(np.array([0, 0.5, 0.8, 0.3, 0.6], np.float32)[lab], 1.5)  # smooth: MI has a gradient
+    return Subject(sid, (img / img.max()).astype(np.float32), lab)
+
+
+def grid() -> NetworkGrid:
+    ref = sitk.Image([N, N, N], sitk.sitkFloat32)
+    ref.SetSpacing([2.0, 2.0, 2.0])
+    return NetworkGrid.for_image(ref, 2.0, 4, margin_voxels=0)
+
+
+def tiny(tmp_path, **kw) -> dict:
+    cfg = {"name": "tiny", "output": str(tmp_path / "model"), "steps": 10, "learning_rate": 2e-3, "threads": 1,
+           "device": "cpu", "validation_every": 5, "checkpoint_every": 5, "architecture": TINY_ARCH}
+    cfg.update(kw)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- config
+
+
+@pytest.mark.parametrize("table, words", [
+    ({"stepz": 3}, "Unknown key(s) stepz"),
+    ({"augment": {"noise": 0.1}}, "augment.noise"),
+    ({"data": {"sources": {"t1_ct": 1.0}}}, "t1_ct"),
+    ({"steps": 0}, "steps must be >= 1"),
+    ({"steps": "many"}, "steps must be an integer"),
+    ({"learning_rate": -1}, "learning_rate must be > 0"),
+    ({"diffeomorphic": 1}, "true or false"),
+    ({"method": "grad"}, "cannot be trained"),
+    ({"grid_size": [30, 32, 32]}, "multiples of 16"),
+    ({"data": {"sources": {"t1_t1": 0, "t1_template": 0, "t1_synth": 0}}}, "positive sum"),
+    ({"data": {"validation_subjects": ["IXI012"], "training_subjects": ["IXI012", "IXI013"]}}, "held-out"),
+    ({"augment": {"scale": -0.1}}, "augment.scale must be >= 0"),
+    ({"architecture": {"channels": [8, 8, 8]}}, "even-length"),
+    ({"final_model": "first"}, "final_model"),
+    ({"data": 3}, "[data] must be a table"),
+])
+def test_config_errors_name_the_key(table, words):
+    with pytest.raises(InputError) as err:
+        config_from_dict(table)
+    assert words in str(err.value)
+
+
+def test_shipped_config_is_valid_and_toml_errors_are_input_errors(tmp_path):
+    from conftest import REPO
+    cfg = load_config(REPO / "Resources" / "Training" / "mi_brain.toml")
+    assert cfg.method == "mi" and cfg.spacing_mm == 3.0 and cfg.data.validation_subjects
+    bad = tmp_path / "bad.toml"
+    bad.write_text("steps = [\n")
+    with pytest.raises(InputError, match="not valid TOML"):
+        load_config(bad)
+    with pytest.raises(InputError, match="does not exist"):
+        load_config(tmp_path / "missing.toml")
+    ok = tmp_path / "ok.toml"
+    ok.write_text('output = "models/x"\nsteps = 5\n')
+    cfg = load_config(ok, steps=7)
+    assert cfg.steps == 7 and cfg.output == str(tmp_path.resolve() / "models" / "x")
+
+
+def test_random_smooth_field_is_reproducible_and_bounded():
+    a = random_smooth_field((16, 16, 16), 3.0, 8.0, np.random.default_rng(4))
+    b = random_smooth_field((16, 16, 16), 3.0, 8.0, np.random.default_rng(4))
+    assert torch.equal(a, b) and a.shape == (1, 3, 16, 16, 16)
+    assert 0.2 < float(a.norm(dim=1).max()) < 4.0
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def test_tiny_training_learns_a_known_shift_and_the_model_registers(tmp_path):
+    """Fixed = a blob, moving = the same blob 3 voxels further along x (as the 'template'), no
+    augmentation: the network must learn u_x ~ +3 (fixed x <-> moving x + u(x))."""
+    data = TrainingData(grid(), [blob("a")], [blob("c"), blob("d", 3.0)], {"T2": blob("t", 3.0).image})
+    cfg = config_from_dict(tiny(tmp_path, steps=40, learning_rate=4e-3, smoothness=0.1, validation_every=20, final_model="last",
+                                data={"sources": {"t1_template": 1.0}}, augment=NO_AUGMENT))
+    lines = []
+    result = train(cfg, data, log=lines.append)
+    h = result.history
+    assert result.final_step == 40 and len(h["loss"]) == 40
+    assert np.mean(h["loss"][-5:]) < h["loss"][0] - 0.01, h["loss"]
+    assert [v["step"] for v in h["validation"]] == [0, 20, 40]
+    assert any("validation at step 0" in line for line in lines)
+
+    network, card = load_model("mi", result.model_dir, registration_unet)
+    assert card.multiple == 4 and card.spacing_mm == 2.0 and card.diffeomorphic
+    assert card.training["steps"] == 40 and card.training["wall_time_s"] > 0
+    assert card.training["validation"]["history"][-1]["step"] == 40
+    f = torch.from_numpy(data.training[0].image)[None, None]
+    m = torch.from_numpy(data.templates["T2"])[None, None]
+    with torch.no_grad():
+        u = integrate_velocity(network(torch.cat([f, m], 1)), card.integration_steps)
+    inside = torch.from_numpy(data.training[0].labels > 0)
+    ux = float(u[0, 2][inside].mean())
+    assert 2.0 < ux < 4.0, ux  # the true shift is +3 voxels (~0 before training)
+    assert abs(float(u[0, 0][inside].mean())) < 0.5 * ux
+
+    # The model works through the normal registration API (its folder as --model).
+    fixed = sitk.GetImageFromArray(data.training[0].image)
+    fixed.SetSpacing([2.0, 2.0, 2.0])
+    moving = sitk.GetImageFromArray(data.templates["T2"])
+    moving.SetSpacing([2.0, 2.0, 2.0])
+    res = mmreg.register(fixed, moving, method="mi", model=str(result.model_dir), affine=False, device="cpu", threads=1)
+    disp = sitk.GetArrayFromImage(res.displacement)  # (z, y, x, 3) LPS mm: x component = ITK x = tensor dim 2
+    assert float(disp[..., 0][data.training[0].labels > 0].mean()) > 2.0  # > 1 voxel of 2 mm along +x
+
+
+def test_checkpoint_and_resume_give_the_same_weights(tmp_path):
+    data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [blob("c"), blob("d", -2.0)],
+                        {"T2": 1.0 - blob("t", 1.0).image})
+    base = dict(steps=6, checkpoint_every=2, validation_every=3,
+                data={"sources": {"t1_t1": 1.0, "t1_template": 0.5, "t1_synth": 0.5}},
+                augment={"deformation_max_mm": 4.0, "deformation_control_mm": 20.0})
+    straight = train(config_from_dict(tiny(tmp_path / "a", **base)), data)
+    first = train(config_from_dict(tiny(tmp_path / "b", **dict(base, steps=3))), data)
+    assert first.final_step == 3
+    with pytest.raises(InputError, match="--resume"):
+        train(config_from_dict(tiny(tmp_path / "b", **base)), data)
+    with pytest.raises(InputError, match="learning_rate"):
+        train(config_from_dict(tiny(tmp_path / "b", **dict(base, learning_rate=1e-2))), data, resume=True)
+    resumed = train(config_from_dict(tiny(tmp_path / "b", **base)), data, resume=True)
+    assert resumed.final_step == 6
+    a = load_checkpoint(tmp_path / "a" / "model" / "training" / "last.pt")
+    b = load_checkpoint(tmp_path / "b" / "model" / "training" / "last.pt")
+    assert a["step"] == b["step"] == 6
+    for k in a["network"]:
+        torch.testing.assert_close(a["network"][k], b["network"][k], rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(straight.history["loss"], resumed.history["loss"], rtol=1e-5)
+    assert set(straight.history["source"]) >= {"t1_t1"}
+
+
+def test_cancel_checkpoints_then_resume_finishes(tmp_path):
+    data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [], {})
+    cfg = config_from_dict(tiny(tmp_path, steps=4, data={"sources": {"t1_t1": 1.0}}, augment=NO_AUGMENT))
+
+    def cancel_after_two(fraction, message):
+        if message.startswith("step 2/"):
+            raise CancelledError("cancelled by the test")
+    with pytest.raises(CancelledError):
+        train(cfg, data, progress=cancel_after_two)
+    assert load_checkpoint(tmp_path / "model" / "training" / "last.pt")["step"] == 2
+    assert not (tmp_path / "model" / "model.json").exists()  # no model until the run ends
+    result = train(cfg, data, resume=True)
+    assert result.final_step == 4 and (result.model_dir / "model.json").is_file()
+    card = json.loads((result.model_dir / "model.json").read_text())
+    assert card["training"]["weights"] == "last" and card["training"]["validation"]["best"] is None
+
+
+def test_missing_sources_are_input_errors(tmp_path):
+    data = TrainingData(grid(), [blob("a")], [], {})
+    with pytest.raises(InputError, match="t1_t1 needs at least 2"):
+        train(config_from_dict(tiny(tmp_path, data={"sources": {"t1_t1": 1.0}})), data)
+    with pytest.raises(InputError, match="T2/PD templates"):
+        train(config_from_dict(tiny(tmp_path, data={"sources": {"t1_template": 1.0}})), data)
+
+
+def test_cli_train_runs_and_reports(tmp_path, monkeypatch, capsys):
+    """The command: a config with an unknown key is exit code 2 with the key named."""
+    from mmreg.cli import main
+    bad = tmp_path / "bad.toml"
+    bad.write_text("stepz = 3\n")
+    assert main(["train", str(bad), "--quiet"]) == 2
+    assert "stepz" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- shared data
+
+
+@pytest.mark.shared_data
+def test_ixi_preparation_and_two_steps(shared_data, tmp_path, monkeypatch):
+    """2 IXI subjects (1 training, 1 validation) + avg152 T2 on the 3 mm template grid, 2 steps."""
+    monkeypatch.setenv("MMREG_CACHE", str(tmp_path / "cache"))
+    cfg = config_from_dict({
+        "name": "ixi2", "output": str(tmp_path / "model"), "spacing_mm": 3.0, "steps": 2, "threads": 2,
+        "device": "cpu", "validation_every": 0, "checkpoint_every": 0,
+        "data": {"root": str(shared_data), "training_subjects": ["IXI012"], "validation_subjects": ["IXI013"],
+                 "template_modalities": ["T2"], "sources": {"t1_template": 1.0, "t1_synth": 1.0}}})
+    data = prepare_ixi(cfg)
+    assert data.grid.spatial_shape == (64, 80, 64)
+    assert [s.id for s in data.training] == ["IXI012"] and [s.id for s in data.validation] == ["IXI013"]
+    t1 = data.training[0]
+    assert 0.0 <= t1.image.min() and t1.image.max() <= 1.0 and t1.labels.max() > 100
+    # Aligned to the template: the subject's brain overlaps the template's T2 brain.
+    brain, t2 = t1.labels > 0, data.templates["T2"] > 0.2
+    assert (brain & t2).sum() / brain.sum() > 0.8
+    again = prepare_ixi(cfg)  # from the cache
+    np.testing.assert_array_equal(again.training[0].labels, t1.labels)
+    result = train(cfg, data)
+    assert result.final_step == 2
+    val = result.card.training["validation"]
+    assert 0.2 < val["identity_mean_dice"] < 0.9 and len(val["history"]) == 2
