@@ -49,8 +49,9 @@ class MIRegistrationWidget(RegistrationWidget):
 
 
 class MIRegistrationTest(RegistrationModuleTest):
-    """Self-test. Until the engine ships the 'mi' network, the registration checks run the same Logic with
-    the engine's 'optimize' method (RegistrationModuleTest.test_method) and check that 'mi' is reported as
-    not available; once 'mi' exists, set ``test_method = METHOD`` here."""
+    """Self-test: the registration checks run 'mi' with its default model, the network alone
+    (refinement off, so the numbers are the network's). Without an installed model they run the engine's
+    'optimize' through the same Logic and check that 'mi' says why it is unavailable."""
 
     logicClass = MIRegistrationLogic
+    test_options = {"refinement_steps": 0}

@@ -218,7 +218,8 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
     def run_with_parameters(self, parameters, progress=None, **options) -> RegistrationOutcome:
         """Run from a parameter node (the panel's Apply); the outputs made are written back into it.
 
-        Controls the method does not have (refinement steps, diffeomorphic) are not passed.
+        Controls the method does not have (refinement steps, diffeomorphic) are not passed, nor
+        the diffeomorphic checkbox of a method whose trained model decides it.
         """
         status = self.method_status(options.get("method"))
         outcome = self.run(

@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 #: instance-optimisation steps run after a network's prediction (0 = network alone).
 REFINEMENT_OPTION = "refinement_steps"
 #: Engine option behind the "diffeomorphic" checkbox (integrate the field as a stationary velocity).
+#: A method whose default for it is None lets the trained model decide (a network predicts either a
+#: velocity or a displacement): the checkbox then shows the chosen model's value, read-only.
 DIFFEOMORPHIC_OPTION = "diffeomorphic"
 
 
@@ -27,6 +29,8 @@ class ModelChoice:
     value: str
     label: str
     tooltip: str = ""
+    #: Whether the model predicts a stationary velocity (integrated: diffeomorphic); None: unknown.
+    diffeomorphic: bool | None = None
 
 
 @dataclass
@@ -56,16 +60,21 @@ class MethodStatus:
 
     @property
     def supports_diffeomorphic(self) -> bool:
-        """True when the method has the :data:`DIFFEOMORPHIC_OPTION` option."""
-        return DIFFEOMORPHIC_OPTION in self.options
+        """True when the user chooses :data:`DIFFEOMORPHIC_OPTION` (the method has it, with a True/False default)."""
+        return self.options.get(DIFFEOMORPHIC_OPTION) is not None
+
+    @property
+    def model_sets_diffeomorphic(self) -> bool:
+        """True when the trained model decides :data:`DIFFEOMORPHIC_OPTION` (the method's default is None)."""
+        return DIFFEOMORPHIC_OPTION in self.options and self.options[DIFFEOMORPHIC_OPTION] is None
 
 
 def model_choice(entry) -> ModelChoice:
     """A selector entry from one item of ``get_method(name).models()``.
 
     Accepted items: a model name (str), or a dict with ``name`` (or ``id``) and optionally
-    ``label``, ``description`` and ``source`` ("shipped" or "fine-tuned"/"user": fine-tuned
-    models are marked as such in the label).
+    ``label``, ``description``, ``diffeomorphic`` and ``source`` ("shipped" or
+    "fine-tuned"/"user": fine-tuned models are marked as such in the label).
     """
     if isinstance(entry, str):
         return ModelChoice(entry, entry)
@@ -74,7 +83,9 @@ def model_choice(entry) -> ModelChoice:
         label = str(entry.get("label") or value)
         if str(entry.get("source", "")).lower() in ("fine-tuned", "finetuned", "user"):
             label += " (fine-tuned)"
-        return ModelChoice(value, label, str(entry.get("description", "")))
+        diffeomorphic = entry.get("diffeomorphic")
+        return ModelChoice(value, label, str(entry.get("description", "")),
+                           None if diffeomorphic is None else bool(diffeomorphic))
     return ModelChoice(str(entry), str(entry))
 
 
@@ -130,11 +141,44 @@ def device_choices() -> list:
     return [("auto", f"Automatic: {auto}"), ("cpu", f"CPU ({cores} cores)")] + gpus
 
 
+def default_model(status: MethodStatus) -> ModelChoice | None:
+    """The model the engine uses when none is chosen: "default", else the only one (as
+    :func:`mmreg.models.resolve_model`); None when that is ambiguous or there are none."""
+    by_name = {m.value: m for m in status.models}
+    if "default" in by_name:
+        return by_name["default"]
+    return status.models[0] if len(status.models) == 1 else None
+
+
+def diffeomorphic_control(status: MethodStatus, model_value: str = "") -> tuple:
+    """``(enabled, checked, tooltip)`` of the "diffeomorphic" checkbox for the chosen model.
+
+    The user's choice when the method offers it (``checked`` None: keep the parameter's
+    value). For a learned method the trained model decides (a network trained to predict a
+    velocity cannot be asked for a displacement): disabled, showing the model's value.
+    Methods without the option: disabled, unused.
+    """
+    if status.supports_diffeomorphic:
+        return True, None, ("Integrate the field as a stationary velocity (scaling and squaring): a smooth "
+                            "invertible transform without folding.")
+    if status.model_sets_diffeomorphic:
+        by_name = {m.value: m for m in status.models}
+        model = by_name.get(model_value) if model_value else default_model(status)
+        if model is None or model.diffeomorphic is None:
+            return False, None, "Set by the trained model (see its model card)."
+        what = ("predicts a stationary velocity, integrated by scaling and squaring (diffeomorphic)"
+                if model.diffeomorphic else "predicts a displacement field directly (not guaranteed diffeomorphic)")
+        return False, model.diffeomorphic, f"Set by the model: '{model.value}' {what}."
+    return False, None, f"Method '{status.name}' has no diffeomorphic option; this setting is not used."
+
+
 def engine_options(status: MethodStatus, refinement_steps=None, diffeomorphic=None) -> dict:
     """The method options behind the panel's controls; None leaves the method's default.
 
     Raises :class:`mmreg.InputError` when a value is given for a control the method does not
-    have (the Widget disables such controls; this catches scripted calls).
+    have (the Widget disables such controls; this catches scripted calls). A diffeomorphic
+    value for a method whose model decides is passed on: the method checks it against the
+    model's card (a mismatch is an error naming the model).
     """
     from mmreg import InputError
     options = {}

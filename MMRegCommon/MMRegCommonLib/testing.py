@@ -83,22 +83,28 @@ def make_synthetic_pair(scene) -> dict:
 
 
 def dice(a: np.ndarray, b: np.ndarray) -> float:
-    """Dice of two boolean masks."""
-    return float(2.0 * np.count_nonzero(a & b) / max(np.count_nonzero(a) + np.count_nonzero(b), 1))
+    """Dice of two boolean masks (the engine's :func:`mmreg.metrics.dice_per_label`; 0 when both are empty)."""
+    from mmreg.metrics import dice_per_label
+    return dice_per_label(np.asarray(a, np.uint8), np.asarray(b, np.uint8), [1]).get(1, 0.0)
 
 
 class RegistrationModuleTest(ScriptedLoadableModuleTest):
     """Self-test of a method module; subclasses set :attr:`logicClass`.
 
-    While the module's own method is missing from the engine (``mi`` before its network
-    ships) the registration checks run with :attr:`test_method` ("optimize": the engine's
-    instance optimisation, real and fast on the small phantom) through the same Logic.
+    The registration checks run the module's own method (a learned one with its default
+    model) through the Logic. Where it cannot run (missing from the engine, or no trained model
+    installed) they run :attr:`fallback_method` ("optimize": the engine's instance
+    optimisation, real and fast on the small phantom) through the same Logic, and
+    :meth:`test_MethodStatus` checks that the module says why its own method is unavailable.
     """
 
     logicClass = None
-    #: Engine method and options used for the registration checks (few steps: a few seconds).
-    test_method = "optimize"
-    test_options = {"levels": 1, "iterations": [25]}
+    #: Engine method and options of the registration checks; None: the module's own method.
+    test_method = None
+    test_options = {}
+    #: Used instead when the module's own method cannot run here (few steps: a few seconds).
+    fallback_method = "optimize"
+    fallback_options = {"levels": 1, "iterations": [25]}
 
     def setUp(self):
         """Start from an empty scene (with the subject hierarchy, which Slicer's scene always has)."""
@@ -114,6 +120,15 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
 
     def _logic(self):
         return self.logicClass()
+
+    def registration_method(self) -> tuple:
+        """``(method, options)`` of the registration checks (see :attr:`test_method`)."""
+        if self.test_method:
+            return self.test_method, dict(self.test_options)
+        logic = self._logic()
+        if logic.method_status().available:
+            return logic.method_name, dict(self.test_options)
+        return self.fallback_method, dict(self.fallback_options)
 
     def test_MethodStatus(self):
         """The module's method: usable when the engine has it, else a clear 'not available' state."""
@@ -136,12 +151,13 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
         import mmreg
         case = make_synthetic_pair(slicer.mrmlScene)
         logic = self._logic()
+        method, _ = self.registration_method()
         before = slicer.mrmlScene.GetNumberOfNodes()
         with self.assertRaisesRegex(mmreg.InputError, "two different volumes"):
-            logic.run(case["fixed"], case["fixed"], method=self.test_method)
+            logic.run(case["fixed"], case["fixed"], method=method)
         empty = slicer.mrmlScene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", "Empty")
         with self.assertRaisesRegex(mmreg.InputError, "has no voxels"):
-            logic.run(case["fixed"], empty, method=self.test_method)
+            logic.run(case["fixed"], empty, method=method)
         slicer.mrmlScene.RemoveNode(empty)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), before)
         self.delayDisplay("Bad input gives readable errors")
@@ -155,8 +171,9 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
                                  sitk.sitkNearestNeighbor, 0)
         dice_before = dice(sitk.GetArrayFromImage(identity) > 0, fixed_labels > 0)
 
+        method, options = self.registration_method()
         outcome = self._logic().run(case["fixed"], case["moving"], case["moving_seg"], case["fixed_seg"],
-                                    method=self.test_method, **self.test_options)
+                                    method=method, **options)
         # Outputs: a grid transform, a volume and a segmentation on the fixed grid; moving under the transform.
         self.assertTrue(outcome.transform_node.IsA("vtkMRMLGridTransformNode"))
         self.assertEqual(case["moving"].GetParentTransformNode(), outcome.transform_node)
@@ -180,7 +197,7 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
         for point_lps in (BODY_CENTER, CORE_CENTER, BODY_CENTER + np.array([-15.0, 10.0, 5.0])):
             mapped = np.array(outcome.transform_node.GetTransformFromParent().TransformPoint(list(F @ point_lps)))
             np.testing.assert_allclose(mapped, F @ (point_lps + TRANSLATION_LPS), atol=1.5)
-        self.delayDisplay(f"Registration: Dice {dice_before:.3f} -> {dice_after:.3f}")
+        self.delayDisplay(f"Registration ({method}): Dice {dice_before:.3f} -> {dice_after:.3f}")
 
     def test_Cancel(self):
         """Cancel during the run: CancelledError, the scene and the inputs exactly as before."""
@@ -196,9 +213,10 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
             if fraction > 0.3:
                 logic.cancel()  # what the Cancel button does
 
+        method, options = self.registration_method()
         with self.assertRaises(mmreg.CancelledError):
-            logic.run(case["fixed"], case["moving"], case["moving_seg"], case["fixed_seg"], method=self.test_method,
-                      progress=progress, **self.test_options)
+            logic.run(case["fixed"], case["moving"], case["moving_seg"], case["fixed_seg"], method=method,
+                      progress=progress, **options)
         after = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
         self.assertEqual(after, before)
         self.assertIsNone(case["moving"].GetParentTransformNode())

@@ -83,13 +83,25 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._fillCombo("model", panel.model_items(status))
         self._combos["model"].enabled = status.available and bool(status.models)
         self._fillCombo("device", [(value, label, "") for value, label in panel.device_choices()])
-        for widget, supported, what in ((self.ui.refinementStepsSpinBox, status.supports_refinement, "refinement"),
-                                        (self.ui.diffeomorphicCheckBox, status.supports_diffeomorphic,
-                                         "a diffeomorphic option")):
-            widget.enabled = supported
-            if not supported:
-                widget.toolTip = f"Method '{status.name}' has no {what}; this setting is not used."
+        self.ui.refinementStepsSpinBox.enabled = status.supports_refinement
+        if not status.supports_refinement:
+            self.ui.refinementStepsSpinBox.toolTip = (f"Method '{status.name}' has no refinement; this setting is "
+                                                      "not used.")
+        self._updateDiffeomorphicControl()
         self._updateApplyState()
+
+    def _updateDiffeomorphicControl(self):
+        """The checkbox follows the chosen model for learned methods (read-only), else the user's choice."""
+        if self._status is None:
+            return
+        model = self._parameterNode.model if self._parameterNode is not None else ""
+        enabled, checked, tooltip = panel.diffeomorphic_control(self._status, model or "")
+        box = self.ui.diffeomorphicCheckBox
+        box.enabled, box.toolTip = enabled, tooltip
+        if checked is not None:
+            wasBlocked = box.blockSignals(True)  # shows the model's value; the parameter node keeps the user's
+            box.checked = checked
+            box.blockSignals(wasBlocked)
 
     def cleanup(self):
         """Called when the application closes and the module widget is destroyed."""
@@ -167,6 +179,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _onParameterNodeModified(self, caller=None, event=None):
         self._updateCombos()
+        self._updateDiffeomorphicControl()
         self._updateApplyState()
 
     def _updateApplyState(self):

@@ -81,7 +81,12 @@ def _fill_run_time_state(widget, module_name: str, method: str | None = None) ->
             model.addItem(label, value)
         model.setEnabled(status.available and bool(status.models))
         find(QtWidgets.QSpinBox, "refinementStepsSpinBox").setEnabled(status.supports_refinement)
-        find(QtWidgets.QCheckBox, "diffeomorphicCheckBox").setEnabled(status.supports_diffeomorphic)
+        enabled, checked, tip = panel.diffeomorphic_control(status, "")
+        box = find(QtWidgets.QCheckBox, "diffeomorphicCheckBox")
+        box.setEnabled(enabled)
+        box.setToolTip(tip)
+        if checked is not None:
+            box.setChecked(checked)
         enabled, reason = panel.apply_state(status, None, None)
         find(QtWidgets.QPushButton, "applyButton").setEnabled(enabled)
         find(QtWidgets.QLabel, "statusLabel").setText(reason)

@@ -113,3 +113,12 @@ def test_engine_is_listed_except_the_benchmark_harness():
     assert listed == expected, f"missing: {expected - listed}; not on disk: {listed - on_disk}"
     text = (REPO / "MMRegEngine" / "CMakeLists.txt").read_text()
     assert all(excluded in text for excluded in ENGINE_EXCLUDED), "exclusions are explained in the CMake file"
+
+
+def test_shipped_models_are_installed_with_the_engine():
+    listed = set(cmake_set(cmake_text(REPO / "MMRegEngine" / "CMakeLists.txt"), "MMREG_SHIPPED_MODEL_FILES"))
+    models = REPO / "Resources" / "Models"
+    on_disk = {f"Resources/Models/{p}" for p in files_under(models, "*")} if models.is_dir() else set()
+    assert listed == on_disk, f"missing: {on_disk - listed}; not on disk: {listed - on_disk}"
+    for card in (p for p in on_disk if p.endswith("/model.json")):  # each card has its weights
+        assert card.replace("model.json", "model.pt") in on_disk

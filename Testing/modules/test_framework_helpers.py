@@ -32,6 +32,23 @@ def test_model_choices_from_the_engine_listing():
     assert panel.model_items(panel.method_status("optimize")) == [("", "No trained model needed", "")]
 
 
+def test_diffeomorphic_checkbox_is_the_users_or_the_models():
+    optimize = panel.method_status("optimize")  # default True: the user's choice
+    assert panel.diffeomorphic_control(optimize)[:2] == (True, None)
+    velocity = panel.model_choice({"name": "default", "diffeomorphic": True})
+    plain = panel.model_choice({"name": "plain", "source": "user", "diffeomorphic": False})
+    learned = panel.MethodStatus("net", True, models=[velocity, plain],
+                                 options={"refinement_steps": 0, "diffeomorphic": None})
+    assert learned.model_sets_diffeomorphic and not learned.supports_diffeomorphic
+    enabled, checked, tip = panel.diffeomorphic_control(learned)  # "" = default model
+    assert (enabled, checked) == (False, True) and "'default' predicts a stationary velocity" in tip
+    enabled, checked, tip = panel.diffeomorphic_control(learned, "plain")
+    assert (enabled, checked) == (False, False) and "displacement" in tip
+    assert panel.default_model(panel.MethodStatus("net", True, models=[plain])) is plain
+    assert panel.default_model(panel.MethodStatus("net", True, models=[plain, panel.ModelChoice("b", "b")])) is None
+    assert panel.diffeomorphic_control(panel.MethodStatus("x", True))[:2] == (False, None)
+
+
 def test_device_choices_say_what_auto_picks():
     choices = panel.device_choices()
     values = [value for value, _ in choices]
