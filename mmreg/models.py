@@ -127,8 +127,35 @@ def _candidates(method: str) -> list:
     return out
 
 
+def portable_model_path(folder) -> str:
+    """``folder`` for reports without this machine's paths: ``<shipped models>/...``,
+    ``<user models>/...`` inside those roots, else as given."""
+    path = Path(folder).expanduser().resolve()
+    for label, root in (("<shipped models>", shipped_model_root()), ("<user models>", user_model_root())):
+        try:
+            return f"{label}/{path.relative_to(root.expanduser().resolve()).as_posix()}"
+        except ValueError:
+            continue
+    return str(folder)
+
+
+def record_benchmark(folder, key: str, numbers: dict) -> Path:
+    """Store benchmark ``numbers`` under ``benchmark[key]`` of the model card in ``folder`` (the
+    weights and their checksum are untouched); returns the card's path."""
+    card_path = Path(folder) / CARD_FILE
+    data = json.loads(card_path.read_text())
+    data.setdefault("benchmark", {})[key] = numbers
+    tmp = card_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, card_path)
+    return card_path
+
+
 def list_models(method: str) -> list:
-    """The models of ``method``: dicts with name, source ("user"/"shipped"), path, description, spacing."""
+    """The models of ``method``: dicts with name, source ("user"/"shipped"), path, description,
+    spacing_mm (the network grid spacing) and diffeomorphic (whether the network predicts a
+    stationary velocity; None when the card does not say). User models hide shipped ones of the
+    same name."""
     seen, out = set(), []
     for source, folder in _candidates(method):
         if folder.name in seen:
@@ -139,7 +166,8 @@ def list_models(method: str) -> list:
         except (OSError, json.JSONDecodeError):
             card = {}
         out.append({"name": folder.name, "source": source, "path": str(folder),
-                    "description": card.get("description", ""), "spacing_mm": card.get("spacing_mm")})
+                    "description": card.get("description", ""), "spacing_mm": card.get("spacing_mm"),
+                    "diffeomorphic": card.get("diffeomorphic")})
     return out
 
 

@@ -260,6 +260,7 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
         "mmreg_version": __version__,
         "method": method,
         "model": model,
+        "model_card": reg_method.model_info(opts),
         "options": {k: (list(v) if isinstance(v, tuple) else v) for k, v in opts.items()},
         "device": str(torch_device),
         "threads": n_threads,

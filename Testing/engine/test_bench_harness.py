@@ -154,6 +154,11 @@ def test_summary_ratios_and_gains():
 def test_unknown_method_and_options_are_clear_errors():
     with pytest.raises(InputError, match="Unknown benchmark method 'voxelmorph'.*ants.*elastix@SPACING"):
         harness.resolve_method("voxelmorph")
+    with pytest.raises(InputError, match="'optimize' has no refinement"):
+        harness.resolve_method("optimize+refine")
+    refined = harness.resolve_method("mi+refine20")
+    assert (refined.label, refined.kind) == ("mmreg mi + 20 refinement steps", "mmreg")
+    assert harness.resolve_method("mi+refine").label.endswith(f" {harness.DEFAULT_REFINEMENT_STEPS} refinement steps")
     with pytest.raises(InputError, match="METHOD=JSON"):
         harness._parse_options(["optimize"])
     with pytest.raises(InputError, match="not JSON"):
@@ -204,3 +209,40 @@ def test_default_methods_skip_learned_methods_without_a_model(tmp_path, monkeypa
     monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))
     methods = harness.default_methods()
     assert methods[:3] == ["affine", "ants", "elastix"] and "optimize" in methods and "mi" not in methods
+    assert not any(m.endswith("+refine") for m in methods)
+
+
+def test_learned_method_and_refinement_are_recorded_in_the_model_card(case, identity_affine, tmp_path, monkeypatch):
+    import torch
+
+    from mmreg.models import ModelCard, save_model
+    from mmreg.networks import DEFAULT_ARCHITECTURE, registration_unet, size_multiple
+    monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "user"))
+    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))
+    arch = dict(DEFAULT_ARCHITECTURE, channels=[8, 8, 8, 8], final_conv_channels=[8])
+    torch.manual_seed(0)
+    folder = save_model(tmp_path / "shipped" / "mi" / "tiny", registration_unet(arch),
+                        ModelCard(name="tiny", method="mi", architecture=arch, spacing_mm=4.0,
+                                  multiple=size_multiple(arch)))
+    assert harness.default_methods()[-2:] == ["mi", "mi+refine"]
+    monkeypatch.setattr(harness, "build_cases", lambda specs, root=None: [case])
+    parser = harness.add_arguments(__import__("argparse").ArgumentParser())
+    args = parser.parse_args(["--cases", "synthetic", "--methods", "mi,mi+refine10", "--out", str(tmp_path / "b.md"),
+                              "--cache", "none", "--threads", "1", "--no-plots", "--record-models"])
+    harness.run_benchmark(args, "mmreg bench test")
+    data = json.loads((tmp_path / "b.json").read_text())
+    model = data["settings"]["mi"]["model"]
+    assert model["path"] == "<shipped models>/mi/tiny" and model["name"] == "tiny"
+    assert data["settings"]["mi+refine10"]["options"]["refinement_steps"] == 10
+    rows = {r["method"]: r for r in data["results"]}
+    # the untrained network is the identity: affine's Dice; ten refinement steps improve it
+    assert abs(rows["mi"]["mean_dice"] - rows["affine"]["mean_dice"]) < 0.01
+    assert rows["mi+refine10"]["mean_dice"] > rows["affine"]["mean_dice"] + 0.01
+    card = json.loads((folder / "model.json").read_text())
+    assert set(card["benchmark"]) == {"mi", "mi+refine10"}
+    recorded = card["benchmark"]["mi+refine10"]["by_group"]["synthetic"]
+    assert recorded["mean_dice"] == pytest.approx(rows["mi+refine10"]["mean_dice"])
+    assert card["benchmark"]["mi"]["reference_dice_by_group"]["all"]["affine"] == pytest.approx(
+        rows["affine"]["mean_dice"])
+    from mmreg.models import load_model
+    load_model("mi", "tiny", registration_unet, "cpu")  # the checksum still matches: only the card changed

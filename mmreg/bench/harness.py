@@ -38,7 +38,9 @@ already in the JSON.
 
 Methods: ``affine``; ``ants`` (SyN: CC on mono-modal cases, Mattes MI otherwise), ``ants-mi``,
 ``ants-cc``; ``elastix`` (B-spline, Mattes MI), ``elastix@S`` (final grid S mm); every method of the
-engine (``mmreg methods``); and methods registered with :func:`register_bench_method`.
+engine (``mmreg methods``); ``NAME+refine[N]``: a learned engine method followed by N steps of its
+instance-optimisation refinement (default :data:`DEFAULT_REFINEMENT_STEPS`); and methods registered
+with :func:`register_bench_method`.
 """
 from __future__ import annotations
 
@@ -115,6 +117,9 @@ class BenchMethod:
 
 _CUSTOM_METHODS: dict = {}
 _ELASTIX_VARIANT = re.compile(r"^elastix@(\d+(?:\.\d+)?)$")
+_REFINED_VARIANT = re.compile(r"^(?P<base>[a-z][\w-]*)\+refine(?P<steps>\d+)?$")
+#: Instance-optimisation steps of ``NAME+refine`` (a learned method followed by its refinement).
+DEFAULT_REFINEMENT_STEPS = 50
 
 
 def register_bench_method(name: str, run: Callable[[MethodContext], PeerResult], label: str | None = None) -> None:
@@ -155,15 +160,21 @@ def _run_ants(metric: str | None):
     return run
 
 
-def _run_engine(name: str):
+def _run_engine(name: str, fixed_options: dict | None = None):
     def run(ctx: MethodContext) -> PeerResult:
         import mmreg  # noqa: PLC0415 - the engine's public API, as a user calls it
         t0 = time.perf_counter()
+        options = dict(fixed_options or {}, **ctx.options)
         r = mmreg.register(ctx.fixed, ctx.aligned, method=name, affine=False, threads=ctx.threads,
-                           device=ctx.device, fixed_modality="MR", moving_modality="MR", **ctx.options)
+                           device=ctx.device, fixed_modality="MR", moving_modality="MR", **options)
         seconds = time.perf_counter() - t0
-        settings = {"method": f"mmreg.register(method='{name}', affine=False)", "options": r.report["options"],
-                    "model": r.report.get("model"), "device": r.report["device"], "threads": r.report["threads"],
+        model = r.report.get("model_card")
+        if model:
+            from ..models import portable_model_path  # noqa: PLC0415
+            model = dict(model, path=portable_model_path(model["path"]))
+        settings = {"method": f"mmreg.register(method='{name}', affine=False)", "engine_method": name,
+                    "options": r.report["options"], "model": model or r.report.get("model"),
+                    "device": r.report["device"], "threads": r.report["threads"],
                     "network_grid": r.report["network_grid"]}
         timings = dict(r.report["timings_s"], core_s=r.report["timings_s"].get("method", seconds))
         return PeerResult(r.displacement, seconds, settings, timings, r.warped)
@@ -189,14 +200,30 @@ def resolve_method(name: str) -> BenchMethod:
         return BenchMethod(name, label, "peer", _run_ants(metric))
     if name in method_names():
         return BenchMethod(name, f"mmreg {name}", "mmreg", _run_engine(name))
+    refined = _REFINED_VARIANT.match(name)
+    if refined and refined["base"] in method_names():
+        from ..methods import get_method  # noqa: PLC0415
+        if "refinement_steps" not in get_method(refined["base"]).default_options():
+            raise InputError(f"Method '{refined['base']}' has no refinement; '{name}' is not a benchmark method.")
+        steps = int(refined["steps"] or DEFAULT_REFINEMENT_STEPS)
+        return BenchMethod(name, f"mmreg {refined['base']} + {steps} refinement steps", "mmreg",
+                           _run_engine(refined["base"], {"refinement_steps": steps}))
     raise InputError(f"Unknown benchmark method '{name}'. Choose from: affine, ants, ants-mi, ants-cc, elastix, "
-                     f"elastix@SPACING, {', '.join(method_names() + list(_CUSTOM_METHODS))}.")
+                     f"elastix@SPACING, {', '.join(method_names() + list(_CUSTOM_METHODS))}, and NAME+refine[STEPS] "
+                     "for a learned method with refinement.")
 
 
 def default_methods() -> list:
     """affine, the two peers and every engine method that can run here (learned ones need a trained model)."""
     from ..methods import get_method, method_names  # noqa: PLC0415
-    usable = [n for n in method_names() if not get_method(n).requires_model or get_method(n).models()]
+    usable = []
+    for n in method_names():
+        method = get_method(n)
+        if method.requires_model and not method.models():
+            continue
+        usable.append(n)
+        if method.requires_model and "refinement_steps" in method.default_options():
+            usable.append(f"{n}+refine")
     return ["affine", "ants", "elastix"] + usable
 
 
@@ -675,10 +702,13 @@ def add_arguments(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
                    help=f"development mode: cases '{' '.join(QUICK['cases'])}', {QUICK['repeats']} repeats")
     p.add_argument("--cases", nargs="+", default=None, help="case specs or sets (see below); default: full")
     p.add_argument("--methods", default=None,
-                   help="comma-separated methods (affine, ants, ants-mi, ants-cc, elastix, elastix@SPACING, and the "
-                        "engine's methods); default: affine, ants, elastix and every engine method that can run "
-                        "(learned methods only with a trained model); model and options with --options")
+                   help="comma-separated methods (affine, ants, ants-mi, ants-cc, elastix, elastix@SPACING, the "
+                        "engine's methods, NAME+refine[STEPS] for a learned method with refinement); default: "
+                        "affine, ants, elastix and every engine method that can run (learned methods only with a "
+                        "trained model, alone and +refine); model and options with --options")
     p.add_argument("--threads", type=int, default=2, help="threads for every method (torch, ITK, elastix, ANTs)")
+    p.add_argument("--record-models", action="store_true",
+                   help="write each learned method's summary into its model card (benchmark section)")
     p.add_argument("--repeats", type=int, default=None,
                    help="runs per case and method for the timings (medians); default 1, 3 with --quick")
     p.add_argument("--out", default="docs/benchmarks.md", help="markdown report (default docs/benchmarks.md)")
@@ -795,8 +825,47 @@ def run_benchmark(args: argparse.Namespace, command: str = "mmreg bench") -> Pat
             case_images = dict(run.images, name=case.name)
         flush()
     flush(final=True)
+    if getattr(args, "record_models", False):
+        record_in_model_cards(summarise(records), settings, meta, out.as_posix())
     _log(f"wrote {out}, {json_path}" + (f" and {len(figures)} figure(s) in {fig_dir}" if figures else ""))
     return out
+
+
+#: Summary columns copied into model cards by ``--record-models``.
+_CARD_COLUMNS = ("cases", "mean_dice", "dice_gain", "mean_hd95_mm", "folding_percent", "epe_mean_mm", "seconds",
+                 "peak_memory_mb", "time_ratio_to_ants", "time_ratio_to_elastix")
+
+
+def record_in_model_cards(summary: list, settings: dict, meta: dict, report: str) -> list:
+    """Write each learned method's summary rows into its model's card (``benchmark[<bench method>]``),
+    only when the card's weights checksum is the one benchmarked. Returns the cards written."""
+    from ..models import record_benchmark, resolve_model  # noqa: PLC0415
+    written = []
+    for method, s in settings.items():
+        model = s.get("model")
+        if not isinstance(model, dict) or not s.get("engine_method"):
+            continue
+        try:
+            folder = resolve_model(s["engine_method"], model["name"])
+            card = json.loads((folder / "model.json").read_text())
+        except (MMRegError, OSError, ValueError) as exc:
+            _log(f"not recorded in a model card ({method}): {exc}")
+            continue
+        if card.get("sha256") != model.get("sha256"):
+            _log(f"not recorded: the weights in {folder} changed since '{method}' was benchmarked")
+            continue
+        rows = {r["group"]: {k: r.get(k) for k in _CARD_COLUMNS if r.get(k) is not None}
+                for r in summary if r["method"] == method}
+        peers = {r["group"]: {m: r2["mean_dice"] for r2 in summary if r2["group"] == r["group"]
+                              for m in (r2["method"],) if m in PEERS + ("affine",)}
+                 for r in summary if r["method"] == method}
+        numbers = {"date": meta.get("finished") or meta.get("started"), "command": meta.get("command"),
+                   "report": report, "label": s.get("label", method), "options": s.get("options"),
+                   "machine": {k: meta.get("machine", {}).get(k) for k in ("cpu", "threads", "device")},
+                   "by_group": rows, "reference_dice_by_group": peers}
+        written.append(record_benchmark(folder, method, numbers))
+        _log(f"benchmark of '{method}' recorded in {written[-1]}")
+    return written
 
 
 def main(argv=None) -> int:

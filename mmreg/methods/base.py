@@ -63,6 +63,11 @@ class RegistrationMethod(abc.ABC):
         """Trained models available to this method (empty for methods that need none)."""
         return []
 
+    def model_info(self, options: dict) -> dict | None:
+        """What identifies the trained model these options select (name, folder, weights sha256,
+        network spacing in mm, diffeomorphic), for reports; None for methods without models."""
+        return None
+
     def grid_for(self, fixed, options: dict) -> NetworkGrid:
         """The network grid for this fixed image (spacing and size multiple of the method/model)."""
         return NetworkGrid.for_image(fixed, spacing=resolve_spacing(options.get("spacing", "auto"), fixed),

@@ -12,6 +12,10 @@ Inference: the images on the model's network grid (its ``spacing_mm``, sizes pad
 ``multiple``) -> one forward pass -> the field (integrated by scaling and squaring when the
 model predicts a stationary velocity: ``diffeomorphic`` in its card) -> optionally refined by the
 engine's instance optimisation (``refinement_steps`` > 0, MIND-SSC by default) starting from it.
+With refinement the images are prepared on a grid twice as fine (:data:`REFINEMENT_GRID_FACTOR`):
+the network reads them average-pooled to its own spacing (:meth:`NetworkGrid.coarsen`), its field is
+upsampled, and the refinement compares the images at the finer spacing while optimising a residual
+velocity at the network's spacing (as the ``optimize`` method's finest level does).
 
 Training (:func:`training_loss`) is shared with ``mmreg train``.
 """
@@ -20,7 +24,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import InputError
-from ..grid import NetworkGrid
+from ..grid import NetworkGrid, downsample_image, upsample_field
 from ..losses import MutualInformationLoss, diffusion_regulariser
 from ..models import CARD_FILE, ModelCard, list_models, load_model, resolve_model
 from ..networks import registration_unet
@@ -53,6 +57,10 @@ def training_loss(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor
     return sim + float(smoothness) * reg, {"mi": float(-sim.detach()), "smoothness": float(reg.detach())}
 
 
+#: With refinement, the registration grid is this many times finer than the network's spacing.
+REFINEMENT_GRID_FACTOR = 2
+
+
 class MIRegistration(RegistrationMethod):
     """Mutual-information CNN (needs a trained model: shipped or from ``mmreg train``)."""
 
@@ -64,12 +72,14 @@ class MIRegistration(RegistrationMethod):
 
     def default_options(self) -> dict:
         """``model``: a model name or folder (None: "default" or the only one); ``refinement_steps``:
-        Adam steps of instance optimisation after the network (0 = network only), on the network grid
-        at half resolution, with ``refine_similarity`` ("mind" or "mi"); ``diffeomorphic``: None = as
-        the model was trained (a different value is an error: the model defines what its output is);
-        ``max_voxels``: bound on the network grid (larger fields of view get a coarser grid)."""
+        Adam steps of instance optimisation after the network (0 = network only): the similarity
+        (``refine_similarity``: "mind" or "mi") on a grid twice as fine as the network's, a residual
+        velocity at the network's spacing; ``diffeomorphic``: None = as the model was trained (a
+        different value is an error: the model defines what its output is); ``max_voxels``: bound on
+        the network grid, ``refinement_max_voxels`` on the finer grid of the refinement (larger fields
+        of view get coarser grids; the refinement's bound is the ``optimize`` method's)."""
         return {"model": None, "refinement_steps": 0, "refine_similarity": "mind", "diffeomorphic": None,
-                "max_voxels": 4_000_000}
+                "max_voxels": 4_000_000, "refinement_max_voxels": 2_000_000}
 
     def models(self) -> list:
         """Shipped and user models of ``mi`` (see :func:`mmreg.models.list_models`)."""
@@ -81,9 +91,21 @@ class MIRegistration(RegistrationMethod):
         folder = resolve_model(self.name, options.get("model"))
         return ModelCard.from_dict(json.loads((folder / CARD_FILE).read_text()), str(folder / CARD_FILE))
 
-    def grid_for(self, fixed, options: dict) -> NetworkGrid:
-        """The model's grid: its spacing (mm) and size multiple, over the fixed image's extent."""
+    def model_info(self, options: dict) -> dict:
+        """Name, folder, weights sha256, network spacing (mm) and diffeomorphic of the chosen model."""
         card = self.card(options)
+        return {"name": card.name, "path": str(resolve_model(self.name, options.get("model"))),
+                "sha256": card.sha256, "spacing_mm": card.spacing_mm, "diffeomorphic": card.diffeomorphic}
+
+    def grid_for(self, fixed, options: dict) -> NetworkGrid:
+        """The model's grid (its spacing in mm and size multiple) over the fixed image's extent; with
+        refinement, a grid :data:`REFINEMENT_GRID_FACTOR` times finer whose coarsening is a network grid."""
+        card = self.card(options)
+        if int(options.get("refinement_steps") or 0) > 0:
+            factor = REFINEMENT_GRID_FACTOR
+            return NetworkGrid.for_image(fixed, spacing=float(card.spacing_mm) / factor,
+                                         multiple=int(card.multiple) * factor,
+                                         max_voxels=options.get("refinement_max_voxels"))
         return NetworkGrid.for_image(fixed, spacing=float(card.spacing_mm), multiple=int(card.multiple),
                                      max_voxels=options.get("max_voxels"))
 
@@ -100,14 +122,17 @@ class MIRegistration(RegistrationMethod):
         steps = int(options.get("refinement_steps") or 0)
         if steps < 0:
             raise InputError(f"refinement_steps must be >= 0, got {steps}.")
+        factor = REFINEMENT_GRID_FACTOR if steps else 1
         progress(0.0, "network")
         with torch.inference_mode():
-            field = network(torch.cat([inputs.fixed, inputs.moving], dim=1))
+            fixed, moving = downsample_image(inputs.fixed, factor), downsample_image(inputs.moving, factor)
+            field = network(torch.cat([fixed, moving], dim=1))
             ddf = integrate_velocity(field, int(card.integration_steps)) if card.diffeomorphic else field
+            ddf = upsample_field(ddf, factor)
         ddf = ddf.clone()  # leave inference mode: the refinement differentiates through a warp of it
         progress(0.3 if steps else 1.0, "network done")
         if steps:
             ddf = instance_optimise(inputs, init_ddf=ddf, similarity=options.get("refine_similarity", "mind"),
-                                    levels=1, iterations=[steps], diffeomorphic=bool(card.diffeomorphic),
-                                    progress=progress.sub(0.3, 1.0))
+                                    levels=1, iterations=[steps], finest_factor=factor,
+                                    diffeomorphic=bool(card.diffeomorphic), progress=progress.sub(0.3, 1.0))
         return ddf
