@@ -208,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("config", help="training config (TOML), e.g. Resources/Training/mi_brain.toml")
     tr.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
     tr.add_argument("--steps", type=int, default=None, help="total number of steps (overrides the config)")
-    tr.add_argument("--output", default=None, help="model folder (default: the user model folder /<method>/<name>)")
+    tr.add_argument("--output", default=None, help="model folder (default: <user models>/<method>/<name>, user models = $MMREG_MODELS or ~/.mmreg/models)")
     tr.add_argument("--device", default=None, help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all cores)")
     tr.add_argument("--data", default=None, help="shared data folder (default: $MMREG_DATA or ../shared/data)")

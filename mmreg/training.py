@@ -538,6 +538,16 @@ def _gaussian_blur(image: torch.Tensor, sigma: float) -> torch.Tensor:
     return out
 
 
+def brain_mask(labels: np.ndarray, dilation_voxels: int = 1) -> np.ndarray:
+    """float32 mask (1 inside) of the labelled region of ``labels`` (z, y, x), dilated by
+    ``dilation_voxels``: the field of view of a contrast synthesised from the same labels."""
+    from scipy import ndimage  # noqa: PLC0415
+    mask = labels > 0
+    if dilation_voxels > 0:
+        mask = ndimage.binary_dilation(mask, iterations=int(dilation_voxels))
+    return mask.astype(np.float32)
+
+
 def synthesise_contrast(labels: np.ndarray, rng: np.random.Generator, blur_voxels: float = 1.0,
                         device="cpu") -> torch.Tensor:
     """A random contrast from a label map (SynthMorph-like): each label ID gets an intensity
@@ -582,6 +592,8 @@ class PairSampler:
         else:
             s = self.labelled[int(rng.integers(len(self.labelled)))]
             moving = synthesise_contrast(s.labels, rng, self.cfg.augment.synth_blur_voxels, self.device)
+            if subjects[i].labels is not None:  # label maps cover the brain only: compare brain with brain
+                fixed = fixed * self._tensor(brain_mask(subjects[i].labels))
         return fixed, moving, source
 
     def augment(self, fixed: torch.Tensor, moving: torch.Tensor, rng: np.random.Generator) -> tuple:
@@ -618,11 +630,12 @@ class PairSampler:
 # ----------------------------------------------------------------------------- validation
 
 
-def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: int = 4) -> list:
+def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: int = 4, synth: bool = True) -> list:
     """Fixed validation pairs among the held-out subjects with labels: for the first
     ``max_subject_pairs`` ordered pairs (a <- b), a mono pair (T1_a, T1_b) and a multi-modal pair
-    (T1_a, a contrast synthesised from b's labels with a fixed seed). With a single held-out
-    subject, b runs over the training subjects instead (the fixed image stays unseen). Dicts with name, fixed,
+    (T1_a inside its labelled brain, a contrast synthesised from b's labels with a fixed seed). With a single held-out
+    subject, b runs over the training subjects instead (the fixed image stays unseen). ``synth``
+    False: the mono pairs only. Dicts with name, fixed,
     moving (``(1, 1, *spatial)`` CPU tensors), fixed_labels, moving_labels (numpy)."""
     subs = [s for s in data.validation if s.labels is not None]
     pairs = [(a, b) for a in subs for b in subs if a is not b][:max_subject_pairs]
@@ -634,21 +647,27 @@ def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: i
         fixed = torch.from_numpy(a.image)[None, None].float()
         out.append({"name": f"{a.id}<-{b.id} T1", "fixed": fixed, "moving": torch.from_numpy(b.image)[None, None].float(),
                     "fixed_labels": a.labels, "moving_labels": b.labels})
-        out.append({"name": f"{a.id}<-{b.id} synth", "fixed": fixed,
+        if not synth:
+            continue
+        out.append({"name": f"{a.id}<-{b.id} synth", "fixed": fixed * torch.from_numpy(brain_mask(a.labels))[None, None],
                     "moving": synthesise_contrast(b.labels, rng, 1.0), "fixed_labels": a.labels,
                     "moving_labels": b.labels})
     return out
 
 
 def _folding_percent(ddf: torch.Tensor) -> float:
-    """% of voxels where det(I + grad u) <= 0, u ``(1, 3, *spatial)`` in voxels (central differences)."""
-    u = ddf[0].detach().double().cpu().numpy()
-    jac = np.zeros(u.shape[1:] + (3, 3))
-    for c in range(3):
-        for d in range(3):
-            jac[..., c, d] = np.gradient(u[c], axis=d) + (1.0 if c == d else 0.0)
+    """% of voxels where det(I + grad u) <= 0, u ``(1, ndim, *spatial)`` in voxels (channel c along
+    tensor axis c), by the engine's :func:`mmreg.spatial.jacobian_determinant` on a unit grid."""
+    import SimpleITK as sitk  # noqa: PLC0415
+
     from .metrics import folding_percent  # noqa: PLC0415 - the engine's one definition of folding
-    return folding_percent(np.linalg.det(jac))
+    from .spatial import jacobian_determinant  # noqa: PLC0415
+    u = ddf[0].detach().double().cpu().numpy()
+    if u.shape[0] == 2:  # 2-D: a single-slice 3-D field without through-plane motion
+        u = np.concatenate([np.zeros_like(u[:1]), u])[:, None]
+    # sitk vectors are (x, y, z) = the tensor channels reversed; arrays are (z, y, x) = tensor axes
+    field = sitk.GetImageFromArray(np.moveaxis(u[::-1], 0, -1), isVector=True)
+    return folding_percent(jacobian_determinant(field))
 
 
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
@@ -816,7 +835,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
             say(f"the checkpoint is already at step {step} >= steps = {cfg.steps}; writing the model")
     wall_before = float(history.get("wall_seconds", 0.0))
     sampler = PairSampler(data, cfg, weights, device)
-    val_pairs = validation_pairs(data)
+    val_pairs = validation_pairs(data, synth="t1_synth" in weights)  # validate on the kinds of pairs trained
     if val_pairs and not history["validation"]:
         v = validate(network, val_pairs, cfg, device, with_identity=True)
         history["identity_dice"] = v["mean_dice_identity"]

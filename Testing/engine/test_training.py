@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -80,7 +81,8 @@ def test_config_errors_name_the_key(table, words):
 def test_shipped_config_is_valid_and_toml_errors_are_input_errors(tmp_path):
     from conftest import REPO
     cfg = load_config(REPO / "Resources" / "Training" / "mi_brain.toml")
-    assert cfg.method == "mi" and cfg.spacing_mm == 3.0 and cfg.data.validation_subjects
+    assert cfg.method == "mi" and cfg.spacing_mm == 4.0 and cfg.data.validation_subjects
+    assert cfg.data.sources["t1_synth"] == 0.0  # measured to hurt with MI (see the config)
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = [\n")
     with pytest.raises(InputError, match="not valid TOML"):
@@ -98,6 +100,26 @@ def test_random_smooth_field_is_reproducible_and_bounded():
     b = random_smooth_field((16, 16, 16), 3.0, 8.0, np.random.default_rng(4))
     assert torch.equal(a, b) and a.shape == (1, 3, 16, 16, 16)
     assert 0.2 < float(a.norm(dim=1).max()) < 4.0
+
+
+def test_synthesised_pairs_compare_brain_with_brain():
+    """A contrast synthesised from labels covers the labelled region only: the fixed T1 is masked to its own
+    labelled region (dilated one voxel) in training and validation pairs; validation can leave them out."""
+    from mmreg.training import PairSampler, brain_mask, validation_pairs
+    data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [blob("c"), blob("d", -2.0)], {})
+    mask = brain_mask(data.validation[0].labels)
+    assert mask.sum() > (data.validation[0].labels > 0).sum()  # dilated
+    pairs = validation_pairs(data)
+    assert [p["name"] for p in pairs] == ["c<-d T1", "c<-d synth", "d<-c T1", "d<-c synth"]
+    synth = pairs[1]
+    assert float(synth["fixed"][0, 0][torch.from_numpy(mask) == 0].abs().max()) == 0.0
+    assert torch.equal(synth["fixed"][0, 0][torch.from_numpy(mask) > 0], pairs[0]["fixed"][0, 0][torch.from_numpy(mask) > 0])
+    assert [p["name"] for p in validation_pairs(data, synth=False)] == ["c<-d T1", "d<-c T1"]
+    cfg = config_from_dict(tiny(Path("unused"), data={"sources": {"t1_synth": 1.0}}, augment=NO_AUGMENT))
+    fixed, moving, source = PairSampler(data, cfg, {"t1_synth": 1.0}, "cpu").raw_pair(np.random.default_rng(0))
+    assert source == "t1_synth" and moving.shape == fixed.shape
+    outside = [brain_mask(s.labels) == 0 for s in data.training]
+    assert any(float(fixed[0, 0][torch.from_numpy(o)].abs().max()) == 0.0 for o in outside)
 
 
 # ----------------------------------------------------------------------------- training
