@@ -110,7 +110,7 @@ class TrainConfig:
     ``grid_size``: ITK (x, y, z) size of the training grid centred on the template, each a
     multiple of the network multiple (empty: the template's extent, padded). ``steps``: total
     optimiser steps; ``batch_size``: pairs per step; ``learning_rate``: Adam. ``smoothness``,
-    ``diffeomorphic``, ``integration_steps``, ``mi_bins``, ``mi_max_voxels``: the loss and the
+    ``diffeomorphic``, ``integration_steps``, ``mi_bins``, ``mi_max_voxels``, ``mi_blur_voxels``: the loss and the
     field (see :func:`mmreg.methods.mi.training_loss`). ``validation_every`` /
     ``checkpoint_every``: in steps (0: only at the end). ``final_model``: "best" (by validation
     Dice) or "last". ``threads``: CPU threads (None: all cores); ``device``: auto/cpu/cuda/mps.
@@ -131,6 +131,7 @@ class TrainConfig:
     integration_steps: int = 7
     mi_bins: int = 32
     mi_max_voxels: int = 100_000
+    mi_blur_voxels: float = 0.0
     validation_every: int = 100
     checkpoint_every: int = 100
     final_model: str = "best"
@@ -230,6 +231,7 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.integration_steps >= 1, f"integration_steps must be >= 1, got {cfg.integration_steps}.")
     need(cfg.mi_bins >= 2, f"mi_bins must be >= 2, got {cfg.mi_bins}.")
     need(cfg.mi_max_voxels >= 100, f"mi_max_voxels must be >= 100, got {cfg.mi_max_voxels}.")
+    need(cfg.mi_blur_voxels >= 0, f"mi_blur_voxels must be >= 0 (0: no smoothing), got {cfg.mi_blur_voxels}.")
     need(cfg.validation_every >= 0, f"validation_every must be >= 0 (0: only at the end), got {cfg.validation_every}.")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {cfg.checkpoint_every}.")
     need(cfg.final_model in ("best", "last"), f"final_model must be \"best\" or \"last\", got {cfg.final_model!r}.")
@@ -868,7 +870,8 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
             field = network(torch.cat([fixed, moving], dim=1))
             loss, parts = training_loss(fixed, moving, field, diffeomorphic=cfg.diffeomorphic,
                                         integration_steps=cfg.integration_steps, smoothness=cfg.smoothness,
-                                        mi_bins=cfg.mi_bins, mi_max_voxels=cfg.mi_max_voxels)
+                                        mi_bins=cfg.mi_bins, mi_max_voxels=cfg.mi_max_voxels,
+                                        mi_blur_voxels=cfg.mi_blur_voxels)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()

@@ -70,6 +70,7 @@ def tiny(tmp_path, **kw) -> dict:
     ({"augment": {"scale": -0.1}}, "augment.scale must be >= 0"),
     ({"architecture": {"channels": [8, 8, 8]}}, "even-length"),
     ({"final_model": "first"}, "final_model"),
+    ({"mi_blur_voxels": -1.0}, "mi_blur_voxels must be >= 0"),
     ({"data": 3}, "[data] must be a table"),
 ])
 def test_config_errors_name_the_key(table, words):
