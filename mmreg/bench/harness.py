@@ -856,13 +856,12 @@ def record_in_model_cards(summary: list, settings: dict, meta: dict, report: str
             continue
         rows = {r["group"]: {k: r.get(k) for k in _CARD_COLUMNS if r.get(k) is not None}
                 for r in summary if r["method"] == method}
-        peers = {r["group"]: {m: r2["mean_dice"] for r2 in summary if r2["group"] == r["group"]
-                              for m in (r2["method"],) if m in PEERS + ("affine",)}
-                 for r in summary if r["method"] == method}
+        references = {group: {r["method"]: r["mean_dice"] for r in summary
+                              if r["group"] == group and r["method"] in PEERS + ("affine",)} for group in rows}
         numbers = {"date": meta.get("finished") or meta.get("started"), "command": meta.get("command"),
                    "report": report, "label": s.get("label", method), "options": s.get("options"),
                    "machine": {k: meta.get("machine", {}).get(k) for k in ("cpu", "threads", "device")},
-                   "by_group": rows, "reference_dice_by_group": peers}
+                   "by_group": rows, "reference_dice_by_group": references}
         written.append(record_benchmark(folder, method, numbers))
         _log(f"benchmark of '{method}' recorded in {written[-1]}")
     return written
