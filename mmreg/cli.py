@@ -13,8 +13,11 @@ Exit codes: 0 success, 2 bad input (message on stderr), 130 cancelled (Ctrl-C).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 
 from . import __version__
 from .errors import CancelledError, MMRegError
@@ -121,6 +124,22 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """While active (main thread only), SIGTERM raises KeyboardInterrupt, so long runs stop as on Ctrl-C."""
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
+        yield
+        return
+
+    def handler(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def _cmd_train(args) -> int:
     from .training import load_config, train
     from pathlib import Path
@@ -134,10 +153,11 @@ def _cmd_train(args) -> int:
             bar.bar.write(line, file=sys.stderr)
         else:
             print(line, file=sys.stderr)
-    try:
-        result = train(cfg, resume=args.resume, progress=bar, log=log)
-    finally:
-        bar.close()
+    with _terminate_as_interrupt():  # a scheduler's or `kill`'s SIGTERM stops like Ctrl-C: checkpoint first
+        try:
+            result = train(cfg, resume=args.resume, progress=bar, log=log)
+        finally:
+            bar.close()
     h = result.history
     sps = h["seconds_per_step"]
     lines = [f"trained {result.final_step} steps in {result.seconds:.1f} s (total wall time {h['wall_seconds']:.1f} s; "

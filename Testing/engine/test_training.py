@@ -212,6 +212,34 @@ def test_missing_sources_are_input_errors(tmp_path):
         train(config_from_dict(tiny(tmp_path, data={"sources": {"t1_template": 1.0}})), data)
 
 
+def test_cli_train_stops_on_sigterm_like_ctrl_c(tmp_path, monkeypatch, capsys):
+    """A SIGTERM (cluster scheduler, `kill`) during `mmreg train` reaches train() as KeyboardInterrupt, which
+    checkpoints; the command exits 130 and the previous SIGTERM handler is restored."""
+    import os
+    import signal
+    import time
+
+    import mmreg.training
+    from mmreg.cli import main
+    seen = []
+
+    def fake_train(cfg, **kw):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(2.0)  # the handler runs here at the latest
+        except KeyboardInterrupt:
+            seen.append("checkpoint")  # what train() does before re-raising
+            raise
+        raise AssertionError("SIGTERM did not interrupt")
+    monkeypatch.setattr(mmreg.training, "train", fake_train)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f'output = "{(tmp_path / "m").as_posix()}"\nsteps = 2\n')
+    before = signal.getsignal(signal.SIGTERM)
+    assert main(["train", str(cfg), "--quiet"]) == 130
+    assert seen == ["checkpoint"] and signal.getsignal(signal.SIGTERM) == before
+    assert "cancelled" in capsys.readouterr().err
+
+
 def test_cli_train_runs_and_reports(tmp_path, monkeypatch, capsys):
     """The command: a config with an unknown key is exit code 2 with the key named."""
     from mmreg.cli import main
