@@ -171,16 +171,23 @@ def list_models(method: str) -> list:
     return out
 
 
+def default_model_name(names) -> str | None:
+    """The model used when none is chosen: "default" if among ``names``, else the only name, else None."""
+    names = list(names)
+    if "default" in names:
+        return "default"
+    return names[0] if len(names) == 1 else None
+
+
 def resolve_model(method: str, model: str | os.PathLike | None) -> Path:
     """The folder of ``model`` (a name, a folder path, or None = "default" or the only model of ``method``)."""
     if model is not None and Path(model).expanduser().is_dir():
         return Path(model).expanduser()
     found = {m["name"]: Path(m["path"]) for m in list_models(method)}
     if model is None:
-        if "default" in found:
-            return found["default"]
-        if len(found) == 1:
-            return next(iter(found.values()))
+        name = default_model_name(found)
+        if name is not None:
+            return found[name]
     elif str(model) in found:
         return found[str(model)]
     where = f"{user_model_root() / method} or {shipped_model_root() / method}"

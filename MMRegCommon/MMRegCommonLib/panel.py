@@ -142,12 +142,11 @@ def device_choices() -> list:
 
 
 def default_model(status: MethodStatus) -> ModelChoice | None:
-    """The model the engine uses when none is chosen: "default", else the only one (as
-    :func:`mmreg.models.resolve_model`); None when that is ambiguous or there are none."""
+    """The model the engine uses when none is chosen (:func:`mmreg.models.default_model_name`:
+    "default", else the only one); None when that is ambiguous or there are none."""
+    from mmreg.models import default_model_name
     by_name = {m.value: m for m in status.models}
-    if "default" in by_name:
-        return by_name["default"]
-    return status.models[0] if len(status.models) == 1 else None
+    return by_name.get(default_model_name(by_name))
 
 
 def diffeomorphic_control(status: MethodStatus, model_value: str = "") -> tuple:

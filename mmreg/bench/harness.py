@@ -839,7 +839,7 @@ _CARD_COLUMNS = ("cases", "mean_dice", "dice_gain", "mean_hd95_mm", "folding_per
 def record_in_model_cards(summary: list, settings: dict, meta: dict, report: str) -> list:
     """Write each learned method's summary rows into its model's card (``benchmark[<bench method>]``),
     only when the card's weights checksum is the one benchmarked. Returns the cards written."""
-    from ..models import record_benchmark, resolve_model  # noqa: PLC0415
+    from ..models import CARD_FILE, record_benchmark, resolve_model  # noqa: PLC0415
     written = []
     for method, s in settings.items():
         model = s.get("model")
@@ -847,7 +847,7 @@ def record_in_model_cards(summary: list, settings: dict, meta: dict, report: str
             continue
         try:
             folder = resolve_model(s["engine_method"], model["name"])
-            card = json.loads((folder / "model.json").read_text())
+            card = json.loads((folder / CARD_FILE).read_text())
         except (MMRegError, OSError, ValueError) as exc:
             _log(f"not recorded in a model card ({method}): {exc}")
             continue

@@ -94,14 +94,18 @@ class MIRegistration(RegistrationMethod):
 
     def card(self, options: dict) -> ModelCard:
         """The model card of the chosen model (read from disk; no weights loaded)."""
+        return self._card_in(resolve_model(self.name, options.get("model")))
+
+    @staticmethod
+    def _card_in(folder) -> ModelCard:
         import json  # noqa: PLC0415
-        folder = resolve_model(self.name, options.get("model"))
         return ModelCard.from_dict(json.loads((folder / CARD_FILE).read_text()), str(folder / CARD_FILE))
 
     def model_info(self, options: dict) -> dict:
         """Name, folder, weights sha256, network spacing (mm) and diffeomorphic of the chosen model."""
-        card = self.card(options)
-        return {"name": card.name, "path": str(resolve_model(self.name, options.get("model"))),
+        folder = resolve_model(self.name, options.get("model"))
+        card = self._card_in(folder)
+        return {"name": card.name, "path": str(folder),
                 "sha256": card.sha256, "spacing_mm": card.spacing_mm, "diffeomorphic": card.diffeomorphic}
 
     def grid_for(self, fixed, options: dict) -> NetworkGrid:
