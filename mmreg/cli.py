@@ -5,7 +5,8 @@
         [--fixed-labels FL] [--no-affine] [--device cpu|cuda|mps|auto] [--report R.json]
     mmreg evaluate TRANSFORM --fixed-labels FL --moving-labels ML [--report R.json]
     mmreg methods [--json]
-    mmreg train CONFIG.toml [--resume] [--steps N] [--output DIR] [--device auto|cpu|cuda] [--threads N] [--data DIR]
+    mmreg train CONFIG.toml [--resume] [--steps N] [--output DIR] [--base-model MODEL] [--device auto|cpu|cuda]
+                [--threads N] [--data DIR]
     mmreg bench [--quick] [--cases ...] [--methods affine,ants,elastix,optimize] [--threads 2] [--repeats N]
 
 Exit codes: 0 success, 2 bad input (message on stderr), 130 cancelled (Ctrl-C).
@@ -143,7 +144,10 @@ def _terminate_as_interrupt():
 def _cmd_train(args) -> int:
     from .training import load_config, train
     from pathlib import Path
-    cfg = load_config(args.config, steps=args.steps, device=args.device, threads=args.threads,
+    base = args.base_model
+    if base and (base.endswith(".pt") or Path(base).expanduser().is_dir()):
+        base = str(Path(base).expanduser().resolve())  # a path from the shell's folder, not the config's
+    cfg = load_config(args.config, steps=args.steps, device=args.device, threads=args.threads, base_model=base,
                       output=str(Path(args.output).resolve()) if args.output else None,
                       data_root=str(Path(args.data).resolve()) if args.data else None)
     bar = _Bar(not args.quiet)
@@ -229,6 +233,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
     tr.add_argument("--steps", type=int, default=None, help="total number of steps (overrides the config)")
     tr.add_argument("--output", default=None, help="model folder (default: <user models>/<method>/<name>, user models = $MMREG_MODELS or ~/.mmreg/models)")
+    tr.add_argument("--base-model", default=None, help="fine-tune: start from this model (name or folder) or .pt weights "
+                    "instead of a fresh network (overrides the config's base_model)")
     tr.add_argument("--device", default=None, help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all cores)")
     tr.add_argument("--data", default=None, help="shared data folder (default: $MMREG_DATA or ../shared/data)")

@@ -139,6 +139,15 @@ def portable_model_path(folder) -> str:
     return str(folder)
 
 
+def local_model_path(portable: str) -> Path:
+    """Inverse of :func:`portable_model_path` on this machine: ``<shipped models>/...`` and
+    ``<user models>/...`` resolved against the current roots; other paths as given."""
+    for label, root in (("<shipped models>", shipped_model_root()), ("<user models>", user_model_root())):
+        if str(portable).startswith(label + "/"):
+            return root.expanduser() / str(portable)[len(label) + 1:]
+    return Path(portable).expanduser()
+
+
 def record_benchmark(folder, key: str, numbers: dict) -> Path:
     """Store benchmark ``numbers`` under ``benchmark[key]`` of the model card in ``folder`` (the
     weights and their checksum are untouched); returns the card's path."""

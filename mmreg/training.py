@@ -10,6 +10,11 @@ the template grid. Each step samples a pair per the data weights
 * ``t1_template``: IXI T1 (fixed) vs avg152 T2 or PD (moving), real multi-modal;
 * ``t1_synth``: IXI T1 (fixed) vs a contrast synthesised from a subject's DLMUSE labels
   (random intensity per label, blur; SynthMorph-like),
+* ``t1_t1_remap``: as ``t1_t1`` with the moving T1 through a random intensity curve
+  (:func:`remap_intensities`): inter-subject pairs in a synthesised contrast (multi-modal),
+* ``t1_self``: IXI T1 (fixed) vs the same T1 (moving), half of the time through a random smooth
+  intensity curve (:func:`remap_intensities`: a synthesised contrast that keeps the anatomy), so
+  the only misalignment is the augmentation's: a per-pair signal that 8 subjects cannot give,
 
 augments it (moving side: a random smooth diffeomorphic deformation plus a small affine jitter;
 both sides: a smooth multiplicative bias field and Gaussian noise), runs the network on
@@ -46,7 +51,7 @@ from .grid import NetworkGrid
 from .progress import Progress, ProgressCallback
 
 #: Data sources a pair can be drawn from (see the module doc).
-SOURCES = ("t1_t1", "t1_template", "t1_synth")
+SOURCES = ("t1_t1", "t1_t1_remap", "t1_template", "t1_synth", "t1_self")
 #: Bump when the prepared-data layout or recipe changes (invalidates the cache).
 PREP_VERSION = 1
 CHECKPOINT_DIR = "training"
@@ -114,7 +119,11 @@ class TrainConfig:
     field (see :func:`mmreg.methods.mi.training_loss`). ``validation_every`` /
     ``checkpoint_every``: in steps (0: only at the end). ``final_model``: "best" (by validation
     Dice) or "last". ``threads``: CPU threads (None: all cores); ``device``: auto/cpu/cuda/mps.
-    ``architecture``: overrides of :data:`mmreg.networks.DEFAULT_ARCHITECTURE`.
+    ``architecture``: overrides of :data:`mmreg.networks.DEFAULT_ARCHITECTURE`. ``base_model``:
+    start from trained weights instead of a fresh network (fine-tuning): a model name or folder of
+    this method (see :func:`mmreg.models.resolve_model`), or a ``.pt`` file (a model's weights, a
+    run's ``best.pt`` or a checkpoint); the architecture must match. Relative paths are taken from
+    the config file's folder.
     """
 
     method: str = "mi"
@@ -139,6 +148,7 @@ class TrainConfig:
     threads: int | None = None
     device: str = "auto"
     architecture: dict = field(default_factory=dict)
+    base_model: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
 
@@ -292,6 +302,8 @@ def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
     base = path.resolve().parent
     if cfg.output and not Path(cfg.output).expanduser().is_absolute():
         cfg.output = str(base / cfg.output)
+    if cfg.base_model and cfg.base_model.endswith(".pt") and not Path(cfg.base_model).expanduser().is_absolute():
+        cfg.base_model = str(base / cfg.base_model)
     for key in ("root", "cache_dir"):
         value = getattr(cfg.data, key)
         if value and not Path(value).expanduser().is_absolute():
@@ -341,8 +353,9 @@ class TrainingData:
         weights = {k: float(v) for k, v in cfg.data.sources.items() if v > 0}
         if not self.training:
             raise InputError("No training subjects: check data.training_subjects / data.validation_subjects.")
-        if "t1_t1" in weights and len(self.training) < 2:
-            raise InputError("data.sources.t1_t1 needs at least 2 training subjects.")
+        for key in ("t1_t1", "t1_t1_remap"):
+            if key in weights and len(self.training) < 2:
+                raise InputError(f"data.sources.{key} needs at least 2 training subjects.")
         if "t1_template" in weights and not self.templates:
             raise InputError("data.sources.t1_template needs the avg152 T2/PD templates (none were prepared).")
         if "t1_synth" in weights and not any(s.labels is not None for s in self.training):
@@ -564,6 +577,23 @@ def synthesise_contrast(labels: np.ndarray, rng: np.random.Generator, blur_voxel
     return (img - lo) / max(hi - lo, 1e-6)
 
 
+def remap_intensities(image: torch.Tensor, rng: np.random.Generator, control_points: int = 6) -> torch.Tensor:
+    """A random contrast of ``image`` (intensities in [0, 1]): a piecewise-linear curve through
+    ``control_points`` evenly spaced intensities with values U(0, 1), except 0 -> 0 (background
+    stays dark, as in every MR contrast). Curves may be non-monotone (e.g. T1 -> T2-like, CSF
+    bright, white matter dark). The result is rescaled to [0, 1]; same shape as ``image``."""
+    values = rng.uniform(0.0, 1.0, control_points).astype(np.float32)
+    values[0] = 0.0
+    knots = torch.linspace(0.0, 1.0, control_points, dtype=image.dtype, device=image.device)
+    x = image.clamp(0.0, 1.0)
+    idx = torch.clamp((x * (control_points - 1)).floor().long(), max=control_points - 2)
+    w = (x - knots[idx]) * (control_points - 1)
+    table = torch.from_numpy(values).to(image.device, image.dtype)
+    out = table[idx] * (1 - w) + table[idx + 1] * w
+    lo, hi = float(out.min()), float(out.max())
+    return (out - lo) / max(hi - lo, 1e-6)
+
+
 class PairSampler:
     """Draws augmented training pairs from :class:`TrainingData` per the config (all randomness from
     one ``numpy.random.Generator``, so a run is reproducible and resumable from its state)."""
@@ -584,13 +614,19 @@ class PairSampler:
         subjects = self.data.training
         i = int(rng.integers(len(subjects)))
         fixed = self._tensor(subjects[i].image)
-        if source == "t1_t1":
+        if source in ("t1_t1", "t1_t1_remap"):
             j = int(rng.integers(len(subjects) - 1))
             j = j + 1 if j >= i else j
             moving = self._tensor(subjects[j].image)
+            if source == "t1_t1_remap":
+                moving = remap_intensities(moving, rng)
         elif source == "t1_template":
             names = sorted(self.data.templates)
             moving = self._tensor(self.data.templates[names[int(rng.integers(len(names)))]])
+        elif source == "t1_self":
+            moving = fixed
+            if rng.uniform() < 0.5:
+                moving = remap_intensities(fixed, rng)
         else:
             s = self.labelled[int(rng.integers(len(self.labelled)))]
             moving = synthesise_contrast(s.labels, rng, self.cfg.augment.synth_blur_voxels, self.device)
@@ -632,12 +668,14 @@ class PairSampler:
 # ----------------------------------------------------------------------------- validation
 
 
-def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: int = 4, synth: bool = True) -> list:
+def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: int = 4, synth: bool = True,
+                     remap: bool = False) -> list:
     """Fixed validation pairs among the held-out subjects with labels: for the first
     ``max_subject_pairs`` ordered pairs (a <- b), a mono pair (T1_a, T1_b) and a multi-modal pair
     (T1_a inside its labelled brain, a contrast synthesised from b's labels with a fixed seed). With a single held-out
     subject, b runs over the training subjects instead (the fixed image stays unseen). ``synth``
-    False: the mono pairs only. Dicts with name, fixed,
+    False: the mono pairs only. ``remap``: also (T1_a, T1_b through a random intensity curve with a
+    fixed seed, :func:`remap_intensities`). Dicts with name, fixed,
     moving (``(1, 1, *spatial)`` CPU tensors), fixed_labels, moving_labels (numpy)."""
     subs = [s for s in data.validation if s.labels is not None]
     pairs = [(a, b) for a in subs for b in subs if a is not b][:max_subject_pairs]
@@ -649,6 +687,10 @@ def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: i
         fixed = torch.from_numpy(a.image)[None, None].float()
         out.append({"name": f"{a.id}<-{b.id} T1", "fixed": fixed, "moving": torch.from_numpy(b.image)[None, None].float(),
                     "fixed_labels": a.labels, "moving_labels": b.labels})
+        if remap:
+            out.append({"name": f"{a.id}<-{b.id} remapped", "fixed": fixed,
+                        "moving": remap_intensities(torch.from_numpy(b.image)[None, None].float(), rng),
+                        "fixed_labels": a.labels, "moving_labels": b.labels})
         if not synth:
             continue
         out.append({"name": f"{a.id}<-{b.id} synth", "fixed": fixed * torch.from_numpy(brain_mask(a.labels))[None, None],
@@ -724,6 +766,27 @@ def _set_rng_state(rng: np.random.Generator, state: dict, device) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.device(device).type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], torch.device(device))
+
+
+def load_base_weights(cfg: TrainConfig) -> tuple:
+    """``(state_dict, description)`` of ``cfg.base_model``: a ``.pt`` file (plain weights, or a
+    checkpoint's ``network``) or a model of ``cfg.method`` (name or folder; checksum verified by
+    :func:`mmreg.models.load_model`). :class:`InputError` when it is missing or unreadable."""
+    from .models import load_model  # noqa: PLC0415
+    from .networks import registration_unet  # noqa: PLC0415
+    ref = str(cfg.base_model)
+    if ref.endswith(".pt"):
+        path = Path(ref).expanduser()
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise InputError(f"base_model '{path}' does not exist; give a model name, a model folder or a .pt file.") from None
+        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken file
+            raise InputError(f"base_model '{path}' cannot be read ({type(exc).__name__}: {exc}).") from None
+        state = state.get("network", state) if isinstance(state, dict) else state
+        return state, str(path)
+    network, card = load_model(cfg.method, ref, registration_unet, "cpu")
+    return network.state_dict(), f"{card.name} (sha256 {card.sha256})"
 
 
 def save_checkpoint(path: Path, network, optimizer, step: int, rng, cfg: TrainConfig, history: dict, device) -> Path:
@@ -821,9 +884,18 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
     rng = np.random.default_rng(cfg.seed)
     network = registration_unet(arch).to(device)
     network.train()
+    base_description = None
+    if cfg.base_model and not resume:
+        state, base_description = load_base_weights(cfg)
+        try:
+            network.load_state_dict({k: v.to(device) for k, v in state.items()})
+        except RuntimeError as exc:
+            raise InputError(f"base_model {base_description} does not fit this config's architecture ({exc}); use the "
+                             "architecture it was trained with.") from None
+        say(f"starting from base model {base_description}")
     optimizer = torch.optim.Adam(network.parameters(), lr=cfg.learning_rate)
     history = {"loss": [], "mi": [], "smoothness": [], "source": [], "seconds_per_step": [], "validation": [],
-               "best": None, "wall_seconds": 0.0}
+               "best": None, "wall_seconds": 0.0, "base_model": base_description, "skipped_steps": 0}
     step = 0
     if resume:
         ck = load_checkpoint(last_path)
@@ -837,7 +909,8 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
             say(f"the checkpoint is already at step {step} >= steps = {cfg.steps}; writing the model")
     wall_before = float(history.get("wall_seconds", 0.0))
     sampler = PairSampler(data, cfg, weights, device)
-    val_pairs = validation_pairs(data, synth="t1_synth" in weights)  # validate on the kinds of pairs trained
+    val_pairs = validation_pairs(data, synth="t1_synth" in weights,  # validate on the kinds of pairs trained
+                                 remap="t1_t1_remap" in weights)
     if val_pairs and not history["validation"]:
         v = validate(network, val_pairs, cfg, device, with_identity=True)
         history["identity_dice"] = v["mean_dice_identity"]
@@ -873,8 +946,12 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
                                         mi_bins=cfg.mi_bins, mi_max_voxels=cfg.mi_max_voxels,
                                         mi_blur_voxels=cfg.mi_blur_voxels)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            if torch.isfinite(loss):
+                loss.backward()
+                optimizer.step()
+            else:  # a non-finite loss would poison the weights: skip this pair, count it
+                history["skipped_steps"] = history.get("skipped_steps", 0) + 1
+                say(f"step {step + 1}: non-finite loss, step skipped ({history['skipped_steps']} so far)")
             step += 1
             dt = time.perf_counter() - t0
             history["loss"].append(float(loss.detach()))
@@ -916,7 +993,8 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
         description=description,
         training={
             "command": "mmreg train", "config": cfg.to_dict(), "data": data.info, "source_weights": weights,
-            "steps": step, "weights": chosen, "parameters": parameter_count(final_net),
+            "steps": step, "weights": chosen, "base_model": history.get("base_model"),
+            "skipped_steps": history.get("skipped_steps", 0), "parameters": parameter_count(final_net),
             "grid_size_xyz": list(data.grid.size), "device": str(device), "threads": threads,
             "wall_time_s": round(wall, 1),
             "seconds_per_step_median": float(np.median(sps)) if sps else None,

@@ -223,7 +223,8 @@ def test_learned_method_and_refinement_are_recorded_in_the_model_card(case, iden
     torch.manual_seed(0)
     folder = save_model(tmp_path / "shipped" / "mi" / "tiny", registration_unet(arch),
                         ModelCard(name="tiny", method="mi", architecture=arch, spacing_mm=4.0,
-                                  multiple=size_multiple(arch)))
+                                  multiple=size_multiple(arch),
+                                  training={"data": {"training_subjects": [case.name[:4]]}}))
     assert harness.default_methods()[-2:] == ["mi", "mi+refine"]
     monkeypatch.setattr(harness, "build_cases", lambda specs, root=None: [case])
     parser = harness.add_arguments(__import__("argparse").ArgumentParser())
@@ -244,5 +245,9 @@ def test_learned_method_and_refinement_are_recorded_in_the_model_card(case, iden
     assert recorded["mean_dice"] == pytest.approx(rows["mi+refine10"]["mean_dice"])
     assert card["benchmark"]["mi"]["reference_dice_by_group"]["all"]["affine"] == pytest.approx(
         rows["affine"]["mean_dice"])
-    from mmreg.models import load_model
+    from mmreg.models import load_model, local_model_path
     load_model("mi", "tiny", registration_unet, "cpu")  # the checksum still matches: only the card changed
+    assert local_model_path(model["path"]) == tmp_path / "shipped" / "mi" / "tiny"
+    # the report says which cases contain the model's training subjects
+    text = (tmp_path / "b.md").read_text()
+    assert f"the cases {case.name} contain training subjects" in text

@@ -123,6 +123,41 @@ def test_synthesised_pairs_compare_brain_with_brain():
     assert any(float(fixed[0, 0][torch.from_numpy(o)].abs().max()) == 0.0 for o in outside)
 
 
+def test_self_pairs_are_the_same_anatomy_in_another_contrast():
+    """t1_self: moving = the fixed subject itself, as it is or through a random intensity curve that keeps
+    the background dark and the anatomy (equal intensities stay equal), so only the augmentation misaligns."""
+    from mmreg.training import PairSampler, remap_intensities, validation_pairs
+    img = torch.from_numpy(blob("a").image)[None, None]
+    curves = [remap_intensities(img, np.random.default_rng(k)) for k in range(20)]
+    for out in curves:
+        assert out.shape == img.shape and float(out.min()) == 0.0 and abs(float(out.max()) - 1.0) < 1e-6
+        assert float(out[img == 0].abs().max()) == 0.0  # background -> 0
+        a, b = img.flatten(), out.flatten()  # a function of the intensity: equal in, equal out
+        same = a == a[a > 0][0]
+        assert float(b[same].max() - b[same].min()) < 1e-6
+    tissue = img > 0.2
+    corr = [float(torch.corrcoef(torch.stack([img[tissue], c[tissue]]))[0, 1]) for c in curves]
+    assert min(corr) < 0 < max(corr)  # some curves invert the contrast (T2-like), some keep it
+    data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [blob("c")], {})
+    cfg = config_from_dict(tiny(Path("unused"), data={"sources": {"t1_self": 1.0}}, augment=NO_AUGMENT))
+    sampler = PairSampler(data, cfg, {"t1_self": 1.0}, "cpu")
+    rng = np.random.default_rng(1)
+    kinds = set()
+    for _ in range(12):
+        fixed, moving, source = sampler.raw_pair(rng)
+        assert source == "t1_self"
+        kinds.add(torch.equal(fixed, moving))
+        assert torch.equal(fixed == 0, moving == 0)  # same anatomy, same background
+    assert kinds == {True, False}  # mono and remapped pairs both occur
+    # t1_t1_remap: another subject's T1 in a random contrast; validated on remapped pairs as well
+    fixed, moving, source = PairSampler(data, cfg, {"t1_t1_remap": 1.0}, "cpu").raw_pair(np.random.default_rng(2))
+    assert source == "t1_t1_remap" and not torch.equal(fixed == 0, moving == 0)  # not the same subject
+    pairs = validation_pairs(TrainingData(grid(), data.training, [blob("c"), blob("d", -2.0)], {}), synth=False,
+                             remap=True)
+    assert [p["name"] for p in pairs] == ["c<-d T1", "c<-d remapped", "d<-c T1", "d<-c remapped"]
+    assert float((pairs[1]["moving"] - pairs[0]["moving"]).abs().max()) > 0.1
+
+
 # ----------------------------------------------------------------------------- training
 
 
@@ -202,6 +237,47 @@ def test_cancel_checkpoints_then_resume_finishes(tmp_path):
     assert result.final_step == 4 and (result.model_dir / "model.json").is_file()
     card = json.loads((result.model_dir / "model.json").read_text())
     assert card["training"]["weights"] == "last" and card["training"]["validation"]["best"] is None
+
+
+def test_base_model_starts_from_trained_weights_and_bad_steps_are_skipped(tmp_path, monkeypatch):
+    """Fine-tuning: base_model (a model folder or a .pt file) gives the first step the trained network (validation
+    at step 0 = the base model's last validation); a wrong architecture or a missing file is an InputError naming it;
+    a non-finite loss skips the step instead of poisoning the weights."""
+    data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [blob("c"), blob("d", 3.0)], {})
+    common = dict(data={"sources": {"t1_t1": 1.0}}, augment=NO_AUGMENT, final_model="last")
+    first = train(config_from_dict(tiny(tmp_path / "a", steps=6, **common)), data)
+    trained, _ = load_model("mi", first.model_dir, registration_unet)
+    fresh = registration_unet(TINY_ARCH)
+    assert any(not torch.allclose(a, b) for a, b in zip(trained.state_dict().values(), fresh.state_dict().values()))
+    for ref in (str(first.model_dir), str(first.model_dir / "training" / "last.pt")):
+        # one step at a negligible learning rate: the result is the base model's network
+        tuned = train(config_from_dict(tiny(tmp_path / ref[-7:].replace("/", "_"), steps=1, learning_rate=1e-12,
+                                            base_model=ref, **common)), data)
+        net, _ = load_model("mi", tuned.model_dir, registration_unet)
+        for k, v in trained.state_dict().items():
+            torch.testing.assert_close(net.state_dict()[k], v, rtol=0, atol=1e-8)
+        assert ref in tuned.card.training["base_model"] or first.card.name in tuned.card.training["base_model"]
+    with pytest.raises(InputError, match="does not exist"):
+        train(config_from_dict(tiny(tmp_path / "x", base_model=str(tmp_path / "none.pt"), **common)), data)
+    with pytest.raises(InputError, match="does not fit"):
+        train(config_from_dict(tiny(tmp_path / "y", base_model=str(first.model_dir),
+                                    architecture={"channels": [4, 4, 4, 4], "final_conv_channels": [4]}, **common)),
+              data)
+
+    import mmreg.methods.mi
+    real = mmreg.methods.mi.training_loss
+    calls = []
+
+    def sometimes_nan(*args, **kwargs):
+        loss, parts = real(*args, **kwargs)
+        calls.append(1)
+        return (loss * float("nan"), parts) if len(calls) == 2 else (loss, parts)
+    monkeypatch.setattr(mmreg.methods.mi, "training_loss", sometimes_nan)
+    result = train(config_from_dict(tiny(tmp_path / "z", steps=3, **common)), data)
+    assert result.card.training["skipped_steps"] == 1
+    assert all(torch.isfinite(p).all() for p in registration_unet(TINY_ARCH).parameters())
+    net, _ = load_model("mi", result.model_dir, registration_unet)
+    assert all(torch.isfinite(p).all() for p in net.parameters())
 
 
 def test_missing_sources_are_input_errors(tmp_path):

@@ -544,6 +544,28 @@ def _fmt(v, digits=3):
     return f"{v:.{digits}f}"
 
 
+def training_overlap(records: list, settings: dict) -> list:
+    """One sentence per learned method whose model card names its training subjects: the cases of
+    ``records`` whose name contains one of those subject ids (their Dice flatters the network)."""
+    from ..models import CARD_FILE, local_model_path  # noqa: PLC0415
+    out = []
+    for method, st in settings.items():
+        model = st.get("model") if isinstance(st.get("model"), dict) else None
+        if not model or not model.get("path"):
+            continue
+        folder = local_model_path(model["path"])
+        try:
+            card = json.loads((folder / CARD_FILE).read_text())
+        except (OSError, ValueError):
+            continue
+        subjects = (card.get("training") or {}).get("data", {}).get("training_subjects") or []
+        cases = sorted({r["case"] for r in records if r["method"] == method and any(sid in r["case"] for sid in subjects)})
+        if cases:
+            out.append(f"{st.get('label', method)}: its model '{card.get('name')}' was trained on {', '.join(subjects)}; "
+                       f"the cases {', '.join(cases)} contain training subjects (images it has seen), the others do not.")
+    return out
+
+
 def write_markdown(path: Path, records: list, summary: list, meta: dict, settings: dict, case_infos: list,
                    figures: list) -> None:
     """Write the benchmark report: protocol, summary and speed tables, per-case rows, figures, settings, cases."""
@@ -611,6 +633,7 @@ def write_markdown(path: Path, records: list, summary: list, meta: dict, setting
               "methods also on the cases with an exact ground truth (the endpoint error of the template cases). The "
               "abdominal labels are TotalSegmentator predictions on two different subjects, and the spinal-cord Dice "
               "moves in coarse steps (the cord is ~2 % of the voxels)."]
+    lines += [f"- {line}" for line in training_overlap(records, settings)]
     lines += ["", "## Speed (all cases)", "",
               "| method | call s (median) | reg. s (median) | peak MB (max) | +MB (max) | "
               + " | ".join(f"time / {name(p)} (median)" for p in peers) + " |",
