@@ -1,6 +1,7 @@
 """`mmreg train`: config validation, a tiny synthetic run, checkpoint/resume, the saved model in use."""
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -84,6 +85,15 @@ def test_shipped_config_is_valid_and_toml_errors_are_input_errors(tmp_path):
     cfg = load_config(REPO / "Resources" / "Training" / "mi_brain.toml")
     assert cfg.method == "mi" and cfg.spacing_mm == 4.0 and cfg.data.validation_subjects
     assert cfg.data.sources["t1_synth"] == 0.0  # measured to hurt with MI (see the config)
+    # two stages: mi_brain fine-tunes mi_brain_stage1; the shipped model's card records this recipe
+    stage1 = load_config(REPO / "Resources" / "Training" / "mi_brain_stage1.toml")
+    assert cfg.base_model == stage1.name == "mi_brain_stage1" and stage1.base_model is None
+    card = json.loads((REPO / "Resources" / "Models" / "mi" / "mi_brain" / "model.json").read_text())
+    recorded = card["training"]["config"]
+    for key in ("learning_rate", "spacing_mm", "smoothness", "mi_blur_voxels", "base_model", "seed"):
+        assert recorded[key] == getattr(cfg, key), key
+    assert recorded["data"]["sources"] == cfg.data.sources and recorded["augment"] == dataclasses.asdict(cfg.augment)
+    assert card["training"]["stages"][0]["learning_rate"] == stage1.learning_rate
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = [\n")
     with pytest.raises(InputError, match="not valid TOML"):
