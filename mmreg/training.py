@@ -720,6 +720,14 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return mean_dice(a, b, ids) if ids else float("nan")
 
 
+def _dice_by_kind(result: dict) -> dict:
+    """Mean Dice per kind of validation pair (the word after the pair's ids: "T1", "synth", "remapped")."""
+    groups: dict = {}
+    for name, entry in result.get("pairs", {}).items():
+        groups.setdefault(name.split(" ", 1)[-1], []).append(entry["dice"])
+    return {k: float(np.nanmean(v)) for k, v in groups.items()}
+
+
 def validate(network, pairs: list, cfg: TrainConfig, device, with_identity: bool = False) -> dict:
     """Mean Dice of the warped moving labels (nearest neighbour) vs the fixed labels after the
     network (and, with ``with_identity``, before it), and the mean folding %, over ``pairs``."""
@@ -914,9 +922,12 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
     if val_pairs and not history["validation"]:
         v = validate(network, val_pairs, cfg, device, with_identity=True)
         history["identity_dice"] = v["mean_dice_identity"]
-        history["validation"].append({"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"]})
+        kinds = _dice_by_kind(v)
+        history["validation"].append({"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"],
+                                      "dice_by_kind": kinds})
         say(f"validation at step {step}: mean Dice {v['mean_dice_identity']:.4f} (identity) / {v['mean_dice']:.4f} "
-            f"(network), folding {v['folding_percent']:.3f} %")
+            f"(network), folding {v['folding_percent']:.3f} %"
+            + (" (" + ", ".join(f"{k} {d:.4f}" for k, d in kinds.items()) + ")" if len(kinds) > 1 else ""))
 
     def checkpoint():
         history["wall_seconds"] = wall_before + time.perf_counter() - t_start
@@ -924,7 +935,9 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
 
     def run_validation():
         v = validate(network, val_pairs, cfg, device)
-        history["validation"].append({"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"]})
+        kinds = _dice_by_kind(v)
+        history["validation"].append({"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"],
+                                      "dice_by_kind": kinds})
         best = history.get("best")
         if best is None or v["mean_dice"] > best["mean_dice"]:
             history["best"] = {"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"]}
@@ -932,7 +945,8 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
             torch.save({k: t.detach().cpu() for k, t in network.state_dict().items()}, best_path.with_suffix(".tmp"))
             os.replace(best_path.with_suffix(".tmp"), best_path)
         say(f"validation at step {step}: mean Dice {v['mean_dice']:.4f} (identity {history.get('identity_dice', float('nan')):.4f}), "
-            f"folding {v['folding_percent']:.3f} %; best {history['best']['mean_dice']:.4f} at step {history['best']['step']}")
+            f"folding {v['folding_percent']:.3f} %; best {history['best']['mean_dice']:.4f} at step {history['best']['step']}"
+            + (" (" + ", ".join(f"{k} {d:.4f}" for k, d in kinds.items()) + ")" if len(kinds) > 1 else ""))
 
     train_prog = prog.sub(0.05, 0.98)
     start_step = step

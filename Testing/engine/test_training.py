@@ -183,6 +183,8 @@ def test_tiny_training_learns_a_known_shift_and_the_model_registers(tmp_path):
     assert result.final_step == 40 and len(h["loss"]) == 40
     assert np.mean(h["loss"][-5:]) < h["loss"][0] - 0.01, h["loss"]
     assert [v["step"] for v in h["validation"]] == [0, 20, 40]
+    assert set(h["validation"][-1]["dice_by_kind"]) == {"T1"}  # per kind of validation pair
+    assert h["validation"][-1]["dice_by_kind"]["T1"] == pytest.approx(h["validation"][-1]["mean_dice"])
     assert any("validation at step 0" in line for line in lines)
 
     network, card = load_model("mi", result.model_dir, registration_unet)
