@@ -919,15 +919,20 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
     sampler = PairSampler(data, cfg, weights, device)
     val_pairs = validation_pairs(data, synth="t1_synth" in weights,  # validate on the kinds of pairs trained
                                  remap="t1_t1_remap" in weights)
-    if val_pairs and not history["validation"]:
-        v = validate(network, val_pairs, cfg, device, with_identity=True)
-        history["identity_dice"] = v["mean_dice_identity"]
+    def record_validation(v: dict) -> str:
+        """Append ``v`` (from :func:`validate`) to the history at this step; returns the per-kind
+        Dice as text for the log (empty with one kind of pair)."""
         kinds = _dice_by_kind(v)
         history["validation"].append({"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"],
                                       "dice_by_kind": kinds})
+        return " (" + ", ".join(f"{k} {d:.4f}" for k, d in kinds.items()) + ")" if len(kinds) > 1 else ""
+
+    if val_pairs and not history["validation"]:
+        v = validate(network, val_pairs, cfg, device, with_identity=True)
+        history["identity_dice"] = v["mean_dice_identity"]
+        kinds = record_validation(v)
         say(f"validation at step {step}: mean Dice {v['mean_dice_identity']:.4f} (identity) / {v['mean_dice']:.4f} "
-            f"(network), folding {v['folding_percent']:.3f} %"
-            + (" (" + ", ".join(f"{k} {d:.4f}" for k, d in kinds.items()) + ")" if len(kinds) > 1 else ""))
+            f"(network), folding {v['folding_percent']:.3f} %{kinds}")
 
     def checkpoint():
         history["wall_seconds"] = wall_before + time.perf_counter() - t_start
@@ -935,9 +940,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
 
     def run_validation():
         v = validate(network, val_pairs, cfg, device)
-        kinds = _dice_by_kind(v)
-        history["validation"].append({"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"],
-                                      "dice_by_kind": kinds})
+        kinds = record_validation(v)
         best = history.get("best")
         if best is None or v["mean_dice"] > best["mean_dice"]:
             history["best"] = {"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"]}
@@ -946,7 +949,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
             os.replace(best_path.with_suffix(".tmp"), best_path)
         say(f"validation at step {step}: mean Dice {v['mean_dice']:.4f} (identity {history.get('identity_dice', float('nan')):.4f}), "
             f"folding {v['folding_percent']:.3f} %; best {history['best']['mean_dice']:.4f} at step {history['best']['step']}"
-            + (" (" + ", ".join(f"{k} {d:.4f}" for k, d in kinds.items()) + ")" if len(kinds) > 1 else ""))
+            f"{kinds}")
 
     train_prog = prog.sub(0.05, 0.98)
     start_step = step

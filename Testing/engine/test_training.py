@@ -287,7 +287,6 @@ def test_base_model_starts_from_trained_weights_and_bad_steps_are_skipped(tmp_pa
     monkeypatch.setattr(mmreg.methods.mi, "training_loss", sometimes_nan)
     result = train(config_from_dict(tiny(tmp_path / "z", steps=3, **common)), data)
     assert result.card.training["skipped_steps"] == 1
-    assert all(torch.isfinite(p).all() for p in registration_unet(TINY_ARCH).parameters())
     net, _ = load_model("mi", result.model_dir, registration_unet)
     assert all(torch.isfinite(p).all() for p in net.parameters())
 
