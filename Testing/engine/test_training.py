@@ -252,9 +252,9 @@ def test_cancel_checkpoints_then_resume_finishes(tmp_path):
 
 
 def test_base_model_starts_from_trained_weights_and_bad_steps_are_skipped(tmp_path, monkeypatch):
-    """Fine-tuning: base_model (a model folder or a .pt file) gives the first step the trained network (validation
-    at step 0 = the base model's last validation); a wrong architecture or a missing file is an InputError naming it;
-    a non-finite loss skips the step instead of poisoning the weights."""
+    """Fine-tuning: base_model (a model folder or a .pt file) starts the run from the trained network (one step at
+    a negligible learning rate returns its weights); a wrong architecture or a missing file is an InputError naming
+    it; a non-finite loss skips the step instead of poisoning the weights."""
     data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [blob("c"), blob("d", 3.0)], {})
     common = dict(data={"sources": {"t1_t1": 1.0}}, augment=NO_AUGMENT, final_model="last")
     first = train(config_from_dict(tiny(tmp_path / "a", steps=6, **common)), data)
