@@ -7,16 +7,23 @@ ACKNOWLEDGEMENT = ("Part of the MultiModalRegistration extension (Apache-2.0). T
                    "MONAI and SimpleITK; Slicer's PyTorch extension provides torch.")
 
 
-def configure_module(parent, module_name: str, title: str, method: str, summary: str) -> None:
+def configure_module(parent, module_name: str, title: str, method: str, summary: str, usage: str | None = None,
+                     dependencies=()) -> None:
     """Fill a module's ``parent`` (title, categories, dependencies, contributors, help, acknowledgement).
 
     ``module_name``: the module's name (its class name); ``method``: the engine method it runs;
-    ``summary``: one paragraph on the method for the Help section.
+    ``summary``: one paragraph on the method for the Help section. ``usage``: the Help text after
+    the summary (HTML); None gives the method modules' text (inputs, results, Python console).
+    ``dependencies``: names of modules this one uses.
     """
     parent.title = title
     parent.categories = [CATEGORY]
-    parent.dependencies = []
+    parent.dependencies = list(dependencies)
     parent.contributors = list(CONTRIBUTORS)
+    parent.acknowledgementText = ACKNOWLEDGEMENT
+    if usage is not None:
+        parent.helpText = f"<p>{summary}</p>{usage}"
+        return
     parent.helpText = (
         f"<p>{summary}</p>"
         "<p><b>Use</b>: choose the fixed volume (stays in place) and the moving volume (deformed onto it); "
@@ -29,4 +36,3 @@ def configure_module(parent, module_name: str, title: str, method: str, summary:
         f"<p><b>Python console</b>: <code>logic = slicer.util.getModuleLogic('{module_name}'); "
         "outcome = logic.run(fixedVolume, movingVolume, movingSegmentation)</code>. On files, without Slicer: "
         f"<code>mmreg register FIXED MOVING --method {method}</code>.</p>")
-    parent.acknowledgementText = ACKNOWLEDGEMENT

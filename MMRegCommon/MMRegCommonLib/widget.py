@@ -26,7 +26,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from . import panel
-from .parameters import COMBO_PROPERTY
+from .combos import ParameterCombos
 
 #: Sections disabled while a registration runs (object names in the .ui file).
 _SECTIONS = ("inputsCollapsibleButton", "methodCollapsibleButton", "optionsCollapsibleButton",
@@ -46,8 +46,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._status = None
-        self._combos = {}
-        self._updatingCombos = False
+        self._combos = None
         self._lastStage = ""
 
     # ------------------------------------------------------------------ set-up
@@ -67,11 +66,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.value = 0
 
-        for widget in self.ui.__dict__.values():
-            name = widget.property(COMBO_PROPERTY) if hasattr(widget, "property") else None
-            if name:
-                self._combos[name] = widget
-                widget.connect("currentIndexChanged(int)", lambda index, n=name: self._onComboChanged(n))
+        self._combos = ParameterCombos(self.ui.__dict__.values())
         self.refreshMethod()
         self.initializeParameterNode()
 
@@ -80,9 +75,9 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._status = self.logic.method_status()
         status = self._status
         self.ui.methodInfoLabel.text = status.description if status.available else status.reason
-        self._fillCombo("model", panel.model_items(status))
+        self._combos.fill("model", panel.model_items(status))
         self._combos["model"].enabled = status.available and bool(status.models)
-        self._fillCombo("device", [(value, label, "") for value, label in panel.device_choices()])
+        self._combos.fill("device", [(value, label, "") for value, label in panel.device_choices()])
         self.ui.refinementStepsSpinBox.enabled = status.supports_refinement
         if not status.supports_refinement:
             self.ui.refinementStepsSpinBox.toolTip = (f"Method '{status.name}' has no refinement; this setting is "
@@ -108,8 +103,10 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.removeObservers()
 
     def enter(self):
-        """Called each time the user opens this module."""
+        """Called each time the user opens this module: bind the parameter node, and list the models
+        again (a model trained or renamed in RegistrationTraining since shows up at once)."""
         self.initializeParameterNode()
+        self.refreshMethod()
 
     def exit(self):
         """Called each time the user opens a different module: stop updating the GUI from the node."""
@@ -144,41 +141,12 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if parameterNode is not None:
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
+        self._combos.set_parameter_node(parameterNode)
+        if parameterNode is not None:
             self._onParameterNodeModified()
 
-    # ------------------------------------------------------------------ run-time combo boxes
-    def _fillCombo(self, name, items):
-        import qt
-        combo = self._combos[name]
-        wasBlocked = combo.blockSignals(True)
-        combo.clear()
-        for value, label, tooltip in items:
-            combo.addItem(label, value)
-            if tooltip:
-                combo.setItemData(combo.count - 1, tooltip, qt.Qt.ToolTipRole)
-        combo.blockSignals(wasBlocked)
-        self._updateCombos()
-
-    def _updateCombos(self):
-        if self._parameterNode is None:
-            return
-        self._updatingCombos = True
-        try:
-            for name, combo in self._combos.items():
-                value = getattr(self._parameterNode, name)
-                index = next((i for i in range(combo.count) if (combo.itemData(i) or "") == value), 0)
-                combo.currentIndex = index
-        finally:
-            self._updatingCombos = False
-
-    def _onComboChanged(self, name):
-        if self._updatingCombos or self._parameterNode is None:
-            return
-        combo = self._combos[name]
-        setattr(self._parameterNode, name, combo.itemData(combo.currentIndex) or "")
-
     def _onParameterNodeModified(self, caller=None, event=None):
-        self._updateCombos()
+        self._combos.update()
         self._updateDiffeomorphicControl()
         self._updateApplyState()
 
