@@ -2,10 +2,12 @@
 
     python Resources/Icons/make_icons.py
 
-Writes ``Resources/Icons/MultiModalRegistration.png`` (the extension) and
-``MIRegistration/Resources/Icons/MIRegistration.png`` (the module). The motif: a fixed image
-(grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a deformed
-grid, i.e. a deformable multi-modal registration.
+Writes ``Resources/Icons/MultiModalRegistration.png`` (the extension),
+``MIRegistration/Resources/Icons/MIRegistration.png`` and
+``RegistrationTraining/Resources/Icons/RegistrationTraining.png`` (the modules). The motif: a
+fixed image (grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a
+deformed grid, i.e. a deformable multi-modal registration; the training module's icon adds a
+falling loss curve.
 """
 from __future__ import annotations
 
@@ -49,11 +51,20 @@ def _blob(draw, centre, radii, fill, outline=None, width=0):
     draw.polygon(pts, fill=fill, outline=outline, width=width * s)
 
 
-def _finish(image, path: Path, label: str | None = None):
+def _loss_curve(draw):
+    """A falling, slightly noisy training-loss curve across the upper part of the icon."""
+    s = SCALE
+    x = np.linspace(20, 112, 80)
+    y = 78 - 58 * np.exp(-(x - 20) / 20) + 1.5 * np.sin(x * 0.45)  # image y grows downwards: the loss falls
+    draw.line([(s * 16, s * 14), (s * 16, s * 86), (s * 114, s * 86)], fill=(255, 255, 255, 200), width=3 * s)
+    draw.line([(s * a, s * b) for a, b in zip(x, y)], fill=(255, 210, 80, 255), width=6 * s, joint="curve")
+
+
+def _finish(image, path: Path, label: str | None = None, font_size: int = 30):
     if label:
         draw = ImageDraw.Draw(image)
         try:
-            font = ImageFont.truetype("DejaVuSans-Bold.ttf", 30 * SCALE)
+            font = ImageFont.truetype("DejaVuSans-Bold.ttf", font_size * SCALE)
         except OSError:
             font = ImageFont.load_default()
         box = draw.textbbox((0, 0), label, font=font)
@@ -67,7 +78,7 @@ def _finish(image, path: Path, label: str | None = None):
 
 
 def main():
-    """Draw both icons."""
+    """Draw every icon."""
     image, draw = _canvas()
     _blob(draw, (54, 60), (34, 30), fill=(200, 200, 205, 235))                                  # fixed (MR-like)
     _blob(draw, (74, 70), (32, 28), fill=(240, 140, 50, 150), outline=(255, 190, 90, 255), width=3)  # moving (CT-like)
@@ -77,6 +88,13 @@ def main():
     _blob(draw, (56, 52), (36, 30), fill=(200, 200, 205, 235))
     _blob(draw, (66, 58), (34, 28), fill=(240, 140, 50, 140), outline=(255, 190, 90, 255), width=3)
     _finish(image, REPO / "MIRegistration" / "Resources" / "Icons" / "MIRegistration.png", label="MI")
+
+    image, draw = _canvas()
+    _blob(draw, (52, 56), (30, 26), fill=(200, 200, 205, 90))
+    _blob(draw, (62, 62), (28, 24), fill=(240, 140, 50, 70))
+    _loss_curve(draw)
+    _finish(image, REPO / "RegistrationTraining" / "Resources" / "Icons" / "RegistrationTraining.png", label="Train",
+            font_size=24)
 
 
 if __name__ == "__main__":
