@@ -9,7 +9,9 @@ replaced by plain Qt stand-ins that keep their class name visible: ``ctkCollapsi
 "none" text followed by "(qMRMLNodeComboBox)", ``qMRMLWidget`` -> ``QWidget``. The run-time
 parts are filled as the module fills them: the method's description or the reason it is not
 available, the model and device lists, the Apply button's state and reason (from
-``MMRegCommonLib.panel``, i.e. from the installed engine). Needs PySide6 (``pip install
+``MMRegCommonLib.panel``, i.e. from the installed engine); for RegistrationTraining the data
+sources, trainable methods, base models, Start/Resume state and its reason (from
+``RegistrationTrainingLib.panelstate``), with the scene-pairs part shown, as on first use. Needs PySide6 (``pip install
 PySide6-Essentials``); uses ``QT_QPA_PLATFORM=offscreen``.
 """
 from __future__ import annotations
@@ -96,6 +98,68 @@ def _fill_run_time_state(widget, module_name: str, method: str | None = None) ->
         device.addItem(label, value)
 
 
+def _fill_training_state(widget, module_name: str) -> None:
+    """What RegistrationTraining's Widget fills in on first use (no pairs yet, default parameters)."""
+    from PySide6 import QtWidgets
+    sys.path[:0] = [str(REPO / module_name), str(REPO / "MMRegCommon")]
+    from MMRegCommonLib import panel
+    from RegistrationTrainingLib import panelstate
+    find = lambda cls, name: widget.findChild(cls, name)  # noqa: E731
+
+    def fill(name, items):
+        combo = find(QtWidgets.QComboBox, name)
+        combo.clear()
+        for value, label, tooltip in items:
+            combo.addItem(label, value)
+            if tooltip:
+                combo.setItemData(combo.count() - 1, tooltip, 3)  # Qt.ToolTipRole
+
+    try:
+        import mmreg
+        from mmreg.models import default_model_name, list_models
+        try:
+            from mmreg.training import trainable_methods
+        except ImportError:  # (an engine that has it only in mmreg.methods)
+            from mmreg.methods import trainable_methods
+        methods = list(trainable_methods())
+    except ImportError:
+        methods = []
+    method = methods[0] if methods else ""
+    models = list_models(method) if method else []
+    default = default_model_name([m["name"] for m in models]) if method else None
+    fill("dataSourceComboBox", panelstate.DATA_SOURCES)
+    fill("methodComboBox", panelstate.method_items(methods))
+    fill("baseModelComboBox", panelstate.base_model_items(models, default))
+    fill("deviceComboBox", [(value, label, "") for value, label in panel.device_choices()])
+    find(QtWidgets.QLabel, "methodInfoLabel").setText(mmreg.get_method(method).description if method else
+                                                      "The engine cannot be loaded.")
+    name = find(QtWidgets.QLineEdit, "modelNameLineEdit").text() or "my_model"
+    if method:
+        from mmreg.models import portable_model_path
+        from mmreg.training import default_output  # (shown without this machine's home folder)
+        find(QtWidgets.QLabel, "outputInfoLabel").setText(f"Saved to {portable_model_path(default_output(method, name))}")
+    for hidden in ("manifestLabel", "manifestWidget"):  # data source "scene" (the default)
+        find(QtWidgets.QWidget, hidden).setVisible(False)
+    table = find(QtWidgets.QTableWidget, "pairsTableWidget")
+    table.setColumnCount(4)
+    table.setHorizontalHeaderLabels(["Fixed", "Moving", "Fixed labels", "Moving labels"])
+    table.horizontalHeader().setSectionResizeMode(QtWidgets.QHeaderView.Stretch)
+    enabled, reason = panelstate.start_state(engine_missing=not methods, methods=methods, method=method,
+                                             source="scene", manifest_path="", pair_count=0, name=name,
+                                             existing_names=[m["name"] for m in models], resumable=False,
+                                             running=False)
+    find(QtWidgets.QPushButton, "startButton").setEnabled(enabled)
+    for name_ in ("showLossButton", "showDiceButton"):  # no run yet
+        find(QtWidgets.QPushButton, name_).setEnabled(False)
+    find(QtWidgets.QLabel, "statusLabel").setText(reason)
+    users = [m["name"] for m in models if m["source"] == "user"]
+    fill("userModelComboBox", [(n, n, "") for n in users])
+    for name_ in ("renameButton", "deleteButton"):
+        find(QtWidgets.QPushButton, name_).setEnabled(bool(users))
+    find(QtWidgets.QLabel, "modelsInfoLabel").setText(f"{len(users)} fine-tuned model(s) of '{method}'." if users
+                                                      else f"No fine-tuned model of '{method}' yet.")
+
+
 def _module_method(module_name: str) -> str | None:
     """The METHOD constant of the module's .py file, read without importing it (no Slicer needed)."""
     source = (REPO / module_name / f"{module_name}.py").read_text()
@@ -120,7 +184,10 @@ def render(module_name: str, png_path: Path, width: int = 440, method: str | Non
     widget = QtUiTools.QUiLoader().load(buffer)
     if widget is None:
         raise RuntimeError(f"PySide6 could not load the .ui of {module_name}")
-    _fill_run_time_state(widget, module_name, method)
+    if (REPO / module_name / f"{module_name}Lib" / "panelstate.py").is_file():
+        _fill_training_state(widget, module_name)
+    else:
+        _fill_run_time_state(widget, module_name, method)
     widget.resize(width, widget.sizeHint().height())
     app.processEvents()
     png_path.parent.mkdir(parents=True, exist_ok=True)

@@ -8,12 +8,14 @@
   names a parameter that does not exist;
 * every node selector receives the scene (``mrmlSceneChanged`` -> ``setMRMLScene``), without
   which it stays empty in Slicer;
-* the widgets the shared Widget code uses exist;
+* the widgets the Widget code uses exist (``self.ui.<name>`` in the module's .py, and the shared
+  panel's widgets for modules built on ``RegistrationWidget``);
 * the panel renders offscreen with PySide6 (skipped when PySide6 is missing).
 """
 from __future__ import annotations
 
 import importlib
+import re
 import typing
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -28,7 +30,7 @@ QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QCheckBox", "QSpinBox", "QDoubl
 #: Widget classes parameterNodeWrapper can bind for each parameter type.
 BINDABLE = {bool: {"QCheckBox", "QPushButton"}, int: {"QSpinBox", "QSlider"}, float: {"QDoubleSpinBox", "ctkSliderWidget"},
             str: {"QLineEdit", "QComboBox"}, "node": {"qMRMLNodeComboBox"}}
-#: Object names the shared Widget (MMRegCommonLib.widget) looks up.
+#: Object names the shared Widget (MMRegCommonLib.widget) looks up (modules built on RegistrationWidget).
 FRAMEWORK_WIDGETS = {"applyButton", "cancelButton", "progressBar", "statusLabel", "statusLog", "resultsLabel",
                      "methodInfoLabel", "refinementStepsSpinBox", "diffeomorphicCheckBox", "inputsCollapsibleButton",
                      "methodCollapsibleButton", "optionsCollapsibleButton", "outputsCollapsibleButton"}
@@ -48,13 +50,35 @@ def _parameters(module_name: str) -> dict:
     return typing.get_type_hints(cls)
 
 
+def _combo_parameters(module_name: str) -> tuple:
+    """The parameters whose combo boxes the module fills at run time (its ``COMBO_PARAMETERS``, else the framework's)."""
+    from MMRegCommonLib.parameters import COMBO_PARAMETERS
+    return tuple(getattr(importlib.import_module(module_name), "COMBO_PARAMETERS", COMBO_PARAMETERS))
+
+
+def _required_widgets(module_name: str) -> set:
+    """Object names the module's Widget code looks up: ``self.ui.<name>`` in its .py, plus the shared
+    panel's widgets when its Widget is a ``RegistrationWidget``."""
+    source = (REPO / module_name / f"{module_name}.py").read_text()
+    names = set(re.findall(r"self\.ui\.([A-Za-z]\w*)", source))
+    if re.search(r"class \w+Widget\(RegistrationWidget\)", source):
+        names |= FRAMEWORK_WIDGETS
+    return names
+
+
 @pytest.fixture(params=UI_FILES, ids=lambda p: p.stem)
 def ui(request):
     return request.param, ET.parse(request.param).getroot()
 
 
 def test_there_are_ui_files():
-    assert any(p.stem == "MIRegistration" for p in UI_FILES)
+    assert {"MIRegistration", "RegistrationTraining"} <= {p.stem for p in UI_FILES}
+
+
+def test_required_widgets_are_found_in_the_code():
+    # The source scan sees the training panel's own widgets, and the shared ones for a method module.
+    assert {"startButton", "pairsTableWidget", "statusLog"} <= _required_widgets("RegistrationTraining")
+    assert FRAMEWORK_WIDGETS <= _required_widgets("MIRegistration")
 
 
 def test_custom_widgets_declared_and_names_unique(ui):
@@ -69,15 +93,17 @@ def test_custom_widgets_declared_and_names_unique(ui):
     duplicates = {n for n in names if names.count(n) > 1}
     assert not duplicates, f"{path.name}: object names used more than once: {duplicates}"
     assert root.find("widget").get("name") == path.stem, "top-level widget must be named after the module"
-    assert FRAMEWORK_WIDGETS <= set(names), f"missing widgets: {FRAMEWORK_WIDGETS - set(names)}"
+    required = _required_widgets(path.stem)
+    assert required <= set(names), f"missing widgets: {required - set(names)}"
 
 
 def test_every_parameter_bound_once_to_a_suitable_widget(ui):
     import slicer
-    from MMRegCommonLib.parameters import COMBO_PARAMETERS, COMBO_PROPERTY
+    from MMRegCommonLib.parameters import COMBO_PROPERTY
 
     path, root = ui
     parameters = _parameters(path.stem)
+    combo_parameters = _combo_parameters(path.stem)
     bound = {}
     for widget in root.iter("widget"):
         for prop_name in ("SlicerParameterName", COMBO_PROPERTY):
@@ -93,7 +119,7 @@ def test_every_parameter_bound_once_to_a_suitable_widget(ui):
         kind = "node" if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode) else kind
         assert cls in BINDABLE[kind], f"{name}: a {cls} cannot show a {kind}"
         # Run-time-filled combos are bound by the framework, everything else by parameterNodeWrapper.
-        assert (prop_name == COMBO_PROPERTY) == (name in COMBO_PARAMETERS), f"{name} bound by {prop_name}"
+        assert (prop_name == COMBO_PROPERTY) == (name in combo_parameters), f"{name} bound by {prop_name}"
 
 
 def test_node_selectors_receive_the_scene(ui):
