@@ -7,6 +7,10 @@
     mmreg methods [--json]
     mmreg train CONFIG.toml [--resume] [--steps N] [--output DIR] [--base-model MODEL] [--device auto|cpu|cuda]
                 [--threads N] [--data DIR]
+    mmreg train --method NAME --data MANIFEST [--output DIR] [--base-model MODEL] [--iterations N] [--resume]
+                [--learning-rate LR] [--batch-size B] [--spacing MM] [--no-augment] [--validation-fraction F]
+    torchrun --nproc_per_node N -m mmreg train ...     (data-parallel; --batch-size is the global batch)
+    mmreg models list|rename|delete|install
     mmreg bench [--quick] [--cases ...] [--methods affine,ants,elastix,optimize] [--threads 2] [--repeats N]
 
 Exit codes: 0 success, 2 bad input (message on stderr), 130 cancelled (Ctrl-C).
@@ -141,16 +145,55 @@ def _terminate_as_interrupt():
         signal.signal(signal.SIGTERM, previous)
 
 
-def _cmd_train(args) -> int:
-    from .training import load_config, train
+def _train_data(text: str | None):
+    """``(manifest, data_root)`` from ``--data``: a .csv/.json file (or a folder holding
+    manifest.csv / manifest.json) is a manifest of the user's pairs; another folder is the shared data."""
     from pathlib import Path
+    if not text:
+        return None, None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        for candidate in ("manifest.csv", "manifest.json"):
+            if (path / candidate).is_file():
+                return str((path / candidate).resolve()), None
+        return None, str(path.resolve())
+    if path.suffix.lower() in (".csv", ".json", ".tsv") or path.is_file():
+        return str(path.resolve()), None
+    raise MMRegError(f"--data '{text}' does not exist: give a manifest (.csv/.json) of your pairs or the shared data folder.")
+
+
+def _cmd_train(args) -> int:
+    import os
+    from pathlib import Path
+
+    from .training import AugmentConfig, config_for_manifest, load_config, train
+    manifest, data_root = _train_data(args.data)
     base = args.base_model
     if base and (base.endswith(".pt") or Path(base).expanduser().is_dir()):
         base = str(Path(base).expanduser().resolve())  # a path from the shell's folder, not the config's
-    cfg = load_config(args.config, steps=args.steps, device=args.device, threads=args.threads, base_model=base,
-                      output=str(Path(args.output).resolve()) if args.output else None,
-                      data_root=str(Path(args.data).resolve()) if args.data else None)
-    bar = _Bar(not args.quiet)
+    output = str(Path(args.output).expanduser().resolve()) if args.output else None
+    if args.config:
+        overrides = dict(steps=args.steps, device=args.device, threads=args.threads, base_model=base, output=output,
+                         data_root=data_root, manifest=manifest, method=args.method, name=args.name,
+                         learning_rate=args.learning_rate, batch_size=args.batch_size, spacing_mm=args.spacing,
+                         smoothness=args.smoothness)
+        if args.no_augment:
+            import dataclasses
+            overrides["augment"] = dataclasses.asdict(AugmentConfig.off())
+        cfg = load_config(args.config, **overrides)
+        if args.validation_fraction is not None:
+            cfg.data.validation_fraction = float(args.validation_fraction)
+    else:
+        if not args.method or not manifest:
+            raise MMRegError("mmreg train needs a config file, or --method NAME and --data MANIFEST (a .csv/.json list "
+                             "of your image pairs); see `mmreg train --help`.")
+        cfg = config_for_manifest(args.method, manifest, name=args.name, output=output, base_model=base,
+                                  steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
+                                  spacing_mm=args.spacing, augment=not args.no_augment, smoothness=args.smoothness,
+                                  validation_fraction=args.validation_fraction, device=args.device,
+                                  threads=args.threads)
+    main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only process 0 reports
+    bar = _Bar(not args.quiet and main_process)
 
     def log(line):
         if bar.bar is not None:
@@ -162,18 +205,48 @@ def _cmd_train(args) -> int:
             result = train(cfg, resume=args.resume, progress=bar, log=log)
         finally:
             bar.close()
+    if result.card is None:
+        return 0
     h = result.history
     sps = h["seconds_per_step"]
     lines = [f"trained {result.final_step} steps in {result.seconds:.1f} s (total wall time {h['wall_seconds']:.1f} s; "
              f"median {sorted(sps)[len(sps) // 2] if sps else float('nan'):.2f} s/step)"]
     if h.get("validation"):
         last, best = h["validation"][-1], h.get("best") or {}
-        lines.append(f"validation mean Dice: {h.get('identity_dice', float('nan')):.4f} identity -> {last['mean_dice']:.4f} "
-                     f"at step {last['step']} (best {best.get('mean_dice', float('nan')):.4f} at step {best.get('step')}); "
+
+        def number(v, identity=False):
+            dice = h.get("identity_dice") if identity else v.get("mean_dice")
+            loss = h.get("identity_loss") if identity else v.get("mean_loss")
+            return f"{dice:.4f}" if dice is not None else (f"loss {loss:.4f}" if loss is not None else "-")
+        lines.append(f"validation mean Dice: {number(None, True)} identity -> {number(last)} "
+                     f"at step {last['step']} (best {number(best) if best else '-'} at step {best.get('step')}); "
                      f"folding {last['folding_percent']:.3f} %")
+    skipped = result.card.training.get("data", {}).get("skipped") or []
+    if skipped:
+        lines.append(f"{len(skipped)} manifest entr{'y' if len(skipped) == 1 else 'ies'} skipped (see the log above)")
     lines.append(f"model '{result.card.name}' ({result.card.training.get('weights')} weights) written to {result.model_dir}")
     lines.append(f"use it: mmreg register FIXED MOVING --method {result.card.method} --model {result.model_dir}")
     print("\n".join(lines))
+    return 0
+
+
+def _cmd_models(args) -> int:
+    from .methods import method_names
+    from .models import delete_model, install_model, list_models, rename_model
+    if args.action == "list":
+        methods = [args.method] if args.method else method_names()
+        rows = [dict(m, method=name) for name in methods for m in list_models(name)]
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        for r in [] if args.json else rows:
+            print(f"{r['method']:<10} {r['name']:<24} {r['source']:<8} {r['spacing_mm']} mm  {r['path']}")
+        return 0
+    if args.action == "rename":
+        print(f"renamed to {rename_model(args.method, args.name, args.new_name)}")
+    elif args.action == "delete":
+        print(f"deleted {delete_model(args.method, args.name)}")
+    else:
+        print(f"installed as {install_model(args.folder, args.name)}")
     return 0
 
 
@@ -228,18 +301,55 @@ def build_parser() -> argparse.ArgumentParser:
     me.add_argument("--json", action="store_true")
     me.set_defaults(func=_cmd_methods)
 
-    tr = sub.add_parser("train", help="train a learned method's network from a TOML config (rerunnable, resumable)")
-    tr.add_argument("config", help="training config (TOML), e.g. Resources/Training/mi_brain.toml")
-    tr.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
-    tr.add_argument("--steps", type=int, default=None, help="total number of steps (overrides the config)")
+    tr = sub.add_parser("train", help="train or fine-tune a learned method's network (rerunnable, resumable)",
+                        description="Train from a TOML config (the shipped recipes in Resources/Training), or on your "
+                                    "own pairs: mmreg train --method mi --data pairs.csv --output DIR "
+                                    "[--base-model MODEL] [--iterations N]. A manifest is a CSV/JSON with columns "
+                                    "fixed, moving and optional fixed_labels, moving_labels, fixed_modality, "
+                                    "moving_modality, split (train/validation). Bad entries are reported and skipped. "
+                                    "Multi-process: torchrun --nproc_per_node N -m mmreg train ... (batch size = "
+                                    "global batch).")
+    tr.add_argument("config", nargs="?", default=None,
+                    help="training config (TOML), e.g. Resources/Training/mi_brain.toml (optional with --method/--data)")
+    tr.add_argument("--method", default=None, help="method to train (see `mmreg methods`; e.g. mi)")
+    tr.add_argument("--data", default=None, help="a manifest (.csv/.json) of your image pairs, or the shared data "
+                    "folder for the built-in recipes (default: $MMREG_DATA or ../shared/data)")
+    tr.add_argument("--name", default=None, help="model name (default: the --output folder's name)")
     tr.add_argument("--output", default=None, help="model folder (default: <user models>/<method>/<name>, user models = $MMREG_MODELS or ~/.mmreg/models)")
     tr.add_argument("--base-model", default=None, help="fine-tune: start from this model (name or folder) or .pt weights "
                     "instead of a fresh network (overrides the config's base_model)")
+    tr.add_argument("--iterations", "--steps", dest="steps", type=int, default=None,
+                    help="total number of optimiser steps (overrides the config)")
+    tr.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate")
+    tr.add_argument("--batch-size", type=int, default=None, help="pairs per step (the global batch under torchrun)")
+    tr.add_argument("--spacing", type=float, default=None, help="network grid spacing in mm (default: the base model's)")
+    tr.add_argument("--smoothness", type=float, default=None, help="weight of the field's smoothness term")
+    tr.add_argument("--no-augment", action="store_true", help="no augmentation (bias, noise, deformations)")
+    tr.add_argument("--validation-fraction", type=float, default=None,
+                    help="share of unmarked manifest pairs held out for validation (default 0.2)")
+    tr.add_argument("--resume", action="store_true", help="continue the run in the output folder from its last checkpoint")
     tr.add_argument("--device", default=None, help="auto (CUDA, then MPS, then CPU), cpu, cuda, mps")
     tr.add_argument("--threads", type=int, default=None, help="CPU threads (default: the config's, else all cores)")
-    tr.add_argument("--data", default=None, help="shared data folder (default: $MMREG_DATA or ../shared/data)")
     tr.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     tr.set_defaults(func=_cmd_train)
+
+    mo = sub.add_parser("models", help="list, rename, delete or install trained models")
+    mo_sub = mo.add_subparsers(dest="action", required=True)
+    ml = mo_sub.add_parser("list", help="the shipped and user models")
+    ml.add_argument("--method", default=None)
+    ml.add_argument("--json", action="store_true")
+    mr = mo_sub.add_parser("rename", help="rename a user model")
+    mr.add_argument("method")
+    mr.add_argument("name")
+    mr.add_argument("new_name")
+    md = mo_sub.add_parser("delete", help="delete a user model (with its training checkpoints)")
+    md.add_argument("method")
+    md.add_argument("name")
+    mi_ = mo_sub.add_parser("install", help="copy a model folder (e.g. a --output of mmreg train) into the user "
+                            "models, to use it by name")
+    mi_.add_argument("folder")
+    mi_.add_argument("--name", default=None)
+    mo.set_defaults(func=_cmd_models)
 
     from .bench.harness import add_arguments
     be = sub.add_parser("bench", help="benchmark methods against ANTs SyN and elastix on the shared data",

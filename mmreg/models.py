@@ -180,6 +180,87 @@ def list_models(method: str) -> list:
     return out
 
 
+def _user_model(method: str, name: str) -> Path:
+    """The folder of the user model ``name`` of ``method``; :class:`InputError` when there is none
+    (shipped models cannot be changed: they belong to the installation)."""
+    from .errors import InputError  # noqa: PLC0415
+    folder = user_model_root() / method / str(name)
+    if not _plain_name(name) or not (folder / CARD_FILE).is_file():
+        shipped = (shipped_model_root() / method / str(name) / CARD_FILE).is_file()
+        raise InputError(f"'{name}' is a shipped model of '{method}' and cannot be renamed or deleted; shipped models "
+                         "belong to the installation." if shipped and _plain_name(name) else
+                         f"No user model '{name}' of method '{method}' in {user_model_root() / method}.")
+    return folder
+
+
+def _plain_name(name) -> bool:
+    text = str(name)
+    return bool(text) and "/" not in text and "\\" not in text and text not in (".", "..")
+
+
+def rename_model(method: str, name: str, new_name: str) -> Path:
+    """Rename the user model ``name`` of ``method`` to ``new_name`` (folder and card); returns the
+    new folder. :class:`InputError` for shipped or missing models, a bad or taken new name."""
+    from .errors import InputError  # noqa: PLC0415
+    folder = _user_model(method, name)
+    if not _plain_name(new_name):
+        raise InputError(f"A model name must be a plain folder name, got {new_name!r}.")
+    target = folder.parent / str(new_name)
+    if target.exists() or any(m["name"] == new_name for m in list_models(method)):
+        raise InputError(f"A model named '{new_name}' of method '{method}' exists already; choose another name.")
+    os.replace(folder, target)
+    card_path = target / CARD_FILE
+    data = json.loads(card_path.read_text())
+    data["name"] = str(new_name)
+    tmp = card_path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, card_path)
+    _CACHE.clear()
+    return target
+
+
+def delete_model(method: str, name: str) -> Path:
+    """Delete the user model ``name`` of ``method`` (its folder, with any training checkpoints);
+    returns the folder it was in. :class:`InputError` for shipped or missing models."""
+    import shutil  # noqa: PLC0415
+    folder = _user_model(method, name)
+    shutil.rmtree(folder)
+    _CACHE.clear()
+    return folder
+
+
+def install_model(folder, name: str | None = None) -> Path:
+    """Copy the model in ``folder`` (model.pt + model.json, checksum verified; not its training
+    checkpoints) into the user models as ``name`` (default: the card's name), so it is listed and
+    usable by name; returns the new folder. :class:`InputError` when the files are missing or do
+    not match, or the name is taken."""
+    import shutil  # noqa: PLC0415
+
+    from .errors import InputError  # noqa: PLC0415
+    folder = Path(folder).expanduser()
+    card_path, weights = folder / CARD_FILE, folder / WEIGHTS_FILE
+    if not card_path.is_file() or not weights.is_file():
+        raise InputError(f"'{folder}' is not a model folder (it needs {WEIGHTS_FILE} and {CARD_FILE}).")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise InputError(f"Model card '{card_path}' is not valid JSON ({exc}).") from None
+    if card.get("sha256") and sha256_of(weights) != card["sha256"]:
+        raise InputError(f"Weights '{weights}' do not match the checksum in '{card_path}'; the model is damaged.")
+    name = str(name or card.get("name") or folder.name)
+    method = str(card.get("method", ""))
+    if not _plain_name(name) or not method:
+        raise InputError(f"Cannot install '{folder}': bad name {name!r} or no method in its card.")
+    target = user_model_root() / method / name
+    if target.exists() or any(m["name"] == name for m in list_models(method)):
+        raise InputError(f"A model named '{name}' of method '{method}' exists already; pass another name.")
+    target.mkdir(parents=True)
+    shutil.copy2(weights, target / WEIGHTS_FILE)
+    card["name"] = name
+    (target / CARD_FILE).write_text(json.dumps(card, indent=1))
+    return target
+
+
 def default_model_name(names) -> str | None:
     """The model used when none is chosen: "default" if among ``names``, else the only name, else None."""
     names = list(names)

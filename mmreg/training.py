@@ -69,6 +69,14 @@ class DataConfig:
     IXI ids (never trained on). ``training_subjects``: ids to train on (empty: every other one).
     ``cache_dir``: where prepared volumes are cached (None: ``$MMREG_CACHE/train`` or
     ``~/.cache/mmreg/train``).
+
+    ``manifest``: a CSV/JSON manifest of the user's own pairs (:mod:`mmreg.manifest`); when set,
+    the pairs come from it alone (``sources``, the subjects and the templates are not used) and
+    each pair lies on its fixed image's grid at ``spacing_mm``, all of one size (the largest, or
+    ``grid_size``). ``validation_fraction``: share of the manifest's pairs without a ``split``
+    held out for validation when none is marked "validation" (at least one when there are two
+    pairs or more; 0: no validation). ``prealign``: "affine" (the moving image affinely aligned to
+    the fixed one first, as ``mmreg register`` does) or "none" (pairs already roughly aligned).
     """
 
     root: str | None = None
@@ -77,6 +85,9 @@ class DataConfig:
     validation_subjects: list = field(default_factory=lambda: ["IXI049", "IXI051"])
     training_subjects: list = field(default_factory=list)
     cache_dir: str | None = None
+    manifest: str | None = None
+    validation_fraction: float = 0.2
+    prealign: str = "affine"
 
 
 @dataclass
@@ -91,24 +102,36 @@ class AugmentConfig:
     [-1, 1]; ``noise_std``: Gaussian noise (intensities in [0, 1]); ``synth_blur_voxels``: largest
     Gaussian sigma of the synthesised contrasts; ``augment_fixed``: bias and noise on the fixed
     image too.
+
+    Defaults: bias and noise only. The spatial augmentations are off because on our data they cost
+    the ``mi`` network validation Dice at CPU budgets (docs/mi_training.md: 0.438 after 900 steps
+    with them, 0.533 after 300 without); switch them on for a few pairs and long runs.
+    :meth:`off` gives a config without any augmentation.
     """
 
-    deformation_max_mm: float = 8.0
+    deformation_max_mm: float = 0.0
     deformation_control_mm: float = 40.0
-    rotation_deg: float = 5.0
-    scale: float = 0.05
-    translation_mm: float = 4.0
+    rotation_deg: float = 0.0
+    scale: float = 0.0
+    translation_mm: float = 0.0
     bias_strength: float = 0.3
     noise_std: float = 0.02
     synth_blur_voxels: float = 1.0
     augment_fixed: bool = True
+
+    @classmethod
+    def off(cls) -> "AugmentConfig":
+        """No augmentation at all (no deformation, jitter, bias or noise)."""
+        return cls(deformation_max_mm=0.0, rotation_deg=0.0, scale=0.0, translation_mm=0.0, bias_strength=0.0,
+                   noise_std=0.0, augment_fixed=False)
 
 
 @dataclass
 class TrainConfig:
     """A training run (read from TOML with :func:`load_config`; every field has a default).
 
-    ``method``: "mi" (the only trainable method so far). ``name``: the model name (folder name
+    ``method``: a trainable method (:func:`mmreg.methods.trainable_methods`; so far "mi").
+    ``name``: the model name (folder name
     under the user model folder). ``output``: the model folder (None:
     ``user_model_root()/<method>/<name>``); checkpoints go to ``<output>/training/``.
     ``spacing_mm``: isotropic spacing of the training grid (= the model's network spacing).
@@ -118,7 +141,7 @@ class TrainConfig:
     ``diffeomorphic``, ``integration_steps``, ``mi_bins``, ``mi_max_voxels``, ``mi_blur_voxels``: the loss and the
     field (see :func:`mmreg.methods.mi.training_loss`). ``validation_every`` /
     ``checkpoint_every``: in steps (0: only at the end). ``final_model``: "best" (by validation
-    Dice) or "last". ``threads``: CPU threads (None: all cores); ``device``: auto/cpu/cuda/mps.
+    Dice; by validation loss when the validation pairs have no labels) or "last". ``threads``: CPU threads (None: all cores); ``device``: auto/cpu/cuda/mps.
     ``architecture``: overrides of :data:`mmreg.networks.DEFAULT_ARCHITECTURE`. ``base_model``:
     start from trained weights instead of a fresh network (fine-tuning): a model name or folder of
     this method (see :func:`mmreg.models.resolve_model`), or a ``.pt`` file (a model's weights, a
@@ -157,14 +180,29 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
     def output_dir(self) -> Path:
-        """The model folder: ``output`` or ``user_model_root()/<method>/<name>``."""
-        from .models import user_model_root  # noqa: PLC0415
-        return Path(self.output).expanduser() if self.output else user_model_root() / self.method / self.name
+        """The model folder: ``output`` or :func:`default_output`."""
+        return Path(self.output).expanduser() if self.output else default_output(self.method, self.name)
 
     def full_architecture(self) -> dict:
-        """The network description: the default architecture with this config's overrides."""
-        from .networks import DEFAULT_ARCHITECTURE  # noqa: PLC0415
-        return dict(DEFAULT_ARCHITECTURE, **self.architecture)
+        """The network description: the method's default architecture with this config's overrides."""
+        return dict(training_spec(self.method).default_architecture, **self.architecture)
+
+
+def training_spec(method: str):
+    """The :class:`mmreg.methods.TrainingSpec` of ``method``; :class:`InputError` when it cannot be trained."""
+    from .methods import get_method, trainable_methods  # noqa: PLC0415
+    spec = get_method(method).training_spec()
+    if spec is None:
+        raise InputError(f"Method '{method}' has no network to train; trainable methods: "
+                         f"{', '.join(trainable_methods())}.")
+    return spec
+
+
+def default_output(method: str, name: str) -> Path:
+    """Where a run's model goes unless told otherwise: ``<user models>/<method>/<name>``
+    (user models = ``$MMREG_MODELS`` or ``~/.mmreg/models``); the method modules list it at once."""
+    from .models import user_model_root  # noqa: PLC0415
+    return user_model_root() / method / name
 
 
 _TYPES = {bool: "true/false", int: "an integer", float: "a number", str: "a string", list: "a list", dict: "a table"}
@@ -230,7 +268,10 @@ def validate_config(cfg: TrainConfig) -> None:
         if not ok:
             raise InputError(f"Training config: {message}")
 
-    need(cfg.method == "mi", f"method '{cfg.method}' cannot be trained by this version; use method = \"mi\".")
+    from .methods import method_names, trainable_methods  # noqa: PLC0415
+    trainable = trainable_methods()
+    need(cfg.method in trainable, f"method '{cfg.method}' cannot be trained"
+         f"{'' if cfg.method in method_names() else ' (unknown method)'}; trainable: {', '.join(trainable)}.")
     need(bool(cfg.name) and "/" not in cfg.name and "\\" not in cfg.name and cfg.name not in (".", ".."),
          f"name must be a plain folder name, got {cfg.name!r}.")
     need(cfg.spacing_mm > 0, f"spacing_mm must be > 0 mm, got {cfg.spacing_mm}.")
@@ -249,7 +290,8 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"),
          f"device must be auto, cpu, cuda or mps, got {cfg.device!r}.")
     arch = cfg.full_architecture()
-    need(arch.get("kind") == "voxelmorph_unet", f"architecture.kind must be \"voxelmorph_unet\", got {arch.get('kind')!r}.")
+    kind = training_spec(cfg.method).default_architecture.get("kind")
+    need(arch.get("kind") == kind, f"architecture.kind must be \"{kind}\" for method {cfg.method}, got {arch.get('kind')!r}.")
     need(int(arch.get("spatial_dims", 3)) == 3, "architecture.spatial_dims must be 3 (the training grid is 3-D).")
     ch = arch.get("channels")
     need(isinstance(ch, list) and len(ch) >= 2 and len(ch) % 2 == 0 and all(isinstance(c, int) and c > 0 for c in ch),
@@ -271,6 +313,9 @@ def validate_config(cfg: TrainConfig) -> None:
     overlap = set(cfg.data.validation_subjects) & set(cfg.data.training_subjects)
     need(not overlap, f"subject(s) {', '.join(sorted(overlap))} are in both data.training_subjects and "
                       "data.validation_subjects; validation must use held-out subjects.")
+    need(0.0 <= cfg.data.validation_fraction <= 0.9,
+         f"data.validation_fraction must be in [0, 0.9], got {cfg.data.validation_fraction}.")
+    need(cfg.data.prealign in ("affine", "none"), f"data.prealign must be \"affine\" or \"none\", got {cfg.data.prealign!r}.")
     a = cfg.augment
     for key in ("deformation_max_mm", "rotation_deg", "scale", "translation_mm", "bias_strength", "noise_std",
                 "synth_blur_voxels"):
@@ -282,8 +327,8 @@ def validate_config(cfg: TrainConfig) -> None:
 def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
     """Read and validate a TOML training config; keyword ``overrides`` (not None) replace top-level keys.
 
-    Relative paths in ``output``, ``data.root`` and ``data.cache_dir`` are taken relative to the
-    config file's folder.
+    Relative paths in ``output``, ``data.root``, ``data.cache_dir`` and ``data.manifest`` are
+    taken relative to the config file's folder (``manifest=`` / ``data_root=`` override those two).
     """
     path = Path(path)
     try:
@@ -294,8 +339,8 @@ def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
         raise InputError(f"Training config '{path}' is not valid TOML: {exc}.") from None
     for key, value in overrides.items():
         if value is not None:
-            if key == "data_root":
-                table.setdefault("data", {})["root"] = str(value)
+            if key in ("data_root", "manifest"):
+                table.setdefault("data", {})["root" if key == "data_root" else "manifest"] = str(value)
             else:
                 table[key] = value
     cfg = config_from_dict(table)
@@ -304,11 +349,59 @@ def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
         cfg.output = str(base / cfg.output)
     if cfg.base_model and cfg.base_model.endswith(".pt") and not Path(cfg.base_model).expanduser().is_absolute():
         cfg.base_model = str(base / cfg.base_model)
-    for key in ("root", "cache_dir"):
+    for key in ("root", "cache_dir", "manifest"):
         value = getattr(cfg.data, key)
         if value and not Path(value).expanduser().is_absolute():
             setattr(cfg.data, key, str(base / value))
     return cfg
+
+
+def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str | None = None, output=None,
+                        base_model: str | None = None, steps: int | None = None, learning_rate: float | None = None,
+                        batch_size: int | None = None, spacing_mm: float | None = None, augment: bool = True,
+                        smoothness: float | None = None, validation_fraction: float | None = None,
+                        device: str | None = None, threads: int | None = None) -> TrainConfig:
+    """A training config for a user's own pairs without a config file (``mmreg train --method NAME
+    --data MANIFEST``, the Slicer training module); None keeps the default of each setting.
+
+    ``name``: the model name (default: the ``output`` folder's name, else ``<method>_<manifest
+    stem>``). ``base_model``: a model name or folder of ``method`` (fine-tuning: its architecture,
+    network spacing and field type are taken from its card, so the weights fit; ``spacing_mm``
+    may still override the spacing) or a ``.pt`` file (the default architecture).
+    ``augment`` False switches every augmentation off (:meth:`AugmentConfig.off`), else the
+    defaults of :class:`AugmentConfig`. :class:`InputError` on a bad value or an unknown model.
+    """
+    from .models import resolve_model  # noqa: PLC0415
+    from .methods import trainable_methods  # noqa: PLC0415
+    if method not in trainable_methods():
+        raise InputError(f"Method '{method}' cannot be trained; trainable: {', '.join(trainable_methods())}.")
+    manifest = Path(manifest).expanduser().resolve()
+    table: dict = {"method": method, "data": {"manifest": str(manifest)}}
+    if output:
+        table["output"] = str(Path(output).expanduser().resolve())
+    table["name"] = name or (Path(output).name if output else f"{method}_{manifest.stem}")
+    if base_model:
+        ref = str(base_model)
+        if ref.endswith(".pt"):
+            table["base_model"] = str(Path(ref).expanduser().resolve())
+        else:
+            folder = resolve_model(method, ref)
+            card = json.loads((folder / "model.json").read_text())
+            table["base_model"] = str(folder.resolve()) if Path(ref).expanduser().is_dir() else ref
+            table["architecture"] = dict(card["architecture"])
+            table["spacing_mm"] = float(card["spacing_mm"])
+            table["diffeomorphic"] = bool(card.get("diffeomorphic", True))
+            table["integration_steps"] = int(card.get("integration_steps", 7))
+    for key, value in (("steps", steps), ("learning_rate", learning_rate), ("batch_size", batch_size),
+                       ("spacing_mm", spacing_mm), ("smoothness", smoothness), ("device", device),
+                       ("threads", threads)):
+        if value is not None:
+            table[key] = float(value) if key in ("learning_rate", "spacing_mm", "smoothness") else value
+    if validation_fraction is not None:
+        table["data"]["validation_fraction"] = float(validation_fraction)
+    if not augment:
+        table["augment"] = {k: v for k, v in dataclasses.asdict(AugmentConfig.off()).items()}
+    return config_from_dict(table)
 
 
 # ----------------------------------------------------------------------------- data on the training grid
@@ -325,25 +418,49 @@ class Subject:
 
 
 @dataclass
+class Pair:
+    """One registration pair of a manifest on its training grid: ``fixed`` / ``moving`` float32
+    (z, y, x) in [0, 1] (the moving one affinely pre-aligned), label maps (int) or None, and
+    ``name`` (for logs and validation reports)."""
+
+    name: str
+    fixed: np.ndarray
+    moving: np.ndarray
+    fixed_labels: np.ndarray | None = None
+    moving_labels: np.ndarray | None = None
+
+
+@dataclass
 class TrainingData:
-    """Every volume of a training run, on ONE grid (numpy arrays in (z, y, x) order).
+    """Every volume of a training run, as numpy arrays in (z, y, x) order of one grid shape.
 
     ``grid``: the training grid (its spacing is the model's network spacing). ``training`` /
-    ``validation``: subjects (T1 + labels). ``templates``: modality name -> image already aligned
-    with the grid (e.g. avg152 "T2", "PD") for the ``t1_template`` source. ``info``: where the data
-    came from (goes into the model card). Build from the shared data with :func:`prepare_ixi`, or
-    directly from in-memory arrays (tests, other anatomies).
+    ``validation``: subjects (T1 + labels), all on ``grid``. ``templates``: modality name -> image
+    already aligned with the grid (e.g. avg152 "T2", "PD") for the ``t1_template`` source.
+    ``train_pairs`` / ``val_pairs``: :class:`Pair` objects of a manifest (each on its own fixed
+    image's grid of ``grid``'s size and spacing); when there are pairs, training draws from them
+    only. ``info``: where the data came from (goes into the model card). Build from the shared data
+    with :func:`prepare_ixi`, from a manifest with :func:`prepare_manifest`, or directly from
+    in-memory arrays (tests, other anatomies).
     """
 
     grid: NetworkGrid
-    training: list
+    training: list = field(default_factory=list)
     validation: list = field(default_factory=list)
     templates: dict = field(default_factory=dict)
     info: dict = field(default_factory=dict)
+    train_pairs: list = field(default_factory=list)
+    val_pairs: list = field(default_factory=list)
 
     def check(self, cfg: TrainConfig) -> dict:
         """Validate against ``cfg`` and return the normalised source weights (only sources with data)."""
         shape = self.grid.spatial_shape
+        for p in self.train_pairs + self.val_pairs:
+            arrays = [p.fixed, p.moving] + [a for a in (p.fixed_labels, p.moving_labels) if a is not None]
+            if any(a.shape != shape for a in arrays):
+                raise InputError(f"Pair {p.name} is not on a training grid of shape {shape} (got {p.fixed.shape}).")
+        if self.train_pairs:
+            return {"pairs": 1.0}  # a manifest's pairs are the only source
         for s in self.training + self.validation:
             if s.image.shape != shape or (s.labels is not None and s.labels.shape != shape):
                 raise InputError(f"Subject {s.id} is not on the training grid {shape} (got {s.image.shape}).")
@@ -352,7 +469,8 @@ class TrainingData:
                 raise InputError(f"Template {name} is not on the training grid {shape} (got {img.shape}).")
         weights = {k: float(v) for k, v in cfg.data.sources.items() if v > 0}
         if not self.training:
-            raise InputError("No training subjects: check data.training_subjects / data.validation_subjects.")
+            raise InputError("No training subjects or pairs: check data.training_subjects / data.validation_subjects, "
+                             "or give a manifest (data.manifest / --data MANIFEST).")
         for key in ("t1_t1", "t1_t1_remap"):
             if key in weights and len(self.training) < 2:
                 raise InputError(f"data.sources.{key} needs at least 2 training subjects.")
@@ -369,6 +487,25 @@ def _cache_root(cfg: TrainConfig) -> Path:
         return Path(cfg.data.cache_dir).expanduser()
     env = os.environ.get("MMREG_CACHE")
     return (Path(env).expanduser() if env else Path.home() / ".cache" / "mmreg") / "train"
+
+
+def _cached(cache: Path, name: str, key, files, make) -> dict:
+    """The arrays ``make()`` returns, stored once in ``cache/<name>_<hash>.npz``; the hash covers
+    ``key`` (a hashlib object: recipe version and grid) and the size and date of ``files``."""
+    h = key.copy()
+    for f in files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).name}:{st.st_size}:{int(st.st_mtime)}".encode())
+    path = cache / f"{name}_{h.hexdigest()[:12]}.npz"
+    if path.is_file():
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    arrays = make()
+    cache.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    os.replace(tmp, path)
+    return arrays
 
 
 def template_grid(template: sitk.Image, spacing_mm: float, multiple: int, grid_size=None) -> NetworkGrid:
@@ -420,19 +557,7 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     template_norm, _ = normalize_intensity(template, "MR")
 
     def cached(name: str, files, make):
-        h = key.copy()
-        for f in files:
-            st = Path(f).stat()
-            h.update(f"{Path(f).name}:{st.st_size}:{int(st.st_mtime)}".encode())
-        path = cache / f"{name}_{h.hexdigest()[:12]}.npz"
-        if path.is_file():
-            with np.load(path, allow_pickle=False) as z:
-                return {k: z[k] for k in z.files}
-        arrays = make()
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez_compressed(tmp, **arrays)
-        os.replace(tmp, path)
-        return arrays
+        return _cached(cache, name, key, files, make)
 
     def to_grid(img, tx=None, interp=sitk.sitkLinear):
         return sitk.GetArrayFromImage(grid.resample(img, tx, interp)).reshape(grid.spatial_shape)
@@ -472,6 +597,122 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     info["validation_subjects"] = [s.id for s in val]
     info["templates"] = sorted(templates)
     return TrainingData(grid, train, val, templates, info)
+
+
+def prepare_manifest(cfg: TrainConfig, progress: ProgressCallback | None = None, log=None) -> TrainingData:
+    """The pairs of ``cfg.data.manifest`` on their training grids (prepared once, then cached).
+
+    Each entry is checked first (:func:`mmreg.manifest.check_entry`: readable, 3-D scalar, finite,
+    not constant, labels on their image's grid); a bad entry is reported through ``log`` and in
+    ``info["skipped"]`` and left out, so a run never stops on it halfway. For each good pair, as
+    ``mmreg register`` does: both images normalised per their modality, the moving one affinely
+    aligned to the fixed one (``data.prealign``), then resampled onto the fixed image's grid at
+    ``cfg.spacing_mm`` (labels nearest neighbour). All grids get one size (the largest, padded to
+    the network multiple, or ``cfg.grid_size``) so pairs can be batched; pairs whose moving image
+    covers under 1 % of that grid after alignment are skipped. Validation split: the entries marked
+    "validation", else ``data.validation_fraction`` of the unmarked ones (seeded by ``cfg.seed``).
+    :class:`InputError` when no usable training pair is left.
+    """
+    from .affine import affine_prealign  # noqa: PLC0415
+    from .errors import MMRegError  # noqa: PLC0415
+    from .intensity import normalize_intensity  # noqa: PLC0415
+    from .manifest import check_entry, describe_problem, manifest_digest, read_manifest  # noqa: PLC0415
+    from .networks import size_multiple  # noqa: PLC0415
+
+    prog = Progress(progress)
+    say = log or (lambda line: None)
+    path = Path(cfg.data.manifest).expanduser()
+    entries, problems = read_manifest(path)
+    skipped = [{"entry": p.split(":", 1)[0], "reason": p.split(":", 1)[-1].strip()} for p in problems]
+    multiple = size_multiple(cfg.full_architecture())
+
+    def skip(entry_name: str, reason: str):
+        skipped.append({"entry": entry_name, "reason": reason})
+        say(f"manifest {entry_name}: skipped: {reason}")
+
+    for p in problems:
+        say(f"manifest {p.split(':', 1)[0]}: skipped: {p.split(':', 1)[-1].strip()}")
+    checked = []
+    for k, entry in enumerate(entries):
+        prog(0.2 * k / max(len(entries), 1), f"checking {entry.name}")
+        try:
+            images = check_entry(entry)
+        except MMRegError as exc:
+            skip(entry.name, describe_problem(exc))
+            continue
+        except Exception as exc:  # noqa: BLE001 - an unreadable file of any kind: report, skip, go on
+            skip(entry.name, describe_problem(exc))
+            continue
+        if min(images[0].GetSize()) == 1 or min(images[1].GetSize()) == 1:
+            skip(entry.name, "a single-slice (2-D) image; training runs on 3-D volumes")
+            continue
+        checked.append((entry, images, NetworkGrid.for_image(images[0], spacing=cfg.spacing_mm, multiple=multiple)))
+    if not checked:
+        reasons = "; ".join(f"{s['entry']}: {s['reason']}" for s in skipped[:3])
+        raise InputError(f"No usable pair in the manifest '{path}' ({len(skipped)} skipped{': ' + reasons if reasons else ''}).")
+    size = list(cfg.grid_size) or [max(g.size[i] for _, _, g in checked) for i in range(3)]
+    key = hashlib.sha1(json.dumps([PREP_VERSION, "manifest", size, cfg.spacing_mm, cfg.data.prealign]).encode())
+    cache = _cache_root(cfg)
+    pairs = []
+    for k, (entry, images, grid) in enumerate(checked):
+        prog(0.2 + 0.8 * k / len(checked), f"preparing {entry.name}")
+        grid = template_grid(images[0], cfg.spacing_mm, multiple, size)
+
+        def make(entry=entry, images=images, grid=grid):
+            fixed, moving, fixed_labels, moving_labels = images
+            fn, _ = normalize_intensity(fixed, entry.fixed_modality)
+            mn, _ = normalize_intensity(moving, entry.moving_modality)
+            tx = affine_prealign(fn, mn, seed=1).transform if cfg.data.prealign == "affine" else None
+
+            def to_grid(img, t=None, interp=sitk.sitkLinear):
+                return sitk.GetArrayFromImage(grid.resample(img, t, interp)).reshape(grid.spatial_shape)
+            ones = sitk.Cast(mn * 0 + 1, sitk.sitkFloat32)
+            ones.CopyInformation(mn)
+            out = {"fixed": to_grid(fn).astype(np.float32), "moving": to_grid(mn, tx).astype(np.float32),
+                   "coverage": np.array(float(to_grid(ones, tx, sitk.sitkNearestNeighbor).mean()))}
+            if fixed_labels is not None:
+                out["fixed_labels"] = to_grid(fixed_labels, None, sitk.sitkNearestNeighbor).astype(np.int32)
+            if moving_labels is not None:
+                out["moving_labels"] = to_grid(moving_labels, tx, sitk.sitkNearestNeighbor).astype(np.int32)
+            return out
+        try:
+            arr = _cached(cache, f"pair_{hashlib.sha1(entry.name.encode()).hexdigest()[:8]}",
+                          key.copy(), entry.files(), make)
+        except MMRegError as exc:
+            skip(entry.name, describe_problem(exc))
+            continue
+        if float(arr["coverage"]) < 0.01:
+            skip(entry.name, "after pre-alignment the moving image covers under 1 % of the fixed image's grid (no overlap)")
+            continue
+        pairs.append((entry, Pair(entry.name, arr["fixed"], arr["moving"], arr.get("fixed_labels"),
+                                  arr.get("moving_labels"))))
+    if not pairs:
+        raise InputError(f"No usable pair in the manifest '{path}' ({len(skipped)} skipped).")
+    marked = [i for i, (e, _) in enumerate(pairs) if e.split == "validation"]
+    if marked:
+        val_idx = set(marked)
+    else:
+        free = [i for i, (e, _) in enumerate(pairs) if e.split == ""]
+        n_val = 0
+        if cfg.data.validation_fraction > 0 and len(pairs) >= 2 and free:
+            n_val = min(len(free), len(pairs) - 1, max(1, int(round(cfg.data.validation_fraction * len(pairs)))))
+        order = np.random.default_rng(cfg.seed).permutation(len(free))
+        val_idx = {free[i] for i in order[:n_val]}
+    train = [p for i, (_, p) in enumerate(pairs) if i not in val_idx]
+    val = [p for i, (_, p) in enumerate(pairs) if i in val_idx]
+    if not train:
+        raise InputError(f"Every usable pair of the manifest '{path}' is marked validation; mark some as train.")
+    if not val:
+        say("no validation pairs (one usable pair, or validation_fraction 0): the last weights are kept")
+    prog(1.0, "data prepared")
+    grid = template_grid(checked[0][1][0], cfg.spacing_mm, multiple, size)
+    info = {"source": "manifest", "manifest": str(path), "manifest_sha256": manifest_digest(entries),
+            "prealign": cfg.data.prealign, "grid": {"size": size, "spacing_mm": [float(cfg.spacing_mm)] * 3},
+            "training_pairs": [p.name for p in train], "validation_pairs": [p.name for p in val],
+            "labelled_validation_pairs": sum(p.fixed_labels is not None and p.moving_labels is not None for p in val),
+            "skipped": skipped}
+    return TrainingData(grid, info=info, train_pairs=train, val_pairs=val)
+
 
 
 # ----------------------------------------------------------------------------- augmentation (torch, on the grid)
@@ -594,9 +835,21 @@ def remap_intensities(image: torch.Tensor, rng: np.random.Generator, control_poi
     return (out - lo) / max(hi - lo, 1e-6)
 
 
+def pair_rng(seed: int, step: int, index: int) -> np.random.Generator:
+    """The random generator of pair ``index`` (0-based, of the global batch) at ``step``: every
+    pair is drawn and augmented from its own seed, so a run is reproducible, resumes exactly, and
+    gives the same pairs whatever the number of training processes."""
+    return np.random.default_rng([int(seed), int(step), int(index)])
+
+
+def loss_generator(seed: int, step: int, index: int) -> torch.Generator:
+    """A CPU ``torch.Generator`` for the loss's randomness of pair ``index`` at ``step`` (see :func:`pair_rng`)."""
+    return torch.Generator().manual_seed(int(np.random.default_rng([int(seed), int(step), int(index), 1]).integers(2**62)))
+
+
 class PairSampler:
-    """Draws augmented training pairs from :class:`TrainingData` per the config (all randomness from
-    one ``numpy.random.Generator``, so a run is reproducible and resumable from its state)."""
+    """Draws augmented training pairs from :class:`TrainingData` per the config (each pair from its
+    own generator, :func:`pair_rng`)."""
 
     def __init__(self, data: TrainingData, cfg: TrainConfig, weights: dict, device):
         self.data, self.cfg, self.device = data, cfg, device
@@ -611,6 +864,9 @@ class PairSampler:
     def raw_pair(self, rng: np.random.Generator) -> tuple:
         """(fixed, moving, source name) before augmentation, each ``(1, 1, *spatial)``."""
         source = self.names[int(rng.choice(len(self.names), p=self.p))]
+        if source == "pairs":  # a manifest's pair, as it is (already pre-aligned)
+            pair = self.data.train_pairs[int(rng.integers(len(self.data.train_pairs)))]
+            return self._tensor(pair.fixed), self._tensor(pair.moving), "pairs"
         subjects = self.data.training
         i = int(rng.integers(len(subjects)))
         fixed = self._tensor(subjects[i].image)
@@ -653,10 +909,12 @@ class PairSampler:
             fixed = random_bias_and_noise(fixed, a.bias_strength, a.noise_std, rng)
         return fixed, moving
 
-    def batch(self, rng: np.random.Generator) -> tuple:
-        """``(fixed, moving, sources)``: ``(B, 1, *spatial)`` tensors of ``cfg.batch_size`` augmented pairs."""
+    def batch(self, step: int, indices) -> tuple:
+        """``(fixed, moving, sources)``: ``(B, 1, *spatial)`` tensors of the augmented pairs with the
+        global batch ``indices`` at ``step`` (all of ``range(batch_size)`` in a single process)."""
         fs, ms, srcs = [], [], []
-        for _ in range(self.cfg.batch_size):
+        for index in indices:
+            rng = pair_rng(self.cfg.seed, step, index)
             f, m, s = self.raw_pair(rng)
             f, m = self.augment(f, m, rng)
             fs.append(f)
@@ -676,7 +934,13 @@ def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: i
     subject, b runs over the training subjects instead (the fixed image stays unseen). ``synth``
     False: the mono pairs only. ``remap``: also (T1_a, T1_b through a random intensity curve with a
     fixed seed, :func:`remap_intensities`). Dicts with name, fixed,
-    moving (``(1, 1, *spatial)`` CPU tensors), fixed_labels, moving_labels (numpy)."""
+    moving (``(1, 1, *spatial)`` CPU tensors), fixed_labels, moving_labels (numpy).
+
+    With a manifest (``data.val_pairs``), its validation pairs as they are (labels may be None)."""
+    if data.val_pairs:
+        return [{"name": p.name, "fixed": torch.from_numpy(p.fixed)[None, None].float(),
+                 "moving": torch.from_numpy(p.moving)[None, None].float(), "fixed_labels": p.fixed_labels,
+                 "moving_labels": p.moving_labels} for p in data.val_pairs]
     subs = [s for s in data.validation if s.labels is not None]
     pairs = [(a, b) for a in subs for b in subs if a is not b][:max_subject_pairs]
     if len(subs) == 1:  # one held-out subject: it is the fixed image, training subjects move
@@ -720,57 +984,88 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return mean_dice(a, b, ids) if ids else float("nan")
 
 
+#: The kinds of the built-in validation pairs (the last word of their names).
+_KINDS = ("T1", "synth", "remapped")
+
+
 def _dice_by_kind(result: dict) -> dict:
-    """Mean Dice per kind of validation pair (the word after the pair's ids: "T1", "synth", "remapped")."""
+    """Mean Dice per kind of validation pair (the word after the pair's ids: "T1", "synth",
+    "remapped"; a manifest's pairs are "pairs"), over the pairs with labels."""
     groups: dict = {}
     for name, entry in result.get("pairs", {}).items():
-        groups.setdefault(name.split(" ", 1)[-1], []).append(entry["dice"])
+        if entry.get("dice") is None:
+            continue
+        kind = name.rsplit(" ", 1)[-1]
+        groups.setdefault(kind if kind in _KINDS else "pairs", []).append(entry["dice"])
     return {k: float(np.nanmean(v)) for k, v in groups.items()}
 
 
+def validation_score(v: dict) -> float:
+    """What "best" means for a validation result: its mean Dice when the pairs have labels, else
+    minus its mean loss (higher is better either way)."""
+    return v["mean_dice"] if v.get("mean_dice") is not None else -v["mean_loss"]
+
+
 def validate(network, pairs: list, cfg: TrainConfig, device, with_identity: bool = False) -> dict:
-    """Mean Dice of the warped moving labels (nearest neighbour) vs the fixed labels after the
-    network (and, with ``with_identity``, before it), and the mean folding %, over ``pairs``."""
-    from .spatial import integrate_velocity, warp  # noqa: PLC0415
+    """Validation numbers of ``network`` over ``pairs`` (from :func:`validation_pairs`).
+
+    Per pair: the method's training loss (fixed seed) and the folding % of the displacement; with
+    both label maps, the mean Dice of the warped moving labels (nearest neighbour) vs the fixed
+    labels. Returns ``mean_dice`` (None when no pair has labels), ``mean_loss``,
+    ``folding_percent`` and ``pairs`` (per-pair entries); ``with_identity`` adds
+    ``mean_dice_identity`` and ``mean_loss_identity`` (the numbers before registration). The
+    global torch random state is left as it was (validation does not change a run's course).
+    """
+    from .spatial import warp  # noqa: PLC0415
     if not pairs:
         return {}
+    spec = training_spec(cfg.method)
     was_training = network.training
     network.eval()
-    per, after, before, folds = {}, [], [], []
-    with torch.inference_mode():
+    per, after, before, losses, losses_before, folds = {}, [], [], [], [], []
+    with torch.inference_mode(), torch.random.fork_rng(devices=[]):
         for p in pairs:
             fixed, moving = p["fixed"].to(device), p["moving"].to(device)
-            field = network(torch.cat([fixed, moving], dim=1))
-            ddf = integrate_velocity(field, cfg.integration_steps) if cfg.diffeomorphic else field
-            lab = torch.from_numpy(p["moving_labels"].astype(np.float32))[None, None].to(device)
-            warped = warp(lab, ddf, mode="nearest", padding_mode="zeros")[0, 0].round().cpu().numpy().astype(np.int64)
-            d = _dice(p["fixed_labels"], warped)
-            after.append(d)
+            output = network(torch.cat([fixed, moving], dim=1))
+            ddf = spec.displacement(output, cfg)
+            loss, _ = spec.loss(fixed, moving, output, cfg, torch.Generator().manual_seed(0))
+            losses.append(float(loss))
             folds.append(_folding_percent(ddf))
-            entry = {"dice": d, "folding_percent": folds[-1]}
+            entry = {"dice": None, "loss": losses[-1], "folding_percent": folds[-1]}
             if with_identity:
-                entry["dice_identity"] = _dice(p["fixed_labels"], p["moving_labels"])
-                before.append(entry["dice_identity"])
+                loss0, _ = spec.loss(fixed, moving, torch.zeros_like(output), cfg, torch.Generator().manual_seed(0))
+                entry["loss_identity"] = float(loss0)
+                losses_before.append(float(loss0))
+            if p.get("fixed_labels") is not None and p.get("moving_labels") is not None:
+                lab = torch.from_numpy(p["moving_labels"].astype(np.float32))[None, None].to(device)
+                warped = warp(lab, ddf, mode="nearest", padding_mode="zeros")[0, 0].round().cpu().numpy().astype(np.int64)
+                entry["dice"] = _dice(p["fixed_labels"], warped)
+                after.append(entry["dice"])
+                if with_identity:
+                    entry["dice_identity"] = _dice(p["fixed_labels"], p["moving_labels"])
+                    before.append(entry["dice_identity"])
             per[p["name"]] = entry
     network.train(was_training)
-    out = {"mean_dice": float(np.nanmean(after)), "folding_percent": float(np.mean(folds)), "pairs": per}
+    out = {"mean_dice": float(np.nanmean(after)) if after else None, "mean_loss": float(np.mean(losses)),
+           "folding_percent": float(np.mean(folds)), "pairs": per}
     if with_identity:
-        out["mean_dice_identity"] = float(np.nanmean(before))
+        out["mean_dice_identity"] = float(np.nanmean(before)) if before else None
+        out["mean_loss_identity"] = float(np.mean(losses_before))
     return out
 
 
 # ----------------------------------------------------------------------------- checkpoints
 
 
-def _rng_state(rng: np.random.Generator, device) -> dict:
-    state = {"numpy": json.dumps(rng.bit_generator.state), "torch": torch.get_rng_state()}
+def _rng_state(device) -> dict:
+    """The global torch random states (pairs and losses draw from per-pair seeds, :func:`pair_rng`)."""
+    state = {"torch": torch.get_rng_state()}
     if torch.device(device).type == "cuda":
         state["cuda"] = torch.cuda.get_rng_state(torch.device(device))
     return state
 
 
-def _set_rng_state(rng: np.random.Generator, state: dict, device) -> None:
-    rng.bit_generator.state = json.loads(state["numpy"])
+def _set_rng_state(state: dict, device) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.device(device).type == "cuda":
         torch.cuda.set_rng_state(state["cuda"], torch.device(device))
@@ -781,7 +1076,6 @@ def load_base_weights(cfg: TrainConfig) -> tuple:
     checkpoint's ``network``) or a model of ``cfg.method`` (name or folder; checksum verified by
     :func:`mmreg.models.load_model`). :class:`InputError` when it is missing or unreadable."""
     from .models import load_model  # noqa: PLC0415
-    from .networks import registration_unet  # noqa: PLC0415
     ref = str(cfg.base_model)
     if ref.endswith(".pt"):
         path = Path(ref).expanduser()
@@ -793,16 +1087,16 @@ def load_base_weights(cfg: TrainConfig) -> tuple:
             raise InputError(f"base_model '{path}' cannot be read ({type(exc).__name__}: {exc}).") from None
         state = state.get("network", state) if isinstance(state, dict) else state
         return state, str(path)
-    network, card = load_model(cfg.method, ref, registration_unet, "cpu")
+    network, card = load_model(cfg.method, ref, training_spec(cfg.method).build_network, "cpu")
     return network.state_dict(), f"{card.name} (sha256 {card.sha256})"
 
 
-def save_checkpoint(path: Path, network, optimizer, step: int, rng, cfg: TrainConfig, history: dict, device) -> Path:
-    """Write a checkpoint (network + optimiser state, step, RNG states, config, history) atomically."""
+def save_checkpoint(path: Path, network, optimizer, step: int, cfg: TrainConfig, history: dict, device) -> Path:
+    """Write a checkpoint (network + optimiser state, step, torch RNG states, config, history) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save({"format": 1, "step": int(step), "network": {k: v.detach().cpu() for k, v in network.state_dict().items()},
-                "optimizer": optimizer.state_dict(), "rng": _rng_state(rng, device),
+                "optimizer": optimizer.state_dict(), "rng": _rng_state(device),
                 "config": json.dumps(cfg.to_dict()), "history": json.dumps(history)}, tmp)
     os.replace(tmp, path)
     return path
@@ -830,11 +1124,116 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
     now = cfg.to_dict()
     now["data"].pop("root", None), saved["data"].pop("root", None)
     now["data"].pop("cache_dir", None), saved["data"].pop("cache_dir", None)
+    for d in (now["data"], saved["data"]):  # keys added later: absent in older checkpoints = their defaults
+        d.setdefault("manifest", None), d.setdefault("validation_fraction", 0.2), d.setdefault("prealign", "affine")
     diff = sorted(k for k in set(now) | set(saved) if k not in _RESUMABLE and now.get(k) != saved.get(k))
     if diff:
         raise InputError(f"The config differs from the one of the checkpoint '{path}' in: {', '.join(diff)}. Resume "
                          "with the same config (only steps, threads, device, validation_every, checkpoint_every may "
                          "change), or start a new run in another output folder.")
+
+
+# ----------------------------------------------------------------------------- files of a run (log, events, stop)
+
+#: Under ``<output>/training/``: the human log, the event stream and the stop request.
+LOG_FILE, PROGRESS_FILE, STOP_FILE = "log.txt", "progress.jsonl", "STOP"
+
+
+def _json_safe(value):
+    """``value`` with NaN/Inf floats as None (the event stream is strict JSON)."""
+    if isinstance(value, float) and not np.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+class RunFiles:
+    """The files through which a run reports while it goes (what the Slicer training module and a
+    cluster user's ``tail -f`` read): ``log.txt`` (timestamped lines), ``progress.jsonl`` (one JSON
+    event per line: start, step, validation, stopped, done, error; see :func:`read_progress`) and
+    the ``STOP`` request file (:func:`request_stop`). Writes nothing when ``active`` is False (the
+    other processes of a distributed run)."""
+
+    def __init__(self, folder: Path, active: bool = True):
+        self.folder, self.active = Path(folder), active
+        if active:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            (self.folder / STOP_FILE).unlink(missing_ok=True)  # an old request must not stop the new run
+
+    def line(self, text: str) -> None:
+        """Append a timestamped line to ``log.txt``."""
+        if self.active:
+            with open(self.folder / LOG_FILE, "a", encoding="utf-8") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {text}\n")
+
+    def event(self, kind: str, **fields) -> None:
+        """Append ``{"event": kind, **fields, "time": unix seconds}`` to ``progress.jsonl`` (flushed)."""
+        if self.active:
+            record = _json_safe({"event": kind, **fields, "time": round(time.time(), 3)})
+            with open(self.folder / PROGRESS_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def stop_requested(self) -> bool:
+        """True when someone asked the run to stop (:func:`request_stop`)."""
+        return (self.folder / STOP_FILE).exists()
+
+
+def request_stop(output: str | os.PathLike) -> Path:
+    """Ask the run writing into ``output`` to stop: it finishes its step, saves the checkpoint and
+    the model so far, and exits (``mmreg train`` with code 130); ``--resume`` continues it.
+    Returns the request file's path."""
+    path = Path(output).expanduser() / CHECKPOINT_DIR / STOP_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("stop requested\n")
+    return path
+
+
+def can_resume(output: str | os.PathLike) -> bool:
+    """True when ``output`` holds a run's checkpoint (``training/last.pt``) that ``--resume`` continues."""
+    return (Path(output).expanduser() / CHECKPOINT_DIR / "last.pt").is_file()
+
+
+def read_progress(output: str | os.PathLike, offset: int = 0) -> tuple:
+    """``(events, new_offset)``: the complete event lines of ``output``'s ``progress.jsonl`` after
+    byte ``offset`` (a half-written last line waits for the next call). Events are dicts with
+    ``event`` = "start" (method, name, steps, start_step, output, pairs, skipped), "step" (step,
+    steps, loss, seconds_per_step, eta_s), "validation" (step, mean_dice or None without labels,
+    mean_loss, folding_percent, best_step), "stopped" (step, checkpoint, model_dir), "done" (step,
+    model_dir, wall_s) or "error" (message)."""
+    path = Path(output).expanduser() / CHECKPOINT_DIR / PROGRESS_FILE
+    if not path.is_file():
+        return [], offset
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1
+    events = []
+    for raw in data[:end].splitlines():
+        try:
+            events.append(json.loads(raw))
+        except json.JSONDecodeError:
+            continue
+    return events, offset + end
+
+
+def _distributed_setup(device_text: str):
+    """``(rank, world_size, initialised_here)`` from torchrun's environment (1 process: ``(0, 1, False)``).
+
+    With ``WORLD_SIZE`` > 1 the default process group is created (NCCL on CUDA, else gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1, False
+    import torch.distributed as dist  # noqa: PLC0415
+    if not dist.is_available():
+        raise InputError("WORLD_SIZE > 1 but this torch has no distributed package; run a single process.")
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), False
+    use_cuda = device_text.startswith("cuda") or (device_text == "auto" and torch.cuda.is_available())
+    dist.init_process_group("nccl" if use_cuda else "gloo")
+    return dist.get_rank(), dist.get_world_size(), True
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -843,8 +1242,9 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
 @dataclass
 class TrainResult:
     """What :func:`train` returns: ``model_dir`` (folder with model.pt/model.json), ``card`` (the
-    :class:`mmreg.models.ModelCard`), ``history`` (losses, s/step, validation), ``seconds`` (wall
-    time of this invocation) and ``final_step``."""
+    :class:`mmreg.models.ModelCard`; None in the processes other than 0 of a distributed run, which
+    write nothing), ``history`` (losses, s/step, validation), ``seconds`` (wall time of this
+    invocation) and ``final_step``."""
 
     model_dir: Path
     card: object
@@ -857,40 +1257,98 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
           progress: ProgressCallback | None = None, log=None) -> TrainResult:
     """Train a model per ``cfg``; returns a :class:`TrainResult`.
 
-    ``data``: prepared volumes on the training grid (None: :func:`prepare_ixi` from the shared
-    data). ``resume``: continue from ``<output>/training/last.pt`` (same config except steps and
-    the run settings). ``progress(fraction, message)`` may raise :class:`CancelledError` (or return
-    False) to stop: the current state is checkpointed first, then the error propagates (also on
-    Ctrl-C). ``log``: optional callable taking a line of text (validation results, throughput).
+    ``data``: prepared volumes (None: :func:`prepare_manifest` when ``cfg.data.manifest`` is set,
+    else :func:`prepare_ixi` from the shared data). ``resume``: continue from
+    ``<output>/training/last.pt`` (same config except steps and the run settings). Stopping:
+    ``progress(fraction, message)`` raising :class:`CancelledError` (or returning False), a
+    :func:`request_stop` file, Ctrl-C or SIGTERM: the checkpoint AND the model so far are written,
+    then :class:`CancelledError` (KeyboardInterrupt for Ctrl-C) propagates. ``log``: optional
+    callable taking a line of text; every line also goes to ``<output>/training/log.txt`` and the
+    events to ``progress.jsonl`` (:class:`RunFiles`).
+
+    Distributed data parallel: started by ``torchrun`` (``WORLD_SIZE`` > 1), each process
+    computes its share of the global batch ``cfg.batch_size`` (which must divide evenly) and the
+    gradients are averaged (DDP; gloo on CPU, NCCL on GPUs). Pair ``k`` of a step is the same
+    in any number of processes (:func:`pair_rng`), so N processes give the model one process
+    gives with the same global batch. Process 0 validates and writes checkpoints, logs and the model.
     """
     from .device import choose_device, set_threads  # noqa: PLC0415
-    from .methods.mi import training_loss  # noqa: PLC0415
-    from .models import ModelCard, save_model  # noqa: PLC0415
-    from .networks import parameter_count, registration_unet, size_multiple  # noqa: PLC0415
+    from .models import CARD_FILE, ModelCard, save_model  # noqa: PLC0415
+    from .networks import parameter_count, size_multiple  # noqa: PLC0415
 
     t_start = time.perf_counter()
     validate_config(cfg)
-    say = log or (lambda line: None)
-    prog = Progress(progress)
-    threads = set_threads(cfg.threads)
-    device = choose_device(cfg.device)
-    out_dir = cfg.output_dir()
-    ck_dir = out_dir / CHECKPOINT_DIR
-    last_path, best_path = ck_dir / "last.pt", ck_dir / "best.pt"
-    if not resume and last_path.exists():
-        raise InputError(f"'{out_dir}' already holds a training run ({last_path}); pass --resume to continue it, or "
-                         "choose another --output / name.")
+    spec = training_spec(cfg.method)
+    rank, world, dist_here = _distributed_setup(cfg.device)
+    main = rank == 0
+    try:
+        if cfg.batch_size % world:
+            raise InputError(f"batch_size {cfg.batch_size} is the global batch and must be a multiple of the number of "
+                             f"training processes ({world}).")
+        local = cfg.batch_size // world
+        prog = Progress(progress if main else None)
+        threads = set_threads(cfg.threads)
+        device = choose_device(cfg.device)
+        if device.type == "cuda" and world > 1:
+            device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(device)
+        out_dir = cfg.output_dir()
+        ck_dir = out_dir / CHECKPOINT_DIR
+        last_path, best_path = ck_dir / "last.pt", ck_dir / "best.pt"
+        if not resume and last_path.exists():
+            raise InputError(f"'{out_dir}' already holds a training run ({last_path}); pass --resume to continue it, or "
+                             "choose another --output / name.")
+        if not resume and (out_dir / CARD_FILE).exists():
+            raise InputError(f"'{out_dir}' already holds a model; choose another --output / name, or delete that model "
+                             "first (mmreg models delete).")
+        files = RunFiles(ck_dir, active=main)
+    except BaseException:
+        if dist_here:
+            torch.distributed.destroy_process_group()
+        raise
+
+    def say(line: str) -> None:
+        if main:
+            files.line(line)
+            if log:
+                log(line)
+
+    try:
+        return _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, prog, files, say,
+                           out_dir, ck_dir, last_path, best_path, t_start, ModelCard, save_model, parameter_count,
+                           size_multiple)
+    except (CancelledError, KeyboardInterrupt):
+        raise
+    except BaseException as exc:
+        files.event("error", message=str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
+        raise
+    finally:
+        if dist_here:
+            torch.distributed.destroy_process_group()
+
+
+def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, prog, files, say, out_dir, ck_dir,
+                last_path, best_path, t_start, ModelCard, save_model, parameter_count, size_multiple) -> TrainResult:
+    """The body of :func:`train` (after the run's folder and processes are set up)."""
+    main = rank == 0
+    dist = torch.distributed if world > 1 else None
     arch = cfg.full_architecture()
     multiple = size_multiple(arch)
     if data is None:
-        data = prepare_ixi(cfg, prog.sub(0.0, 0.05))
+        if dist is not None and not main:
+            dist.barrier()  # process 0 prepares (and caches) the data first
+        if cfg.data.manifest:
+            data = prepare_manifest(cfg, prog.sub(0.0, 0.05), say)
+        else:
+            data = prepare_ixi(cfg, prog.sub(0.0, 0.05))
+        if dist is not None and main:
+            dist.barrier()
     if any(s % multiple for s in data.grid.spatial_shape):
         raise InputError(f"The training grid {data.grid.spatial_shape} is not a multiple of {multiple}.")
     weights = data.check(cfg)
 
     torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    network = registration_unet(arch).to(device)
+    network = spec.build_network(arch).to(device)
     network.train()
     base_description = None
     if cfg.base_model and not resume:
@@ -902,126 +1360,199 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
                              "architecture it was trained with.") from None
         say(f"starting from base model {base_description}")
     optimizer = torch.optim.Adam(network.parameters(), lr=cfg.learning_rate)
-    history = {"loss": [], "mi": [], "smoothness": [], "source": [], "seconds_per_step": [], "validation": [],
-               "best": None, "wall_seconds": 0.0, "base_model": base_description, "skipped_steps": 0}
+    history = {"loss": [], "source": [], "seconds_per_step": [], "validation": [], "best": None, "wall_seconds": 0.0,
+               "base_model": base_description, "skipped_steps": 0}
     step = 0
     if resume:
         ck = load_checkpoint(last_path)
         _check_resume(cfg, ck["config"], last_path)
         network.load_state_dict(ck["network"])
         optimizer.load_state_dict(ck["optimizer"])
-        _set_rng_state(rng, ck["rng"], device)
+        _set_rng_state(ck["rng"], device)
         history, step = ck["history"], int(ck["step"])
         say(f"resumed from {last_path} at step {step}")
         if step >= cfg.steps:
             say(f"the checkpoint is already at step {step} >= steps = {cfg.steps}; writing the model")
+    model = network
+    if dist is not None:
+        from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+        model = DistributedDataParallel(network, device_ids=[device.index] if device.type == "cuda" else None)
     wall_before = float(history.get("wall_seconds", 0.0))
     sampler = PairSampler(data, cfg, weights, device)
     val_pairs = validation_pairs(data, synth="t1_synth" in weights,  # validate on the kinds of pairs trained
-                                 remap="t1_t1_remap" in weights)
-    def record_validation(v: dict) -> str:
-        """Append ``v`` (from :func:`validate`) to the history at this step; returns the per-kind
+                                 remap="t1_t1_remap" in weights) if main else []
+    files.event("start", method=cfg.method, name=cfg.name, steps=cfg.steps, start_step=step, output=str(out_dir),
+                processes=world, pairs={"training": len(data.train_pairs) or len(data.training),
+                                        "validation": len(val_pairs)},
+                skipped=data.info.get("skipped", []))
+    for entry in data.info.get("skipped", []):
+        say(f"skipped manifest {entry['entry']}: {entry['reason']}")
+
+    def record_validation(v: dict, candidate: bool = True) -> str:
+        """Append ``v`` (from :func:`validate`) to the history and the event stream at this step,
+        updating the best (unless not a ``candidate``: the untrained start); returns the per-kind
         Dice as text for the log (empty with one kind of pair)."""
         kinds = _dice_by_kind(v)
-        history["validation"].append({"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"],
-                                      "dice_by_kind": kinds})
+        history["validation"].append({"step": step, "mean_dice": v["mean_dice"], "mean_loss": v["mean_loss"],
+                                      "folding_percent": v["folding_percent"], "dice_by_kind": kinds})
+        best = history.get("best")
+        if candidate and (best is None or validation_score(v) > validation_score(best)):
+            history["best"] = {"step": step, "mean_dice": v["mean_dice"], "mean_loss": v["mean_loss"],
+                               "folding_percent": v["folding_percent"],
+                               "criterion": "dice" if v["mean_dice"] is not None else "loss"}
+        files.event("validation", step=step, mean_dice=v["mean_dice"], mean_loss=v["mean_loss"],
+                    folding_percent=v["folding_percent"], dice_by_kind=kinds,
+                    best_step=history["best"]["step"] if history.get("best") else None)
         return " (" + ", ".join(f"{k} {d:.4f}" for k, d in kinds.items()) + ")" if len(kinds) > 1 else ""
+
+    def numbers(v: dict, key: str = "") -> str:
+        dice, loss = v.get("mean_dice" + key), v.get("mean_loss" + key)
+        return f"mean Dice {dice:.4f}" if dice is not None else f"loss {loss:.4f}"
 
     if val_pairs and not history["validation"]:
         v = validate(network, val_pairs, cfg, device, with_identity=True)
         history["identity_dice"] = v["mean_dice_identity"]
-        kinds = record_validation(v)
-        say(f"validation at step {step}: mean Dice {v['mean_dice_identity']:.4f} (identity) / {v['mean_dice']:.4f} "
-            f"(network), folding {v['folding_percent']:.3f} %{kinds}")
+        history["identity_loss"] = v["mean_loss_identity"]
+        kinds = record_validation(v, candidate=False)
+        say(f"validation at step {step}: {numbers(v, '_identity')} (identity) / {numbers(v)} (network), "
+            f"folding {v['folding_percent']:.3f} %{kinds}")
 
     def checkpoint():
         history["wall_seconds"] = wall_before + time.perf_counter() - t_start
-        save_checkpoint(last_path, network, optimizer, step, rng, cfg, history, device)
+        if main:
+            save_checkpoint(last_path, network, optimizer, step, cfg, history, device)
 
     def run_validation():
         v = validate(network, val_pairs, cfg, device)
         kinds = record_validation(v)
-        best = history.get("best")
-        if best is None or v["mean_dice"] > best["mean_dice"]:
-            history["best"] = {"step": step, "mean_dice": v["mean_dice"], "folding_percent": v["folding_percent"]}
+        if history["best"]["step"] == step:
             best_path.parent.mkdir(parents=True, exist_ok=True)
             torch.save({k: t.detach().cpu() for k, t in network.state_dict().items()}, best_path.with_suffix(".tmp"))
             os.replace(best_path.with_suffix(".tmp"), best_path)
-        say(f"validation at step {step}: mean Dice {v['mean_dice']:.4f} (identity {history.get('identity_dice', float('nan')):.4f}), "
-            f"folding {v['folding_percent']:.3f} %; best {history['best']['mean_dice']:.4f} at step {history['best']['step']}"
-            f"{kinds}")
+        best = history["best"]
+        identity = numbers({"mean_dice": history.get("identity_dice"), "mean_loss": history.get("identity_loss", float("nan"))})
+        say(f"validation at step {step}: {numbers(v)} (identity {identity}), folding {v['folding_percent']:.3f} %; best {numbers(best)} at step {best['step']}{kinds}")
+
+    def write_model(stopped: bool):
+        """The model (best or last weights) and its card into ``out_dir``; returns (folder, card, chosen)."""
+        final_state = network.state_dict()
+        chosen = "last"
+        if cfg.final_model == "best" and history.get("best") and best_path.is_file():
+            final_state = torch.load(best_path, map_location="cpu", weights_only=True)
+            chosen = f"best (step {history['best']['step']})"
+        final_net = spec.build_network(arch)
+        final_net.load_state_dict({k: v.cpu() for k, v in final_state.items()})
+        sps = history["seconds_per_step"]
+        wall = wall_before + time.perf_counter() - t_start
+        history["wall_seconds"] = wall
+        if data.train_pairs:
+            what = f"{len(data.train_pairs)} pairs of {Path(str(data.info.get('manifest', 'a manifest'))).name}"
+        else:
+            what = "sources " + ", ".join(f"{k} {v:.2f}" for k, v in weights.items())
+        description = cfg.description or (
+            f"{cfg.method} network trained with `mmreg train` ({step} steps, {cfg.spacing_mm:g} mm grid; {what}).")
+        training = {
+            "command": "mmreg train", "config": cfg.to_dict(), "data": data.info, "source_weights": weights,
+            "steps": step, "weights": chosen, "base_model": history.get("base_model"),
+            "skipped_steps": history.get("skipped_steps", 0), "parameters": parameter_count(final_net),
+            "grid_size_xyz": list(data.grid.size), "device": str(device), "threads": threads, "processes": world,
+            "wall_time_s": round(wall, 1),
+            "seconds_per_step_median": float(np.median(sps)) if sps else None,
+            "final_loss_mean_last_20": float(np.nanmean(history["loss"][-20:])) if history["loss"] else None,
+            "validation": {"identity_mean_dice": history.get("identity_dice"),
+                           "identity_mean_loss": history.get("identity_loss"), "history": history["validation"],
+                           "best": history.get("best"), "pairs": [p["name"] for p in val_pairs]},
+        }
+        if stopped:
+            training["stopped_at_step"] = step
+            training["steps_planned"] = cfg.steps
+        card = ModelCard(
+            name=cfg.name, method=cfg.method, architecture=arch, spacing_mm=float(np.mean(data.grid.spacing)),
+            multiple=multiple, diffeomorphic=cfg.diffeomorphic, integration_steps=cfg.integration_steps,
+            description=description, training=training)
+        folder = save_model(out_dir, final_net, card)
+        (ck_dir / "history.json").write_text(json.dumps(history))
+        return folder, card, chosen
+
+    def stop_run(how: str):
+        checkpoint()
+        if main:
+            folder, _, chosen = write_model(stopped=True)
+            files.event("stopped", step=step, checkpoint=str(last_path), model_dir=str(folder))
+            say(f"{how} at step {step}; checkpoint {last_path}, model so far ({chosen} weights) in {folder} "
+                "(continue with --resume)")
 
     train_prog = prog.sub(0.05, 0.98)
     start_step = step
+    indices = list(range(rank * local, (rank + 1) * local))
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            fixed, moving, sources = sampler.batch(rng)
-            field = network(torch.cat([fixed, moving], dim=1))
-            loss, parts = training_loss(fixed, moving, field, diffeomorphic=cfg.diffeomorphic,
-                                        integration_steps=cfg.integration_steps, smoothness=cfg.smoothness,
-                                        mi_bins=cfg.mi_bins, mi_max_voxels=cfg.mi_max_voxels,
-                                        mi_blur_voxels=cfg.mi_blur_voxels)
+            fixed, moving, sources = sampler.batch(step, indices)
+            output = model(torch.cat([fixed, moving], dim=1))
+            loss = 0.0
+            parts_sum: dict = {}
+            for k, index in enumerate(indices):  # per pair: its loss randomness does not depend on the batch
+                item_loss, parts = spec.loss(fixed[k:k + 1], moving[k:k + 1], output[k:k + 1], cfg,
+                                             loss_generator(cfg.seed, step, index))
+                loss = loss + item_loss / local
+                for key, value in parts.items():
+                    parts_sum[key] = parts_sum.get(key, 0.0) + value / local
+            flags = torch.tensor([float(loss.detach()), 0.0 if torch.isfinite(loss) else 1.0], dtype=torch.float64)
+            if dist is not None:  # every process must take (or skip) the same step
+                flags = flags.to(device)
+                dist.all_reduce(flags)
+                flags = flags.cpu() / torch.tensor([world, 1.0], dtype=torch.float64)
             optimizer.zero_grad(set_to_none=True)
-            if torch.isfinite(loss):
+            if flags[1] == 0:
                 loss.backward()
                 optimizer.step()
-            else:  # a non-finite loss would poison the weights: skip this pair, count it
+            else:  # a non-finite loss would poison the weights: skip this step, count it
                 history["skipped_steps"] = history.get("skipped_steps", 0) + 1
                 say(f"step {step + 1}: non-finite loss, step skipped ({history['skipped_steps']} so far)")
             step += 1
             dt = time.perf_counter() - t0
-            history["loss"].append(float(loss.detach()))
-            history["mi"].append(parts["mi"])
-            history["smoothness"].append(parts["smoothness"])
+            history["loss"].append(float(flags[0]))
+            for key, value in parts_sum.items():
+                history.setdefault(key, []).append(value)
             history["source"].append(",".join(sources))
             history["seconds_per_step"].append(dt)
+            recent = float(np.median(history["seconds_per_step"][-20:]))
+            files.event("step", step=step, steps=cfg.steps, loss=history["loss"][-1], seconds_per_step=round(dt, 4),
+                        eta_s=round(recent * (cfg.steps - step), 1))
             if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.steps and val_pairs:
                 run_validation()
             if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
                 checkpoint()
-            recent = history["seconds_per_step"][-20:]
-            train_prog((step - start_step) / max(cfg.steps - start_step, 1),
-                       f"step {step}/{cfg.steps} loss {history['loss'][-1]:.4f} {np.median(recent):.2f} s/step")
-    except (CancelledError, KeyboardInterrupt):
-        checkpoint()
-        say(f"stopped at step {step}; checkpoint {last_path} (continue with --resume)")
+            stop = False
+            if main:
+                try:
+                    train_prog((step - start_step) / max(cfg.steps - start_step, 1),
+                               f"step {step}/{cfg.steps} loss {history['loss'][-1]:.4f} {recent:.2f} s/step")
+                except CancelledError:
+                    stop = True
+                stop = stop or files.stop_requested()
+            if dist is not None:  # process 0 decides; the others follow
+                flag = torch.tensor([1.0 if stop else 0.0], device=device)
+                dist.broadcast(flag, 0)
+                stop = bool(flag.item())
+            if stop and step < cfg.steps:
+                stop_run("stopped")
+                raise CancelledError(f"Training stopped at step {step} of {cfg.steps}; the checkpoint and the model so "
+                                     f"far are in {out_dir}; continue with --resume.")
+    except KeyboardInterrupt:
+        stop_run("interrupted")
         raise
-    if val_pairs and (not history["validation"] or history["validation"][-1]["step"] != step):
+    if val_pairs and (not history["validation"] or history["validation"][-1]["step"] != step or history["best"] is None):
         run_validation()
     checkpoint()
-
-    final_state = network.state_dict()
-    chosen = "last"
-    if cfg.final_model == "best" and history.get("best") and best_path.is_file():
-        final_state = torch.load(best_path, map_location="cpu", weights_only=True)
-        chosen = f"best (step {history['best']['step']})"
-    final_net = registration_unet(arch)
-    final_net.load_state_dict({k: v.cpu() for k, v in final_state.items()})
-    sps = history["seconds_per_step"]
-    wall = wall_before + time.perf_counter() - t_start
-    history["wall_seconds"] = wall
-    description = cfg.description or (
-        f"mi network trained with `mmreg train` ({step} steps, {cfg.spacing_mm:g} mm grid; "
-        f"sources {', '.join(f'{k} {v:.2f}' for k, v in weights.items())}).")
-    card = ModelCard(
-        name=cfg.name, method=cfg.method, architecture=arch, spacing_mm=float(np.mean(data.grid.spacing)),
-        multiple=multiple, diffeomorphic=cfg.diffeomorphic, integration_steps=cfg.integration_steps,
-        description=description,
-        training={
-            "command": "mmreg train", "config": cfg.to_dict(), "data": data.info, "source_weights": weights,
-            "steps": step, "weights": chosen, "base_model": history.get("base_model"),
-            "skipped_steps": history.get("skipped_steps", 0), "parameters": parameter_count(final_net),
-            "grid_size_xyz": list(data.grid.size), "device": str(device), "threads": threads,
-            "wall_time_s": round(wall, 1),
-            "seconds_per_step_median": float(np.median(sps)) if sps else None,
-            "final_loss_mean_last_20": float(np.mean(history["loss"][-20:])) if history["loss"] else None,
-            "validation": {"identity_mean_dice": history.get("identity_dice"), "history": history["validation"],
-                           "best": history.get("best"),
-                           "pairs": [p["name"] for p in val_pairs]},
-        })
-    model_dir = save_model(out_dir, final_net, card)
-    (ck_dir / "history.json").write_text(json.dumps(history))
+    if not main:
+        dist.barrier()  # process 0 writes the model
+        return TrainResult(out_dir, None, history, time.perf_counter() - t_start, step)
+    model_dir, card, chosen = write_model(stopped=False)
     prog(1.0, "model written")
-    say(f"model written to {model_dir} ({chosen} weights); wall time {wall:.1f} s")
+    files.event("done", step=step, model_dir=str(model_dir), wall_s=round(history["wall_seconds"], 1))
+    say(f"model written to {model_dir} ({chosen} weights); wall time {history['wall_seconds']:.1f} s")
+    if dist is not None:
+        dist.barrier()
     return TrainResult(model_dir, card, history, time.perf_counter() - t_start, step)

@@ -17,7 +17,7 @@ from mmreg.models import load_model
 from mmreg.networks import registration_unet
 from mmreg.spatial import integrate_velocity
 from mmreg.training import (Subject, TrainingData, config_from_dict, load_config, load_checkpoint, prepare_ixi,
-                            random_smooth_field, train)
+                            random_smooth_field, read_progress, train)
 
 N = 32
 TINY_ARCH = {"channels": [8, 8, 8, 8], "final_conv_channels": [8]}
@@ -244,11 +244,21 @@ def test_cancel_checkpoints_then_resume_finishes(tmp_path):
     with pytest.raises(CancelledError):
         train(cfg, data, progress=cancel_after_two)
     assert load_checkpoint(tmp_path / "model" / "training" / "last.pt")["step"] == 2
-    assert not (tmp_path / "model" / "model.json").exists()  # no model until the run ends
+    # The stopped run's model so far is usable at once; its card says where it stopped.
+    stopped = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert stopped["training"]["stopped_at_step"] == 2 and stopped["training"]["steps_planned"] == 4
+    load_model("mi", tmp_path / "model", registration_unet)
+    events, _ = read_progress(tmp_path / "model")
+    assert [e["event"] for e in events if e["event"] != "step"] == ["start", "stopped"]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2]
     result = train(cfg, data, resume=True)
     assert result.final_step == 4 and (result.model_dir / "model.json").is_file()
     card = json.loads((result.model_dir / "model.json").read_text())
     assert card["training"]["weights"] == "last" and card["training"]["validation"]["best"] is None
+    assert "stopped_at_step" not in card["training"]
+    events, _ = read_progress(tmp_path / "model")
+    assert [e["event"] for e in events if e["event"] != "step"] == ["start", "stopped", "start", "done"]
+    assert [e["step"] for e in events if e["event"] == "step"] == [1, 2, 3, 4]
 
 
 def test_base_model_starts_from_trained_weights_and_bad_steps_are_skipped(tmp_path, monkeypatch):
@@ -282,6 +292,8 @@ def test_base_model_starts_from_trained_weights_and_bad_steps_are_skipped(tmp_pa
 
     def sometimes_nan(*args, **kwargs):
         loss, parts = real(*args, **kwargs)
+        if torch.is_inference_mode_enabled():  # validation: left alone
+            return loss, parts
         calls.append(1)
         return (loss * float("nan"), parts) if len(calls) == 2 else (loss, parts)
     monkeypatch.setattr(mmreg.methods.mi, "training_loss", sometimes_nan)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import importlib
 
 from ..errors import InputError
-from .base import GridInputs, RegistrationMethod
+from .base import GridInputs, RegistrationMethod, TrainingSpec
 
 #: name -> "module:class" of the implementation (imported on first use).
 _METHODS = {
@@ -45,4 +45,9 @@ def describe_methods() -> list:
     return out
 
 
-__all__ = ["GridInputs", "RegistrationMethod", "get_method", "method_names", "describe_methods", "PLANNED"]
+def trainable_methods() -> list:
+    """Names of the installed methods that ``mmreg train`` can train (they have a training spec)."""
+    return [name for name in method_names() if get_method(name).training_spec() is not None]
+
+
+__all__ = ["GridInputs", "RegistrationMethod", "TrainingSpec", "trainable_methods", "get_method", "method_names", "describe_methods", "PLANNED"]

@@ -45,6 +45,29 @@ class GridInputs:
     device: torch.device
 
 
+@dataclass
+class TrainingSpec:
+    """What ``mmreg train`` needs from a learned method (see :meth:`RegistrationMethod.training_spec`).
+
+    ``build_network(architecture) -> nn.Module``: the untrained network a model card describes; it
+    reads ``cat(fixed, moving)`` ``(B, 2, *spatial)`` and returns the field output.
+    ``default_architecture``: the architecture dict of a fresh network.
+    ``loss(fixed, moving, output, cfg, generator) -> (loss, parts)``: the training objective of a
+    batch (lower is better; ``parts`` floats for the log, e.g. the similarity), ``cfg`` the
+    :class:`mmreg.training.TrainConfig` (loss weights), ``generator`` a ``torch.Generator`` for any
+    randomness of the loss (voxel subsampling), so a pair's loss does not depend on the batch it is in.
+    ``displacement(output, cfg) -> ddf``: the voxel displacement ``(B, ndim, *spatial)`` the output
+    stands for (resampling convention, e.g. an integrated velocity), for validation.
+    ``similarity_key``: the entry of ``parts`` reported as the validation similarity (higher is better).
+    """
+
+    build_network: object
+    default_architecture: dict
+    loss: object
+    displacement: object
+    similarity_key: str = "similarity"
+
+
 class RegistrationMethod(abc.ABC):
     """Base class: subclasses set ``name``/``description`` and implement :meth:`predict`."""
 
@@ -66,6 +89,10 @@ class RegistrationMethod(abc.ABC):
     def model_info(self, options: dict) -> dict | None:
         """What identifies the trained model these options select (name, folder, weights sha256,
         network spacing in mm, diffeomorphic), for reports; None for methods without models."""
+        return None
+
+    def training_spec(self) -> TrainingSpec | None:
+        """How ``mmreg train`` trains this method's network (None: not trainable, e.g. ``optimize``)."""
         return None
 
     def grid_for(self, fixed, options: dict) -> NetworkGrid:

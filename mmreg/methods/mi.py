@@ -30,7 +30,7 @@ from ..models import CARD_FILE, ModelCard, list_models, load_model, resolve_mode
 from ..networks import registration_unet
 from ..progress import Progress
 from ..spatial import integrate_velocity, warp
-from .base import GridInputs, RegistrationMethod
+from .base import GridInputs, RegistrationMethod, TrainingSpec
 from .optimize import instance_optimise
 
 #: Training defaults of the loss (the paper: MI + lambda * squared gradient of the field).
@@ -40,7 +40,8 @@ DEFAULT_LOSS = {"mi_bins": 32, "mi_max_voxels": 100_000, "smoothness": 1.0, "mi_
 def training_loss(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor, *, diffeomorphic: bool = True,
                   integration_steps: int = 7, smoothness: float = DEFAULT_LOSS["smoothness"],
                   mi_bins: int = DEFAULT_LOSS["mi_bins"], mi_max_voxels: int = DEFAULT_LOSS["mi_max_voxels"],
-                  mi_blur_voxels: float = DEFAULT_LOSS["mi_blur_voxels"], mask: torch.Tensor | None = None) -> tuple:
+                  mi_blur_voxels: float = DEFAULT_LOSS["mi_blur_voxels"], mask: torch.Tensor | None = None,
+                  generator: torch.Generator | None = None) -> tuple:
     """The ``mi`` training objective for a batch: ``(loss, {"mi": ..., "smoothness": ...})``.
 
     ``fixed`` / ``moving``: ``(B, 1, *spatial)`` images in [0, 1]; ``field``: the network output
@@ -50,7 +51,8 @@ def training_loss(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor
     displacement. ``mi_blur_voxels`` > 0: both images are Gaussian-smoothed (sigma in voxels, MONAI
     GaussianFilter) after warping and before MI, which lessens the weight of noise and of the
     smoothing that interpolation itself adds; measured to reduce the early Dice loss of CPU
-    training (docs/mi_training.md).
+    training (docs/mi_training.md). ``generator``: for MI's random voxel subset (reproducible
+    per pair whatever the batch or the number of training processes).
     """
     ddf = integrate_velocity(field, integration_steps) if diffeomorphic else field
     warped = warp(moving, ddf)
@@ -58,10 +60,22 @@ def training_loss(fixed: torch.Tensor, moving: torch.Tensor, field: torch.Tensor
         from monai.networks.layers import GaussianFilter  # noqa: PLC0415
         blur = GaussianFilter(spatial_dims=fixed.dim() - 2, sigma=float(mi_blur_voxels)).to(fixed.device)
         warped, fixed = blur(warped), blur(fixed)
-    mi = MutualInformationLoss(num_bins=int(mi_bins), max_voxels=int(mi_max_voxels))
+    mi = MutualInformationLoss(num_bins=int(mi_bins), max_voxels=int(mi_max_voxels), generator=generator)
     sim = mi(warped, fixed, mask)
     reg = diffusion_regulariser(ddf)
     return sim + float(smoothness) * reg, {"mi": float(-sim.detach()), "smoothness": float(reg.detach())}
+
+
+def _training_objective(fixed, moving, output, cfg, generator=None) -> tuple:
+    """:func:`training_loss` with the loss settings of a :class:`mmreg.training.TrainConfig`."""
+    return training_loss(fixed, moving, output, diffeomorphic=cfg.diffeomorphic,
+                         integration_steps=cfg.integration_steps, smoothness=cfg.smoothness, mi_bins=cfg.mi_bins,
+                         mi_max_voxels=cfg.mi_max_voxels, mi_blur_voxels=cfg.mi_blur_voxels, generator=generator)
+
+
+def _training_displacement(output, cfg) -> torch.Tensor:
+    """The voxel displacement of the network output: integrated when the run is diffeomorphic."""
+    return integrate_velocity(output, cfg.integration_steps) if cfg.diffeomorphic else output
 
 
 #: With refinement, the registration grid is this many times finer than the network's spacing.
@@ -91,6 +105,12 @@ class MIRegistration(RegistrationMethod):
     def models(self) -> list:
         """Shipped and user models of ``mi`` (see :func:`mmreg.models.list_models`)."""
         return list_models(self.name)
+
+    def training_spec(self) -> TrainingSpec:
+        """Trained by ``mmreg train``: the VoxelMorph-layout U-Net, minus Parzen MI plus smoothness."""
+        from ..networks import DEFAULT_ARCHITECTURE  # noqa: PLC0415
+        return TrainingSpec(build_network=registration_unet, default_architecture=dict(DEFAULT_ARCHITECTURE),
+                            loss=_training_objective, displacement=_training_displacement, similarity_key="mi")
 
     def card(self, options: dict) -> ModelCard:
         """The model card of the chosen model (read from disk; no weights loaded)."""
