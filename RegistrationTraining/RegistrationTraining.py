@@ -214,15 +214,19 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
     def set_scene_pairs(self, parameters, pairs) -> None:
         """Keep ``pairs`` in the parameter node as node references (saved and restored with the scene)."""
         node = _raw_node(parameters)
-        for i in range(int(node.GetParameter(_PAIR_COUNT) or 0)):
-            for key in _PAIR_KEYS:
-                node.RemoveNodeReferenceIDs(f"trainingPair{i}_{key}")
-        for i, pair in enumerate(pairs):
-            for key in _PAIR_KEYS:
-                value = getattr(pair, key)
-                if value is not None:
-                    node.SetNodeReferenceID(f"trainingPair{i}_{key}", value.GetID())
-        node.SetParameter(_PAIR_COUNT, str(len(pairs)))
+        wasModifying = node.StartModify()  # one Modified event for the whole list (the panel redraws once)
+        try:
+            for i in range(int(node.GetParameter(_PAIR_COUNT) or 0)):
+                for key in _PAIR_KEYS:
+                    node.RemoveNodeReferenceIDs(f"trainingPair{i}_{key}")
+            for i, pair in enumerate(pairs):
+                for key in _PAIR_KEYS:
+                    value = getattr(pair, key)
+                    if value is not None:
+                        node.SetNodeReferenceID(f"trainingPair{i}_{key}", value.GetID())
+            node.SetParameter(_PAIR_COUNT, str(len(pairs)))
+        finally:
+            node.EndModify(wasModifying)
 
     def add_scene_pair(self, parameters, pair: ScenePair) -> list:
         """Check ``pair`` and append it to the parameter node's pairs; returns all pairs."""
