@@ -366,8 +366,9 @@ def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str |
 
     ``name``: the model name (default: the ``output`` folder's name, else ``<method>_<manifest
     stem>``). ``base_model``: a model name or folder of ``method`` (fine-tuning: its architecture,
-    network spacing and field type are taken from its card, so the weights fit; ``spacing_mm``
-    may still override the spacing) or a ``.pt`` file (the default architecture).
+    network spacing, field type and loss settings are taken from its card, so the weights fit and
+    the objective is the one it was trained with; ``spacing_mm`` / ``smoothness`` may still override)
+    or a ``.pt`` file (the default architecture).
     ``augment`` False switches every augmentation off (:meth:`AugmentConfig.off`), else the
     defaults of :class:`AugmentConfig`. :class:`InputError` on a bad value or an unknown model.
     """
@@ -392,6 +393,10 @@ def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str |
             table["spacing_mm"] = float(card["spacing_mm"])
             table["diffeomorphic"] = bool(card.get("diffeomorphic", True))
             table["integration_steps"] = int(card.get("integration_steps", 7))
+            recipe = (card.get("training") or {}).get("config") or {}
+            for key in training_spec(method).loss_keys:  # the base model's loss settings, unless overridden below
+                if key in recipe:
+                    table[key] = recipe[key]
     for key, value in (("steps", steps), ("learning_rate", learning_rate), ("batch_size", batch_size),
                        ("spacing_mm", spacing_mm), ("smoothness", smoothness), ("device", device),
                        ("threads", threads)):

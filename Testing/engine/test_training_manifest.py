@@ -225,6 +225,7 @@ def test_cli_trains_from_a_manifest_and_fine_tunes_with_the_base_models_settings
     manifest = write_manifest(d / "pairs.json", write_pairs(d, shifts=(3.0, 2.0)))
     cfg_file = tmp_path / "tiny.toml"
     cfg_file.write_text('name = "tiny"\nspacing_mm = 4.0\nthreads = 1\nvalidation_every = 0\ncheckpoint_every = 0\n'
+                        'mi_blur_voxels = 0.5\nsmoothness = 0.3\n'
                         '[architecture]\nchannels = [8, 8, 8, 8]\nfinal_conv_channels = [8]\n')
     assert main(["train", str(cfg_file), "--data", str(manifest), "--iterations", "2", "--quiet"]) == 0
     out = capsys.readouterr().out
@@ -233,6 +234,8 @@ def test_cli_trains_from_a_manifest_and_fine_tunes_with_the_base_models_settings
     # Without a config: the base model's architecture and spacing are taken from its card.
     cfg = config_for_manifest("mi", manifest, base_model="tiny", steps=1, augment=False)
     assert cfg.spacing_mm == 4.0 and cfg.architecture["channels"] == [8, 8, 8, 8] and cfg.name == "mi_pairs"
+    assert cfg.mi_blur_voxels == 0.5 and cfg.smoothness == 0.3  # the base model's loss settings
+    assert config_for_manifest("mi", manifest, base_model="tiny", smoothness=0.7).smoothness == 0.7
     assert cfg.augment.bias_strength == 0 and cfg.data.manifest == str(manifest.resolve())
     code = main(["train", "--method", "mi", "--data", str(manifest), "--base-model", "tiny", "--name", "tuned",
                  "--iterations", "1", "--threads", "1", "--device", "cpu", "--quiet"])
@@ -314,3 +317,18 @@ def test_two_process_torchrun_gives_the_single_process_model(tmp_path):
     assert moved > 1e-3  # the three steps changed the network
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.shared_data
+def test_fine_tuning_manifest_of_the_shared_data(shared_data, tmp_path):
+    """python -m mmreg.bench.finetune: IXI T1 <- avg152T2/PD for all 10 subjects, the two held out from mi_brain
+    marked validation, template labels written beside the manifest on the template grid."""
+    from mmreg.bench.finetune import main
+    assert main(["--output", str(tmp_path), "--data", str(shared_data)]) == 0
+    entries, problems = read_manifest(tmp_path / "manifest.csv")
+    assert problems == [] and len(entries) == 20
+    val = [e for e in entries if e.split == "validation"]
+    assert len(val) == 4 and all(("IXI049" in e.fixed) or ("IXI051" in e.fixed) for e in val)
+    labels = sitk.ReadImage(str(tmp_path / "avg152T2_labels.nii.gz"))
+    template = sitk.ReadImage(entries[0].moving)
+    assert labels.GetSize() == template.GetSize() and len(np.unique(sitk.GetArrayViewFromImage(labels))) > 100

@@ -59,6 +59,8 @@ class TrainingSpec:
     ``displacement(output, cfg) -> ddf``: the voxel displacement ``(B, ndim, *spatial)`` the output
     stands for (resampling convention, e.g. an integrated velocity), for validation.
     ``similarity_key``: the entry of ``parts`` reported as the validation similarity (higher is better).
+    ``loss_keys``: the config keys of the loss (weights and settings); fine-tuning without a config
+    takes them from the base model's recipe.
     """
 
     build_network: object
@@ -66,6 +68,7 @@ class TrainingSpec:
     loss: object
     displacement: object
     similarity_key: str = "similarity"
+    loss_keys: tuple = ()
 
 
 class RegistrationMethod(abc.ABC):

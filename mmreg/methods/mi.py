@@ -110,7 +110,8 @@ class MIRegistration(RegistrationMethod):
         """Trained by ``mmreg train``: the VoxelMorph-layout U-Net, minus Parzen MI plus smoothness."""
         from ..networks import DEFAULT_ARCHITECTURE  # noqa: PLC0415
         return TrainingSpec(build_network=registration_unet, default_architecture=dict(DEFAULT_ARCHITECTURE),
-                            loss=_training_objective, displacement=_training_displacement, similarity_key="mi")
+                            loss=_training_objective, displacement=_training_displacement, similarity_key="mi",
+                            loss_keys=("smoothness", "mi_bins", "mi_max_voxels", "mi_blur_voxels"))
 
     def card(self, options: dict) -> ModelCard:
         """The model card of the chosen model (read from disk; no weights loaded)."""
