@@ -8,6 +8,7 @@
     mmreg train CONFIG.toml [--resume] [--steps N] [--output DIR] [--base-model MODEL] [--device auto|cpu|cuda]
                 [--threads N] [--data DIR]
     mmreg train --method NAME --data MANIFEST [--output DIR] [--base-model MODEL] [--iterations N] [--resume]
+    mmreg train --resume --output DIR [--iterations N]      (or --method NAME --name NAME: the run's own config)
                 [--learning-rate LR] [--batch-size B] [--spacing MM] [--no-augment] [--validation-fraction F]
     torchrun --nproc_per_node N -m mmreg train ...     (data-parallel; --batch-size is the global batch)
     mmreg models list|rename|delete|install
@@ -183,6 +184,17 @@ def _cmd_train(args) -> int:
         cfg = load_config(args.config, **overrides)
         if args.validation_fraction is not None:
             cfg.data.validation_fraction = float(args.validation_fraction)
+    elif args.resume and not manifest and (args.output or (args.method and args.name)):
+        # Resume from the run's own checkpoint: its config (manifest included) is stored there.
+        from .training import config_of_run, default_output
+        folder = output or str(default_output(args.method, args.name))
+        changed = [flag for flag, value in (("--base-model", args.base_model), ("--learning-rate", args.learning_rate),
+                                            ("--batch-size", args.batch_size), ("--spacing", args.spacing),
+                                            ("--smoothness", args.smoothness), ("--no-augment", args.no_augment),
+                                            ("--validation-fraction", args.validation_fraction)) if value]
+        if changed:
+            raise MMRegError(f"{', '.join(changed)} cannot change when resuming; start a new run in another folder.")
+        cfg = config_of_run(folder, steps=args.steps, device=args.device, threads=args.threads)
     else:
         if not args.method or not manifest:
             raise MMRegError("mmreg train needs a config file, or --method NAME and --data MANIFEST (a .csv/.json list "

@@ -198,6 +198,33 @@ def training_spec(method: str):
     return spec
 
 
+def trainable_methods() -> list:
+    """Names of the methods ``mmreg train`` can train (see :func:`mmreg.methods.trainable_methods`)."""
+    from .methods import trainable_methods as names  # noqa: PLC0415
+    return names()
+
+
+def config_of_run(output: str | os.PathLike, **overrides) -> TrainConfig:
+    """The config of the run in ``output`` (from its ``training/last.pt``), to resume it without the
+    config file or the manifest again; keyword ``overrides`` (not None) among the settings that
+    may change on resume (steps, threads, device, validation_every, checkpoint_every) replace
+    its values. :class:`InputError` when ``output`` holds no run."""
+    path = Path(output).expanduser() / CHECKPOINT_DIR / "last.pt"
+    if not path.is_file():
+        raise InputError(f"'{Path(output).expanduser()}' holds no training run to resume (no {CHECKPOINT_DIR}/last.pt); "
+                         "start one with --data MANIFEST or a config.")
+    saved = load_checkpoint(path)["config"]
+    table = {k: v for k, v in saved.items() if v is not None and not isinstance(v, dict)}  # None = the default
+    for section in ("data", "augment", "architecture"):
+        table[section] = {k: v for k, v in (saved.get(section) or {}).items() if v is not None}
+    bad = sorted(k for k, v in overrides.items() if v is not None and k not in _RESUMABLE)
+    if bad:
+        raise InputError(f"{', '.join(bad)} cannot change when resuming; start a new run in another folder instead.")
+    table.update({k: v for k, v in overrides.items() if v is not None})
+    table["output"] = str(Path(output).expanduser().resolve())
+    return config_from_dict(table)
+
+
 def default_output(method: str, name: str) -> Path:
     """Where a run's model goes unless told otherwise: ``<user models>/<method>/<name>``
     (user models = ``$MMREG_MODELS`` or ``~/.mmreg/models``); the method modules list it at once."""

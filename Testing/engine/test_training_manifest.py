@@ -250,6 +250,15 @@ def test_cli_trains_from_a_manifest_and_fine_tunes_with_the_base_models_settings
     assert "does not exist" in capsys.readouterr().err
     code = main(["train", "--method", "mi", "--data", str(manifest), "--name", "tuned", "--iterations", "1", "--quiet"])
     assert code == 2 and "already holds a training run" in capsys.readouterr().err
+    # Resume (train further) from the run's own checkpoint: no config file, no --data.
+    assert main(["train", "--resume", "--method", "mi", "--name", "tuned", "--iterations", "2", "--quiet"]) == 0
+    assert "trained 2 steps" in capsys.readouterr().out  # the run now ends at step 2
+    assert json.loads((tmp_path / "models" / "mi" / "tuned" / "model.json").read_text())["training"]["steps"] == 2
+    assert main(["train", "--resume", "--output", str(tmp_path / "models" / "mi" / "tuned"), "--learning-rate", "1",
+                 "--quiet"]) == 2
+    assert "cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--resume", "--output", str(tmp_path / "nothing"), "--quiet"]) == 2
+    assert "holds no training run" in capsys.readouterr().err
 
 
 def test_models_rename_delete_install(tmp_path, monkeypatch, capsys):
