@@ -1034,20 +1034,8 @@ class RegistrationTrainingTest(ScriptedLoadableModuleTest):
         self.assertEqual([p.fixed.GetName() for p in logic.scene_pairs(params)], ["Fixed 1", "Fixed 2"])
         self.assertIsNone(logic.scene_pairs(params)[1].moving_labels)
 
-        slicer.mrmlScene.SetSaveToXMLString(1)
-        try:
-            slicer.mrmlScene.Commit()
-            xml = slicer.mrmlScene.GetSceneXMLString()
-        finally:
-            slicer.mrmlScene.SetSaveToXMLString(0)
-        reloaded = slicer.vtkMRMLScene()
-        reloaded.SetLoadFromXMLString(1)
-        reloaded.SetSceneXMLString(xml)
-        reloaded.Import()
-        node = next(reloaded.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
-                    for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode"))
-                    if reloaded.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode").GetAttribute("ModuleName")
-                    == "RegistrationTraining")
+        from MMRegCommonLib.testing import reload_module_node
+        reloaded, node = reload_module_node(slicer.mrmlScene, "RegistrationTraining")
         restored = logic.scene_pairs(node)
         self.assertEqual([(p.fixed.GetName(), p.moving.GetName()) for p in restored],
                          [("Fixed 1", "Moving 1"), ("Fixed 2", "Moving 2")])

@@ -96,6 +96,25 @@ def make_phantom_nodes(scene, name: str, shift=(0.0, 0.0, 0.0), size=(32, 32, 32
     return volume, segmentation, labels
 
 
+def reload_module_node(scene, module_name: str):
+    """``(new_scene, node)``: the parameter node of ``module_name`` as it comes back after saving
+    ``scene`` to XML and importing that into a new scene (what saving and reopening a scene does
+    to it). Keep ``new_scene`` while using the node: its node references live there."""
+    scene.SetSaveToXMLString(1)
+    try:
+        scene.Commit()
+        xml = scene.GetSceneXMLString()
+    finally:
+        scene.SetSaveToXMLString(0)
+    reloaded = slicer.vtkMRMLScene()
+    reloaded.SetLoadFromXMLString(1)
+    reloaded.SetSceneXMLString(xml)
+    reloaded.Import()
+    nodes = [reloaded.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
+             for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode"))]
+    return reloaded, next(n for n in nodes if n.GetAttribute("ModuleName") == module_name)
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two boolean masks (the engine's :func:`mmreg.metrics.dice_per_label`; 0 when both are empty)."""
     from mmreg.metrics import dice_per_label
@@ -246,20 +265,7 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
         params.fixedVolume, params.movingVolume = case["fixed"], case["moving"]
         params.movingSegmentation = case["moving_seg"]
         params.device, params.affine, params.refinementSteps, params.diffeomorphic = "cpu", False, 37, False
-        slicer.mrmlScene.SetSaveToXMLString(1)
-        try:
-            slicer.mrmlScene.Commit()
-            xml = slicer.mrmlScene.GetSceneXMLString()
-        finally:
-            slicer.mrmlScene.SetSaveToXMLString(0)
-
-        reloaded = slicer.vtkMRMLScene()
-        reloaded.SetLoadFromXMLString(1)
-        reloaded.SetSceneXMLString(xml)
-        reloaded.Import()
-        nodes = [reloaded.GetNthNodeByClass(i, "vtkMRMLScriptedModuleNode")
-                 for i in range(reloaded.GetNumberOfNodesByClass("vtkMRMLScriptedModuleNode"))]
-        node = next(n for n in nodes if n.GetAttribute("ModuleName") == logic.moduleName)
+        reloaded, node = reload_module_node(slicer.mrmlScene, logic.moduleName)
         restored = logic.parameterNodeClass(node)
         self.assertEqual(restored.fixedVolume.GetName(), "Phantom fixed")
         self.assertEqual(restored.movingVolume.GetName(), "Phantom moving")

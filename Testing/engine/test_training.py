@@ -25,8 +25,9 @@ NO_AUGMENT = {"deformation_max_mm": 0, "rotation_deg": 0, "scale": 0, "translati
               "noise_std": 0}
 
 
-def blob(sid: str, shift_x: float = 0.0) -> Subject:
-    """A 32^3 'head': nested spheres (4 labels) centred at x = 16 + shift_x (voxels)."""
+def blob(sid: str, shift_x: float = 0.0, contrast=(0, 0.5, 0.8, 0.3, 0.6)) -> Subject:
+    """A 32^3 'head': nested spheres (4 labels) centred at x = 16 + shift_x (voxels); ``contrast``:
+    the intensity of the background and each label (smoothed, scaled to a maximum of 1)."""
     z, y, x = np.mgrid[:N, :N, :N].astype(np.float32)
     c = N / 2
     r = np.sqrt((z - c) ** 2 + (y - c) ** 2 + (x - shift_x - c) ** 2)
@@ -36,7 +37,7 @@ def blob(sid: str, shift_x: float = 0.0) -> Subject:
     lab[r < 4] = 3
     lab[(r < 11) & (r >= 7) & (x - shift_x > c + 3)] = 4
     from scipy.ndimage import gaussian_filter
-    img = gaussian_filter(np.array([0, 0.5, 0.8, 0.3, 0.6], np.float32)[lab], 1.5)  # smooth: MI has a gradient
+    img = gaussian_filter(np.array(contrast, np.float32)[lab], 1.5)  # smooth: MI has a gradient
     return Subject(sid, (img / img.max()).astype(np.float32), lab)
 
 

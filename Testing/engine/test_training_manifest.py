@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from scipy.ndimage import gaussian_filter
 
 import mmreg
 from mmreg.errors import CancelledError, InputError
@@ -21,6 +20,7 @@ from mmreg.models import delete_model, install_model, list_models, load_model, r
 from mmreg.networks import registration_unet
 from mmreg.training import (config_for_manifest, config_from_dict, load_checkpoint, prepare_manifest, read_progress,
                             request_stop, train)
+from test_training import blob  # the same phantom as the subject-based training tests
 
 N = 32
 TINY_ARCH = {"channels": [8, 8, 8, 8], "final_conv_channels": [8]}
@@ -29,18 +29,10 @@ NO_AUGMENT = {"deformation_max_mm": 0, "rotation_deg": 0, "scale": 0, "translati
 
 
 def blob_images(shift_x: float, origin=(0.0, 0.0, 0.0), contrast=(0, 0.5, 0.8, 0.3, 0.6)):
-    """A 32^3 'head' at 2 mm (nested spheres, 4 labels) centred shift_x voxels along +x; (image, labels)."""
-    z, y, x = np.mgrid[:N, :N, :N].astype(np.float32)
-    c = N / 2
-    r = np.sqrt((z - c) ** 2 + (y - c) ** 2 + (x - shift_x - c) ** 2)
-    lab = np.zeros((N, N, N), np.int16)
-    lab[r < 11] = 1
-    lab[r < 7] = 2
-    lab[r < 4] = 3
-    lab[(r < 11) & (r >= 7) & (x - shift_x > c + 3)] = 4
-    img = gaussian_filter(np.array(contrast, np.float32)[lab], 1.5) * 1000.0
+    """The 32^3 phantom of test_training.blob as 2 mm SimpleITK images at ``origin``: (image x 1000, labels)."""
+    subject = blob("", shift_x, contrast)
     out = []
-    for arr in (img.astype(np.float32), lab):
+    for arr in (subject.image * 1000.0, subject.labels):
         im = sitk.GetImageFromArray(arr)
         im.SetSpacing([2.0, 2.0, 2.0])
         im.SetOrigin(origin)
