@@ -543,7 +543,12 @@ def _cached(cache: Path, name: str, key, files, make) -> dict:
 def template_grid(template: sitk.Image, spacing_mm: float, multiple: int, grid_size=None) -> NetworkGrid:
     """The training grid: the template's extent at ``spacing_mm`` (sizes padded to ``multiple``),
     or a grid of ``grid_size`` (ITK x, y, z) voxels centred on the template."""
-    grid = NetworkGrid.for_image(template, spacing=float(spacing_mm), multiple=int(multiple))
+    return resized_grid(NetworkGrid.for_image(template, spacing=float(spacing_mm), multiple=int(multiple)), grid_size)
+
+
+def resized_grid(grid: NetworkGrid, grid_size=None) -> NetworkGrid:
+    """``grid`` with ``grid_size`` (ITK x, y, z) voxels about the same centre, spacing and
+    direction (``grid`` itself when ``grid_size`` is empty)."""
     if not grid_size:
         return grid
     n = np.array(grid_size, dtype=float)
@@ -678,20 +683,23 @@ def prepare_manifest(cfg: TrainConfig, progress: ProgressCallback | None = None,
         if min(images[0].GetSize()) == 1 or min(images[1].GetSize()) == 1:
             skip(entry.name, "a single-slice (2-D) image; training runs on 3-D volumes")
             continue
-        checked.append((entry, images, NetworkGrid.for_image(images[0], spacing=cfg.spacing_mm, multiple=multiple)))
+        # Only the grid is kept: the images are read again when a pair is prepared (not when cached),
+        # so a large cohort is never all in memory at once.
+        checked.append((entry, NetworkGrid.for_image(images[0], spacing=cfg.spacing_mm, multiple=multiple)))
+        del images
     if not checked:
         reasons = "; ".join(f"{s['entry']}: {s['reason']}" for s in skipped[:3])
         raise InputError(f"No usable pair in the manifest '{path}' ({len(skipped)} skipped{': ' + reasons if reasons else ''}).")
-    size = list(cfg.grid_size) or [max(g.size[i] for _, _, g in checked) for i in range(3)]
+    size = list(cfg.grid_size) or [max(g.size[i] for _, g in checked) for i in range(3)]
     key = hashlib.sha1(json.dumps([PREP_VERSION, "manifest", size, cfg.spacing_mm, cfg.data.prealign]).encode())
     cache = _cache_root(cfg)
     pairs = []
-    for k, (entry, images, grid) in enumerate(checked):
+    for k, (entry, grid) in enumerate(checked):
         prog(0.2 + 0.8 * k / len(checked), f"preparing {entry.name}")
-        grid = template_grid(images[0], cfg.spacing_mm, multiple, size)
+        grid = resized_grid(grid, size)
 
-        def make(entry=entry, images=images, grid=grid):
-            fixed, moving, fixed_labels, moving_labels = images
+        def make(entry=entry, grid=grid):
+            fixed, moving, fixed_labels, moving_labels = check_entry(entry)
             fn, _ = normalize_intensity(fixed, entry.fixed_modality)
             mn, _ = normalize_intensity(moving, entry.moving_modality)
             tx = affine_prealign(fn, mn, seed=1).transform if cfg.data.prealign == "affine" else None
@@ -737,7 +745,7 @@ def prepare_manifest(cfg: TrainConfig, progress: ProgressCallback | None = None,
     if not val:
         say("no validation pairs (one usable pair, or validation_fraction 0): the last weights are kept")
     prog(1.0, "data prepared")
-    grid = template_grid(checked[0][1][0], cfg.spacing_mm, multiple, size)
+    grid = resized_grid(checked[0][1], size)
     info = {"source": "manifest", "manifest": str(path), "manifest_sha256": manifest_digest(entries),
             "prealign": cfg.data.prealign, "grid": {"size": size, "spacing_mm": [float(cfg.spacing_mm)] * 3},
             "training_pairs": [p.name for p in train], "validation_pairs": [p.name for p in val],
