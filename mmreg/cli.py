@@ -8,8 +8,8 @@
     mmreg train CONFIG.toml [--resume] [--steps N] [--output DIR] [--base-model MODEL] [--device auto|cpu|cuda]
                 [--threads N] [--data DIR]
     mmreg train --method NAME --data MANIFEST [--output DIR] [--base-model MODEL] [--iterations N] [--resume]
-    mmreg train --resume --output DIR [--iterations N]      (or --method NAME --name NAME: the run's own config)
                 [--learning-rate LR] [--batch-size B] [--spacing MM] [--no-augment] [--validation-fraction F]
+    mmreg train --resume --output DIR [--iterations N]      (or --method NAME --name NAME: the run's own config)
     torchrun --nproc_per_node N -m mmreg train ...     (data-parallel; --batch-size is the global batch)
     mmreg models list|rename|delete|install
     mmreg bench [--quick] [--cases ...] [--methods affine,ants,elastix,optimize] [--threads 2] [--repeats N]
@@ -177,13 +177,11 @@ def _cmd_train(args) -> int:
         overrides = dict(steps=args.steps, device=args.device, threads=args.threads, base_model=base, output=output,
                          data_root=data_root, manifest=manifest, method=args.method, name=args.name,
                          learning_rate=args.learning_rate, batch_size=args.batch_size, spacing_mm=args.spacing,
-                         smoothness=args.smoothness)
+                         smoothness=args.smoothness, validation_fraction=args.validation_fraction)
         if args.no_augment:
             import dataclasses
             overrides["augment"] = dataclasses.asdict(AugmentConfig.off())
         cfg = load_config(args.config, **overrides)
-        if args.validation_fraction is not None:
-            cfg.data.validation_fraction = float(args.validation_fraction)
     elif args.resume and not manifest and (args.output or (args.method and args.name)):
         # Resume from the run's own checkpoint: its config (manifest included) is stored there.
         from .training import config_of_run, default_output

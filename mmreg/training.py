@@ -355,7 +355,8 @@ def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
     """Read and validate a TOML training config; keyword ``overrides`` (not None) replace top-level keys.
 
     Relative paths in ``output``, ``data.root``, ``data.cache_dir`` and ``data.manifest`` are
-    taken relative to the config file's folder (``manifest=`` / ``data_root=`` override those two).
+    taken relative to the config file's folder (``manifest=``, ``data_root=`` and
+    ``validation_fraction=`` override those keys of ``[data]``).
     """
     path = Path(path)
     try:
@@ -366,8 +367,9 @@ def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
         raise InputError(f"Training config '{path}' is not valid TOML: {exc}.") from None
     for key, value in overrides.items():
         if value is not None:
-            if key in ("data_root", "manifest"):
-                table.setdefault("data", {})["root" if key == "data_root" else "manifest"] = str(value)
+            if key in ("data_root", "manifest", "validation_fraction"):  # keys of [data]
+                table.setdefault("data", {})[{"data_root": "root"}.get(key, key)] = (
+                    float(value) if key == "validation_fraction" else str(value))
             else:
                 table[key] = value
     cfg = config_from_dict(table)

@@ -236,6 +236,8 @@ def test_cli_trains_from_a_manifest_and_fine_tunes_with_the_base_models_settings
     assert card["training"]["base_model"].startswith("tiny") and card["spacing_mm"] == 4.0
     assert main(["train", "--method", "optimize", "--data", str(manifest), "--quiet"]) == 2
     assert "cannot be trained" in capsys.readouterr().err
+    assert main(["train", str(cfg_file), "--data", str(manifest), "--validation-fraction", "2", "--quiet"]) == 2
+    assert "validation_fraction must be in [0, 0.9]" in capsys.readouterr().err
     assert main(["train", "--method", "mi", "--quiet"]) == 2
     assert "--data MANIFEST" in capsys.readouterr().err
     assert main(["train", "--method", "mi", "--data", str(tmp_path / "nothing.csv"), "--quiet"]) == 2
