@@ -158,10 +158,7 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def trainable_methods() -> list:
         """The engine's trainable methods (``mmreg.training.trainable_methods``; ImportError without the engine)."""
-        try:
-            from mmreg.training import trainable_methods
-        except ImportError:  # (an engine that has it only in mmreg.methods)
-            from mmreg.methods import trainable_methods
+        from mmreg.training import trainable_methods
         return list(trainable_methods())
 
     @staticmethod
