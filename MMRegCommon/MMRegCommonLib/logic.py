@@ -23,6 +23,12 @@ Choices made here:
 * Outputs are made only after the engine finished; a cancel or an error before that leaves
   the scene exactly as it was, and a failure while making them removes what was made. Output
   nodes that the caller chose get their content replaced (node, name and display kept).
+* Method-specific options (:attr:`RegistrationLogic.methodOptions`) go to the engine when running
+  from the parameter node; from the console they are the engine's own keyword options.
+* A method that reports its metric per iteration (:attr:`RegistrationLogic.reports_convergence`)
+  gets a live :class:`~MMRegCommonLib.convergence.ConvergenceTrace` (:attr:`RegistrationLogic.trace`)
+  and, after a successful run, a convergence table and plot chart in the scene
+  (:attr:`RegistrationOutcome.convergence`), made from the report's ``method_trace``.
 """
 from __future__ import annotations
 
@@ -36,6 +42,8 @@ import slicer
 from slicer.ScriptedLoadableModule import ScriptedLoadableModuleLogic
 
 from . import panel
+from .convergence import ConvergenceTrace, update_convergence_nodes
+from .methodoptions import MethodOptions
 
 
 @dataclass
@@ -49,6 +57,9 @@ class RegistrationOutcome:
     ``segment_names``: label value in the report -> segment name; ``scored_labels``: the
     values that have a fixed segment of the same name (None: all). ``created_node_ids``: nodes
     this run added to the scene. ``notes``: remarks for the user (e.g. unmatched segments).
+    ``trace``: the metric per iteration (a :class:`~MMRegCommonLib.convergence.ConvergenceTrace`,
+    from the report's ``method_trace``) for methods that report it, else None; ``convergence``:
+    its nodes (``{"table", "chart", "series"}``), else None.
     """
 
     transform_node: object
@@ -60,6 +71,8 @@ class RegistrationOutcome:
     created_node_ids: list = field(default_factory=list)
     notes: list = field(default_factory=list)
     previous_moving_parent_id: str | None = None
+    trace: ConvergenceTrace | None = None
+    convergence: dict | None = None
 
     @property
     def report(self) -> dict:
@@ -127,6 +140,10 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
     method_name = ""
     #: The module's ``@parameterNodeWrapper`` class (a subclass of RegistrationParameters).
     parameterNodeClass = None
+    #: The module's method-specific controls (:class:`~MMRegCommonLib.methodoptions.MethodOptions`; none here).
+    methodOptions = MethodOptions()
+    #: True for a method whose progress messages carry its metric per iteration (see :meth:`parse_progress`).
+    reports_convergence = False
 
     def __init__(self, method_name: str | None = None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -134,6 +151,14 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             self.method_name = method_name
         self._cancel_requested = False
         self.is_running = False
+        #: The running (or last) registration's metric per iteration, for methods that report it; else None.
+        self.trace = None
+
+    def parse_progress(self, message: str) -> dict | None:
+        """A progress message of the module's method read as one optimiser iteration (``stage``, ``level``,
+        ``levels``, ``iteration``, ``iterations``, ``value``), or None. Modules with
+        :attr:`reports_convergence` use their engine method's parser; the base class reads nothing."""
+        return None
 
     def getParameterNode(self):
         """The module's parameter node, wrapped in :attr:`parameterNodeClass` (created on first use)."""
@@ -153,9 +178,13 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             import mmreg
             raise mmreg.CancelledError("Registration cancelled by the user; the scene is unchanged.")
 
-    def _progress(self, user_callback):
+    def _progress(self, user_callback, trace=None):
         def callback(fraction, message):
             self._check_cancel()
+            if trace is not None:
+                point = self.parse_progress(message)
+                if point is not None:
+                    trace.add(point)
             if user_callback is not None and user_callback(fraction, message) is False:
                 self.cancel()
             self._check_cancel()
@@ -192,6 +221,8 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         scene = self._check_nodes(fixed_volume, moving_volume, moving_segmentation, fixed_segmentation,
                                   output_transform, output_volume, output_segmentation)
         self._cancel_requested = False
+        self.trace = (ConvergenceTrace(str(options.get("similarity") or status.options.get("similarity") or ""))
+                      if self.reports_convergence and method == self.method_name else None)
         self.is_running = True
         try:
             inputs = self._engine_inputs(fixed_volume, moving_volume, moving_segmentation, fixed_segmentation)
@@ -199,7 +230,8 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             t0 = time.perf_counter()
             result = mmreg.register(inputs["fixed"], inputs["moving"], method, model=model or None, affine=affine,
                                     fixed_labels=inputs["fixed_labels"], moving_labels=inputs["moving_labels"],
-                                    device=device, threads=threads, progress=self._progress(progress), **options)
+                                    device=device, threads=threads, progress=self._progress(progress, self.trace),
+                                    **options)
             logging.info("%s: registration with '%s' took %.1f s", self.moduleName, method, time.perf_counter() - t0)
             self._check_cancel()
             outcome = self._make_outputs(scene, result, fixed_volume, moving_volume, inputs["moving_info"],
@@ -208,6 +240,8 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             self.is_running = False
         outcome.notes, outcome.scored_labels = inputs["notes"], inputs["scored"]
         outcome.segment_names = {value: info["name"] for value, info in (inputs["moving_info"] or {}).items()}
+        if self.trace is not None:
+            self._show_convergence(scene, outcome)
         if place_moving_under_transform:
             parent = moving_volume.GetParentTransformNode()
             outcome.previous_moving_parent_id = parent.GetID() if parent is not None else None
@@ -215,16 +249,46 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             bridge.place_under_transform(moving_volume, outcome.transform_node)
         return outcome
 
+    def _show_convergence(self, scene, outcome: RegistrationOutcome) -> None:
+        """The run's trace (the report's ``method_trace``, else the live one) into the module's convergence
+        table and chart. A failure here leaves the registration's outputs as they are, with a note."""
+        outcome.trace = ConvergenceTrace.from_report(outcome.report.get("method_trace")) or self.trace
+        if not len(outcome.trace):
+            return
+        try:
+            nodes = update_convergence_nodes(scene, outcome.trace, self.moduleName)
+        except Exception as exc:  # noqa: BLE001 - the registration itself succeeded; say what is missing
+            logging.exception("%s: convergence plot", self.moduleName)
+            outcome.notes.append(f"The convergence table and plot could not be made ({exc}).")
+            return
+        outcome.convergence = {key: nodes[key] for key in ("table", "chart", "series")}
+        outcome.created_node_ids += nodes["created"]
+
+    def method_option_values(self, parameters, status=None) -> dict:
+        """The method-specific options of ``parameters`` (the module's :attr:`methodOptions`) as engine options,
+        including ``model`` when a control chooses it. Raises ``mmreg.InputError`` for unusable choices."""
+        status = status or self.method_status()
+        return self.methodOptions.engine_options(self.methodOptions.values(parameters), status)
+
     def run_with_parameters(self, parameters, progress=None, **options) -> RegistrationOutcome:
         """Run from a parameter node (the panel's Apply); the outputs made are written back into it.
 
         Controls the method does not have (refinement steps, diffeomorphic) are not passed, nor
-        the diffeomorphic checkbox of a method whose trained model decides it.
+        the diffeomorphic checkbox of a method whose trained model decides it. The module's
+        method-specific options (:attr:`methodOptions`) are passed when its own method runs (not
+        for another ``method=``); keyword ``options`` given here take precedence.
         """
         status = self.method_status(options.get("method"))
+        model = parameters.model or None
+        own = options.get("method", self.method_name) == self.method_name
+        if own and status.available and self.methodOptions.parameters:
+            chosen = self.method_option_values(parameters, status)
+            if self.methodOptions.controls_parameter("model"):
+                model = chosen.pop("model", None) or None
+            options = dict(chosen, **options)
         outcome = self.run(
             parameters.fixedVolume, parameters.movingVolume, parameters.movingSegmentation,
-            parameters.fixedSegmentation, model=parameters.model or None, device=parameters.device or "auto",
+            parameters.fixedSegmentation, model=model, device=parameters.device or "auto",
             affine=parameters.affine,
             refinement_steps=parameters.refinementSteps if status.supports_refinement else None,
             diffeomorphic=parameters.diffeomorphic if status.supports_diffeomorphic else None,

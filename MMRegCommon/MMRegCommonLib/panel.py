@@ -31,6 +31,8 @@ class ModelChoice:
     tooltip: str = ""
     #: Whether the model predicts a stationary velocity (integrated: diffeomorphic); None: unknown.
     diffeomorphic: bool | None = None
+    #: The engine's entry for the model as listed (``source``, ``path``, ``description``, ...; {} for a bare name).
+    info: dict = field(default_factory=dict, compare=False)
 
 
 @dataclass
@@ -85,7 +87,7 @@ def model_choice(entry) -> ModelChoice:
             label += " (fine-tuned)"
         diffeomorphic = entry.get("diffeomorphic")
         return ModelChoice(value, label, str(entry.get("description", "")),
-                           None if diffeomorphic is None else bool(diffeomorphic))
+                           None if diffeomorphic is None else bool(diffeomorphic), dict(entry))
     return ModelChoice(str(entry), str(entry))
 
 
@@ -191,8 +193,26 @@ def engine_options(status: MethodStatus, refinement_steps=None, diffeomorphic=No
     return options
 
 
-def apply_state(status: MethodStatus, fixed_volume, moving_volume, running: bool = False) -> tuple:
-    """``(enabled, reason)`` for the Apply button: reason says what is missing when disabled."""
+def shared_control_visibility(status: MethodStatus) -> dict:
+    """``{"refinementSteps": visible, "diffeomorphic": visible}``: the shared option rows a method has.
+
+    A method the engine offers without an option (e.g. ``metric``: no refinement, no diffeomorphic
+    integration) does not show its control at all; while the method is unavailable (engine not
+    loaded, no model) both stay visible, disabled, with the reason in their tooltips.
+    """
+    if not status.available:
+        return {"refinementSteps": True, "diffeomorphic": True}
+    return {"refinementSteps": status.supports_refinement,
+            "diffeomorphic": status.supports_diffeomorphic or status.model_sets_diffeomorphic}
+
+
+def apply_state(status: MethodStatus, fixed_volume, moving_volume, running: bool = False,
+                option_problem: str | None = None) -> tuple:
+    """``(enabled, reason)`` for the Apply button: reason says what is missing when disabled.
+
+    ``option_problem``: why the method-specific choices cannot run (see
+    :meth:`MMRegCommonLib.methodoptions.MethodOptions.problem`), checked after the volumes.
+    """
     if running:
         return False, "A registration is running; Cancel stops it."
     if not status.available and not status.engine_missing:
@@ -203,6 +223,8 @@ def apply_state(status: MethodStatus, fixed_volume, moving_volume, running: bool
         return False, "Select the moving volume (the image that is deformed onto the fixed one)."
     if fixed_volume is moving_volume or fixed_volume.GetID() == moving_volume.GetID():
         return False, "The fixed and moving volumes must be two different volumes."
+    if option_problem and status.available:
+        return False, option_problem
     return True, "Ready: Apply registers the moving volume to the fixed volume."
 
 

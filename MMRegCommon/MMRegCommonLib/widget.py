@@ -14,6 +14,19 @@ live even inside one long step, but MRML and VTK are not thread-safe, Slicer's P
 only progress while the main thread runs Python, and a process would have to copy the images;
 the outputs are anyway made in the main thread after the engine returns. Apply and the input
 sections are disabled while running, so processEvents cannot start a second run.
+
+Optional parts, used when the module's ``.ui`` file and Logic have them:
+
+* method-specific controls (the Logic's :attr:`~MMRegCommonLib.logic.RegistrationLogic.methodOptions`)
+  in a section ``methodOptionsCollapsibleButton``, with ``methodOptionsInfoLabel`` for a line about
+  the current choice; their run-time combo boxes are filled and each control is enabled or
+  disabled as :mod:`MMRegCommonLib.methodoptions` decides;
+* a convergence section (Logic with ``reports_convergence``): ``convergenceLabel`` (a sparkline
+  per stage), ``convergenceLog`` (one line per optimiser iteration, live) and
+  ``showConvergenceButton`` (shows the run's convergence chart in the Plots view).
+
+Shared option rows that the method does not have (refinement steps, diffeomorphic) are hidden
+(:func:`MMRegCommonLib.panel.shared_control_visibility`).
 """
 from __future__ import annotations
 
@@ -26,11 +39,15 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from . import panel
-from .combos import ParameterCombos
+from .combos import ParameterCombos, combo_names
+from .parameters import COMBO_PROPERTY
 
-#: Sections disabled while a registration runs (object names in the .ui file).
-_SECTIONS = ("inputsCollapsibleButton", "methodCollapsibleButton", "optionsCollapsibleButton",
-             "outputsCollapsibleButton")
+#: Sections disabled while a registration runs (object names in the .ui file; the method-specific one
+#: only where the module has it).
+_SECTIONS = ("inputsCollapsibleButton", "methodCollapsibleButton", "methodOptionsCollapsibleButton",
+             "optionsCollapsibleButton", "outputsCollapsibleButton")
+#: Convergence widgets of a module whose Logic reports convergence.
+CONVERGENCE_WIDGETS = ("convergenceCollapsibleButton", "convergenceLabel", "convergenceLog", "showConvergenceButton")
 
 
 class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -48,6 +65,9 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._status = None
         self._combos = None
         self._lastStage = ""
+        self._controls = {}
+        self._shownPoints = 0
+        self._convergenceChartId = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self):
@@ -67,23 +87,71 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.progressBar.value = 0
 
         self._combos = ParameterCombos(self.ui.__dict__.values())
+        self._controls = self._widgetsByParameter()
+        if self.logic.reports_convergence:
+            self.ui.showConvergenceButton.connect("clicked(bool)", self.onShowConvergenceButton)
+            self.ui.showConvergenceButton.enabled = False
         self.refreshMethod()
         self.initializeParameterNode()
+
+    def _widgetsByParameter(self) -> dict:
+        """``{parameter name: [widgets bound to it]}`` (parameterNodeWrapper's and the framework's bindings)."""
+        out = {}
+        for widget in self.ui.__dict__.values():
+            if not hasattr(widget, "property"):
+                continue
+            for prop in ("SlicerParameterName", COMBO_PROPERTY):
+                for name in combo_names(widget.property(prop) or ""):
+                    out.setdefault(name, []).append(widget)
+        return out
 
     def refreshMethod(self):
         """Ask the engine again about the method (after installing dependencies) and refill the choices."""
         self._status = self.logic.method_status()
         status = self._status
         self.ui.methodInfoLabel.text = status.description if status.available else status.reason
-        self._combos.fill("model", panel.model_items(status))
-        self._combos["model"].enabled = status.available and bool(status.models)
+        if "model" in self._combos:  # (a module whose own controls choose the model has no shared selector)
+            self._combos.fill("model", panel.model_items(status))
+            self._combos["model"].enabled = status.available and bool(status.models)
         self._combos.fill("device", [(value, label, "") for value, label in panel.device_choices()])
+        for binding, items in self.logic.methodOptions.combo_items(status).items():
+            self._combos.fill(binding, items)
         self.ui.refinementStepsSpinBox.enabled = status.supports_refinement
         if not status.supports_refinement:
             self.ui.refinementStepsSpinBox.toolTip = (f"Method '{status.name}' has no refinement; this setting is "
                                                       "not used.")
+        visible = panel.shared_control_visibility(status)
+        self.ui.refinementStepsSpinBox.visible = self.ui.refinementStepsLabel.visible = visible["refinementSteps"]
+        self.ui.diffeomorphicCheckBox.visible = visible["diffeomorphic"]
         self._updateDiffeomorphicControl()
+        self._updateMethodControls()
         self._updateApplyState()
+
+    def _updateMethodControls(self):
+        """Method-specific controls: resolved values written back (the panel shows what Apply runs), each
+        control enabled or not with its reason, and the line about the current choice."""
+        options = self.logic.methodOptions
+        if self._status is None or self._parameterNode is None or not options.parameters:
+            return
+        values = options.values(self._parameterNode)
+        changes = options.changes(values, self._status) if self._status.available else {}
+        if changes:  # the parameter node's Modified event calls this again with the resolved values
+            node = self._parameterNode.parameterNode
+            state = node.StartModify()
+            try:
+                for name, value in changes.items():
+                    setattr(self._parameterNode, name, value)
+            finally:
+                node.EndModify(state)
+            return
+        for name, (enabled, tooltip) in options.control_states(values, self._status).items():
+            for widget in self._controls.get(name, []):
+                widget.enabled = enabled
+                if tooltip:
+                    widget.toolTip = tooltip
+        label = getattr(self.ui, "methodOptionsInfoLabel", None)
+        if label is not None:
+            label.text = options.info_text(values, self._status)
 
     def _updateDiffeomorphicControl(self):
         """The checkbox follows the chosen model for learned methods (read-only), else the user's choice."""
@@ -148,13 +216,18 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
     def _onParameterNodeModified(self, caller=None, event=None):
         self._combos.update()
         self._updateDiffeomorphicControl()
+        self._updateMethodControls()
         self._updateApplyState()
 
     def _updateApplyState(self):
         if self._status is None or self._parameterNode is None:
             return
         p = self._parameterNode
-        enabled, reason = panel.apply_state(self._status, p.fixedVolume, p.movingVolume, self.logic.is_running)
+        options = self.logic.methodOptions
+        problem = (options.problem(options.resolve(options.values(p), self._status), self._status)
+                   if options.parameters and self._status.available else None)
+        enabled, reason = panel.apply_state(self._status, p.fixedVolume, p.movingVolume, self.logic.is_running,
+                                            problem)
         self.ui.applyButton.enabled = enabled
         self.ui.applyButton.toolTip = reason
         self.ui.statusLabel.text = reason
@@ -166,7 +239,9 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def _setRunning(self, running):
         for name in _SECTIONS:
-            getattr(self.ui, name).enabled = not running
+            section = getattr(self.ui, name, None)
+            if section is not None:
+                section.enabled = not running
         self.ui.cancelButton.enabled = running
         self._updateApplyState()
 
@@ -177,7 +252,46 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if stage != self._lastStage:
             self._log(f"{fraction:4.0%}  {stage}")
             self._lastStage = stage
+        self._showLiveConvergence()
         slicer.app.processEvents()
+
+    # ------------------------------------------------------------------ convergence
+    def _showLiveConvergence(self):
+        """New iterations of the running registration into the convergence log, and the sparklines."""
+        trace = self.logic.trace
+        if trace is None or trace.count == self._shownPoints:
+            return
+        from .convergence import log_line
+        points = [(stage, step, value) for stage in trace.stages for step, value in zip(stage.steps, stage.values)]
+        for stage, step, value in points[self._shownPoints:]:
+            self.ui.convergenceLog.appendPlainText(log_line({"stage": stage.stage, "level": stage.level,
+                                                             "levels": stage.levels, "iteration": step,
+                                                             "iterations": stage.iterations, "value": value}))
+        self._shownPoints = trace.count
+        self.ui.convergenceLabel.text = "\n".join(trace.summary_lines())
+
+    def _resetConvergence(self):
+        if not self.logic.reports_convergence:
+            return
+        self._shownPoints = 0
+        self.ui.convergenceLog.clear()
+        self.ui.convergenceLabel.text = "The metric per iteration appears here while the registration runs."
+
+    def _showFinalConvergence(self, outcome):
+        if not self.logic.reports_convergence or outcome.trace is None:
+            return
+        self.ui.convergenceLabel.text = "\n".join(outcome.trace.summary_lines())
+        chart = (outcome.convergence or {}).get("chart")
+        self._convergenceChartId = chart.GetID() if chart is not None else None
+        self.ui.showConvergenceButton.enabled = chart is not None
+
+    def onShowConvergenceButton(self):
+        """Show the last run's convergence chart (metric per iteration) in a Plots view of the layout."""
+        chart = slicer.mrmlScene.GetNodeByID(self._convergenceChartId) if self._convergenceChartId else None
+        if chart is None:
+            self.ui.showConvergenceButton.enabled = False
+            return
+        slicer.modules.plots.logic().ShowChartInLayout(chart)
 
     def onCancelButton(self):
         """Ask the running registration to stop (at its next progress report)."""
@@ -202,6 +316,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._log(f"--- {self._status.name}: registering '{self._parameterNode.movingVolume.GetName()}' to "
                   f"'{self._parameterNode.fixedVolume.GetName()}'")
         self.ui.progressBar.value = 0
+        self._resetConvergence()
         self.logic.is_running = True
         self._setRunning(True)
         try:
@@ -219,6 +334,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             slicer.util.errorDisplay(text, **extra)
         else:
             self.ui.resultsLabel.text = outcome.summary_text()
+            self._showFinalConvergence(outcome)
             self.logic.show_outcome(outcome, self._parameterNode.fixedVolume)
             summary = outcome.summary()
             self._log(f"Done in {summary['runtime_s']:.1f} s; folding {summary['folding_percent']:.3f} %.")

@@ -9,7 +9,11 @@ replaced by plain Qt stand-ins that keep their class name visible: ``ctkCollapsi
 "none" text followed by "(qMRMLNodeComboBox)", ``qMRMLWidget`` -> ``QWidget``. The run-time
 parts are filled as the module fills them: the method's description or the reason it is not
 available, the model and device lists, the Apply button's state and reason (from
-``MMRegCommonLib.panel``, i.e. from the installed engine); for RegistrationTraining the data
+``MMRegCommonLib.panel``, i.e. from the installed engine), the controls bound to parameters show
+the parameter node's defaults (the module is imported with the headless framework of
+``slicer_framework``), a module's method-specific controls (``<Module>Lib/options.py``:
+``METHOD_OPTIONS``) get their lists, enabled states and info line, and shared option rows the
+method lacks are hidden; for RegistrationTraining the data
 sources, trainable methods, base models, Start/Resume state and its reason (from
 ``RegistrationTrainingLib.panelstate``), with the scene-pairs part shown, as on first use. Needs PySide6 (``pip install
 PySide6-Essentials``); uses ``QT_QPA_PLATFORM=offscreen``.
@@ -64,6 +68,73 @@ def stand_in_ui(ui_path: Path) -> bytes:
     return ET.tostring(root, encoding="utf-8", xml_declaration=True)
 
 
+def _parameter_defaults(module_name: str) -> dict:
+    """``{parameter: default}`` of the module's parameter node class ({} when it cannot be imported)."""
+    sys.path[:0] = [str(Path(__file__).resolve().parent), str(REPO / module_name), str(REPO / "MMRegCommon")]
+    try:
+        import importlib
+
+        import slicer_framework
+        slicer_framework.install()
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return {}
+    cls = getattr(module, f"{module_name}ParameterNode", None)
+    return {name: p.default for name, p in getattr(cls, "allParameters", {}).items() if not p.is_node}
+
+
+def _show_defaults(widget, defaults: dict) -> None:
+    """Set each control bound by ``SlicerParameterName`` to its parameter's default (as the binding does)."""
+    from PySide6 import QtWidgets
+    for child in widget.findChildren(QtWidgets.QWidget):
+        name = child.property("SlicerParameterName")
+        if name not in defaults:
+            continue
+        value = defaults[name]
+        if isinstance(child, (QtWidgets.QSpinBox, QtWidgets.QDoubleSpinBox)):
+            child.setValue(value)
+        elif isinstance(child, QtWidgets.QCheckBox):
+            child.setChecked(bool(value))
+        elif isinstance(child, QtWidgets.QLineEdit):
+            child.setText(str(value))
+
+
+def _method_options(module_name: str):
+    """The module's ``METHOD_OPTIONS`` (``<Module>Lib/options.py``), or None."""
+    if not (REPO / module_name / f"{module_name}Lib" / "options.py").is_file():
+        return None
+    import importlib
+    return getattr(importlib.import_module(f"{module_name}Lib.options"), "METHOD_OPTIONS", None)
+
+
+def _fill_method_options(widget, options, status, defaults: dict) -> None:
+    """The method-specific controls as the framework's Widget shows them with the default parameters."""
+    from PySide6 import QtWidgets
+    from MMRegCommonLib.combos import combo_names, encode_choice
+    from MMRegCommonLib.parameters import COMBO_PROPERTY
+    values = options.resolve({name: defaults.get(name, "") for name in options.parameters}, status)
+    combos = {c.property(COMBO_PROPERTY): c for c in widget.findChildren(QtWidgets.QComboBox)
+              if c.property(COMBO_PROPERTY)}
+    for binding, items in options.combo_items(status).items():
+        combo = combos[binding]
+        combo.clear()
+        for value, label, tooltip in items:
+            combo.addItem(label, encode_choice(value))
+            if tooltip:
+                combo.setItemData(combo.count() - 1, tooltip, 3)  # Qt.ToolTipRole
+        names = combo_names(binding)
+        current = encode_choice([values[n] for n in names] if len(names) > 1 else values[binding])
+        combo.setCurrentIndex(max(0, combo.findData(current)))
+    states = options.control_states(values, status)
+    for child in widget.findChildren(QtWidgets.QWidget):
+        for name in combo_names(child.property("SlicerParameterName") or child.property(COMBO_PROPERTY) or ""):
+            if name in states:
+                child.setEnabled(states[name][0])
+    info = widget.findChild(QtWidgets.QLabel, "methodOptionsInfoLabel")
+    if info is not None:
+        info.setText(options.info_text(values, status))
+
+
 def _fill_run_time_state(widget, module_name: str, method: str | None = None) -> None:
     """Fill what the framework fills in Slicer, from the same pure functions (engine status, devices)."""
     from PySide6 import QtWidgets
@@ -75,13 +146,23 @@ def _fill_run_time_state(widget, module_name: str, method: str | None = None) ->
     method = method or _module_method(module_name)
     status = panel.method_status(method) if method else None
     find = lambda cls, name: widget.findChild(cls, name)  # noqa: E731
+    defaults = _parameter_defaults(module_name)
+    _show_defaults(widget, defaults)
     if status is not None:
         find(QtWidgets.QLabel, "methodInfoLabel").setText(status.description if status.available else status.reason)
         model = find(QtWidgets.QComboBox, "modelComboBox")
-        model.clear()
-        for value, label, _ in panel.model_items(status):
-            model.addItem(label, value)
-        model.setEnabled(status.available and bool(status.models))
+        if model is not None:  # (a module whose own controls choose the model has none)
+            model.clear()
+            for value, label, _ in panel.model_items(status):
+                model.addItem(label, value)
+            model.setEnabled(status.available and bool(status.models))
+        options = _method_options(module_name)
+        if options is not None:
+            _fill_method_options(widget, options, status, defaults)
+        visible = panel.shared_control_visibility(status)
+        for name in ("refinementStepsSpinBox", "refinementStepsLabel"):
+            find(QtWidgets.QWidget, name).setVisible(visible["refinementSteps"])
+        find(QtWidgets.QWidget, "diffeomorphicCheckBox").setVisible(visible["diffeomorphic"])
         find(QtWidgets.QSpinBox, "refinementStepsSpinBox").setEnabled(status.supports_refinement)
         enabled, checked, tip = panel.diffeomorphic_control(status, "")
         box = find(QtWidgets.QCheckBox, "diffeomorphicCheckBox")
@@ -138,6 +219,7 @@ def _fill_training_state(widget, module_name: str) -> None:
         from mmreg.models import portable_model_path
         from mmreg.training import default_output  # (shown without this machine's home folder)
         find(QtWidgets.QLabel, "outputInfoLabel").setText(f"Saved to {portable_model_path(default_output(method, name))}")
+    find(QtWidgets.QLabel, "pairsHintLabel").setText(panelstate.pairs_hint(method))
     for hidden in ("manifestLabel", "manifestWidget"):  # data source "scene" (the default)
         find(QtWidgets.QWidget, hidden).setVisible(False)
     table = find(QtWidgets.QTableWidget, "pairsTableWidget")

@@ -4,12 +4,13 @@
 * object names are unique;
 * every parameter of the module's parameter node is bound to exactly one widget, of a kind
   that can show its type (``SlicerParameterName`` for parameterNodeWrapper, or
-  ``MMRegParameterName`` for the combo boxes the framework fills at run time), and no widget
-  names a parameter that does not exist;
+  ``MMRegParameterName`` for the combo boxes the framework fills at run time, which may name
+  several parameters separated by commas), and no widget names a parameter that does not exist;
 * every node selector receives the scene (``mrmlSceneChanged`` -> ``setMRMLScene``), without
   which it stays empty in Slicer;
 * the widgets the Widget code uses exist (``self.ui.<name>`` in the module's .py, and the shared
-  panel's widgets for modules built on ``RegistrationWidget``);
+  panel's widgets for modules built on ``RegistrationWidget``, with the convergence widgets for
+  a module whose Logic reports convergence);
 * the panel renders offscreen with PySide6 (skipped when PySide6 is missing).
 """
 from __future__ import annotations
@@ -32,8 +33,9 @@ BINDABLE = {bool: {"QCheckBox", "QPushButton"}, int: {"QSpinBox", "QSlider"}, fl
             str: {"QLineEdit", "QComboBox"}, "node": {"qMRMLNodeComboBox"}}
 #: Object names the shared Widget (MMRegCommonLib.widget) looks up (modules built on RegistrationWidget).
 FRAMEWORK_WIDGETS = {"applyButton", "cancelButton", "progressBar", "statusLabel", "statusLog", "resultsLabel",
-                     "methodInfoLabel", "refinementStepsSpinBox", "diffeomorphicCheckBox", "inputsCollapsibleButton",
-                     "methodCollapsibleButton", "optionsCollapsibleButton", "outputsCollapsibleButton"}
+                     "methodInfoLabel", "refinementStepsSpinBox", "refinementStepsLabel", "diffeomorphicCheckBox",
+                     "inputsCollapsibleButton", "methodCollapsibleButton", "optionsCollapsibleButton",
+                     "outputsCollapsibleButton"}
 
 
 def _dynamic(widget, name):
@@ -63,6 +65,9 @@ def _required_widgets(module_name: str) -> set:
     names = set(re.findall(r"self\.ui\.([A-Za-z]\w*)", source))
     if re.search(r"class \w+Widget\(RegistrationWidget\)", source):
         names |= FRAMEWORK_WIDGETS
+        if re.search(r"^\s+reports_convergence = True", source, re.MULTILINE):
+            from MMRegCommonLib.widget import CONVERGENCE_WIDGETS
+            names |= set(CONVERGENCE_WIDGETS)
     return names
 
 
@@ -99,6 +104,7 @@ def test_custom_widgets_declared_and_names_unique(ui):
 
 def test_every_parameter_bound_once_to_a_suitable_widget(ui):
     import slicer
+    from MMRegCommonLib.combos import combo_names
     from MMRegCommonLib.parameters import COMBO_PROPERTY
 
     path, root = ui
@@ -107,12 +113,14 @@ def test_every_parameter_bound_once_to_a_suitable_widget(ui):
     bound = {}
     for widget in root.iter("widget"):
         for prop_name in ("SlicerParameterName", COMBO_PROPERTY):
-            name = _dynamic(widget, prop_name)
-            if name is None:
+            binding = _dynamic(widget, prop_name)
+            if binding is None:
                 continue
-            assert name not in bound, f"parameter '{name}' is bound twice"
-            assert name in parameters, f"{widget.get('name')} binds unknown parameter '{name}'"
-            bound[name] = (widget.get("class"), prop_name)
+            names = combo_names(binding) if prop_name == COMBO_PROPERTY else (binding,)
+            for name in names:
+                assert name not in bound, f"parameter '{name}' is bound twice"
+                assert name in parameters, f"{widget.get('name')} binds unknown parameter '{name}'"
+                bound[name] = (widget.get("class"), prop_name)
     assert set(bound) == set(parameters), f"parameters without a widget: {set(parameters) - set(bound)}"
     for name, (cls, prop_name) in bound.items():
         kind = parameters[name]  # (get_type_hints drops Annotated[...] extras)
