@@ -3,11 +3,13 @@
     python Resources/Icons/make_icons.py
 
 Writes ``Resources/Icons/MultiModalRegistration.png`` (the extension),
-``MIRegistration/Resources/Icons/MIRegistration.png`` and
-``RegistrationTraining/Resources/Icons/RegistrationTraining.png`` (the modules). The motif: a
-fixed image (grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a
-deformed grid, i.e. a deformable multi-modal registration; the training module's icon adds a
-falling loss curve.
+``MIRegistration/Resources/Icons/MIRegistration.png``,
+``RegistrationTraining/Resources/Icons/RegistrationTraining.png`` and
+``LearnedMetric/Resources/Icons/LearnedMetric.png`` (the modules). The motif: a fixed image
+(grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a deformed
+grid, i.e. a deformable multi-modal registration; the training module's icon adds a falling
+loss curve, the learned-metric module's the B-spline control points and a metric converging
+level by level.
 """
 from __future__ import annotations
 
@@ -60,6 +62,29 @@ def _loss_curve(draw):
     draw.line([(s * a, s * b) for a, b in zip(x, y)], fill=(255, 210, 80, 255), width=6 * s, joint="curve")
 
 
+def _control_points(draw):
+    """B-spline control points: dots on the deformed grid's crossings."""
+    s = SIZE * SCALE
+    for i in range(1, 8, 2):
+        for j in range(1, 8, 2):
+            x, y = _warp(np.array([i * s / 8]), np.array([j * s / 8]))
+            r = 3.2 * SCALE
+            draw.ellipse([x[0] - r, y[0] - r, x[0] + r, y[0] + r], fill=(120, 230, 255, 255))
+
+
+def _metric_steps(draw):
+    """A metric falling in two stages (coarse level, then fine level), in the upper right corner."""
+    s = SCALE
+    draw.rounded_rectangle([s * 60, s * 6, s * 120, s * 50], radius=6 * s, fill=(20, 32, 50, 235))
+    draw.line([(s * 65, s * 10), (s * 65, s * 45), (s * 116, s * 45)], fill=(255, 255, 255, 200), width=2 * s)
+    x1 = np.linspace(68, 90, 30)
+    x2 = np.linspace(90, 114, 30)
+    y1 = 12 + 20 * (1 - np.exp(-(x1 - 68) / 6))
+    y2 = 22 + 18 * (1 - np.exp(-(x2 - 90) / 6))
+    draw.line([(s * a, s * b) for a, b in zip(x1, y1)], fill=(255, 210, 80, 255), width=5 * s, joint="curve")
+    draw.line([(s * a, s * b) for a, b in zip(x2, y2)], fill=(255, 150, 60, 255), width=5 * s, joint="curve")
+
+
 def _finish(image, path: Path, label: str | None = None, font_size: int = 30):
     if label:
         draw = ImageDraw.Draw(image)
@@ -95,6 +120,13 @@ def main():
     _loss_curve(draw)
     _finish(image, REPO / "RegistrationTraining" / "Resources" / "Icons" / "RegistrationTraining.png", label="Train",
             font_size=24)
+
+    image, draw = _canvas()
+    _blob(draw, (50, 66), (32, 28), fill=(200, 200, 205, 225))
+    _blob(draw, (60, 72), (30, 26), fill=(240, 140, 50, 140), outline=(255, 190, 90, 255), width=3)
+    _control_points(draw)
+    _metric_steps(draw)
+    _finish(image, REPO / "LearnedMetric" / "Resources" / "Icons" / "LearnedMetric.png", label="Metric", font_size=22)
 
 
 if __name__ == "__main__":
