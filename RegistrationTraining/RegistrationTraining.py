@@ -677,6 +677,7 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def _refreshModels(self):
         p = self._parameterNode
+        self.ui.pairsHintLabel.text = panelstate.pairs_hint(p.method if p is not None else "")
         if p is None or self._engine_missing or p.method not in self._methods:
             self._combos.fill("baseModel", [(panelstate.FROM_SCRATCH, "None: train from scratch", "")])
             self.ui.userModelComboBox.clear()

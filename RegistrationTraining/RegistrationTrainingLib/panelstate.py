@@ -20,6 +20,10 @@ DATA_SOURCES = (
 )
 #: Base-model value meaning "train from scratch" (not a valid model name).
 FROM_SCRATCH = "-"
+#: Methods trained on ALIGNED pairs: each pair is one subject's image in modality A (fixed) and in modality B
+#: (moving), already in the same space; the method learns what corresponding points look like in the two
+#: modalities (the learned metric), so nothing is registered while it trains and no labels are needed.
+ALIGNED_PAIR_METHODS = ("metric",)
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,63}$")
 
 
@@ -79,6 +83,18 @@ def base_model_value(value: str, default_name: str | None) -> str | None:
     return value
 
 
+def pairs_hint(method: str) -> str:
+    """What the training pairs of ``method`` must be (the data section's note): aligned pairs of two modalities
+    for :data:`ALIGNED_PAIR_METHODS`, otherwise pairs to register."""
+    if method in ALIGNED_PAIR_METHODS:
+        return (f"Method '{method}' learns from ALIGNED pairs: fixed = the image in one modality (e.g. T1 or CT), "
+                "moving = the same subject in the other modality (e.g. T2/PD or MR), already in the same space "
+                "(register them first). Keep the same modality order in every pair; no labels are needed.")
+    return ("Pairs to register: fixed = the image that stays in place, moving = the image the network learns to "
+            "deform onto it (another subject or modality). Labels on both are optional; with them the validation "
+            "reports Dice.")
+
+
 def start_state(*, engine_missing: bool, methods, method: str, source: str, manifest_path: str, pair_count: int,
                 name: str, existing_names, resumable: bool, running: bool) -> tuple:
     """``(enabled, reason)`` of the Start button; the reason says what is missing when disabled."""
@@ -92,6 +108,9 @@ def start_state(*, engine_missing: bool, methods, method: str, source: str, mani
         if not (manifest_path or "").strip():
             return False, "Choose the manifest file that lists the training pairs."
     elif pair_count < 1:
+        if method in ALIGNED_PAIR_METHODS:
+            return False, ("Add at least one aligned pair (fixed = modality A, moving = modality B of the same "
+                           "subject, in the same space) with 'Add pair'.")
         return False, "Add at least one pair (fixed and moving volume) with 'Add pair'."
     problem = name_problem(name)
     if problem:

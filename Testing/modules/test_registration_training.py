@@ -260,6 +260,21 @@ def test_panel_state_says_what_is_missing(lib):
         [True, True, False, False, False, False]
 
 
+def test_pairs_hint_for_aligned_pair_methods(lib):
+    """The learned metric trains on aligned pairs of two modalities, not on pairs to register: the data note and
+    Start's reason say so when it is the chosen method."""
+    ps = lib.panelstate
+    assert "metric" in ps.ALIGNED_PAIR_METHODS and "mi" not in ps.ALIGNED_PAIR_METHODS
+    hint = ps.pairs_hint("metric")
+    assert "ALIGNED pairs" in hint and "same subject" in hint and "no labels are needed" in hint
+    assert ps.pairs_hint("mi").startswith("Pairs to register") and "aligned" not in ps.pairs_hint("mi").lower()
+    assert ps.pairs_hint("") == ps.pairs_hint("mi")
+    ready = dict(engine_missing=False, methods=["mi", "metric"], source="scene", manifest_path="", pair_count=0,
+                 name="t1t2", existing_names=[], resumable=False, running=False)
+    assert ps.start_state(method="metric", **ready)[1].startswith("Add at least one aligned pair (fixed = modality A")
+    assert ps.start_state(method="mi", **ready)[1] == "Add at least one pair (fixed and moving volume) with 'Add pair'."
+
+
 def test_base_model_choices(lib):
     ps = lib.panelstate
     models = [{"name": "mi_brain", "source": "shipped", "description": "T1 brain"},
