@@ -76,13 +76,15 @@ def test_extension_metadata_and_modules():
 
 @pytest.mark.parametrize("variable,min_size", [("EXTENSION_ICONURL", 64), ("EXTENSION_SCREENSHOTURLS", 300)])
 def test_icon_and_screenshot_are_shipped_pngs(variable, min_size):
-    url = cmake_string(cmake_text(REPO / "CMakeLists.txt"), variable)
-    assert url.startswith("${EXTENSION_RAW_BASE}/"), "URLs point into the repository"
-    path = REPO / url.split("}/", 1)[1]
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
-    width, height = struct.unpack(">II", data[16:24])
-    assert min(width, height) >= min_size
+    urls = cmake_string(cmake_text(REPO / "CMakeLists.txt"), variable).split()  # (screenshots: space-separated)
+    assert urls
+    for url in urls:
+        assert url.startswith("${EXTENSION_RAW_BASE}/"), "URLs point into the repository"
+        path = REPO / url.split("}/", 1)[1]
+        data = path.read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+        width, height = struct.unpack(">II", data[16:24])
+        assert min(width, height) >= min_size
 
 
 @pytest.mark.parametrize("module", scripted_modules())
