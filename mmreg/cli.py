@@ -221,7 +221,13 @@ def _cmd_train(args) -> int:
     sps = h["seconds_per_step"]
     lines = [f"trained {result.final_step} steps in {result.seconds:.1f} s (total wall time {h['wall_seconds']:.1f} s; "
              f"median {sorted(sps)[len(sps) // 2] if sps else float('nan'):.2f} s/step)"]
-    if h.get("validation"):
+    if h.get("validation") and "accuracy" in h["validation"][-1]:  # the learned metric: patch classification
+        last, best = h["validation"][-1], h.get("best") or {}
+        first = h.get("initial_validation") or {}
+        lines.append(f"validation hinge loss {first.get('loss', float('nan')):.4f} untrained -> {last['mean_loss']:.4f} "
+                     f"at step {last['step']} (accuracy {first.get('accuracy', float('nan')):.3f} -> {last['accuracy']:.3f}; "
+                     f"best loss {best.get('mean_loss', float('nan')):.4f} at step {best.get('step')})")
+    elif h.get("validation"):
         last, best = h["validation"][-1], h.get("best") or {}
 
         def number(v, identity=False):

@@ -127,6 +127,45 @@ class AugmentConfig:
 
 
 @dataclass
+class MetricTrainConfig:
+    """``[metric]`` of the config: how the learned metric (method ``metric``) draws its patch samples.
+
+    ``pairs``: aligned pairs of the shared data to train on when there is no manifest, each
+    "A-B" from "T1", "T2", "PD" (the avg152 templates), "CT" (the scct_cormack CT template,
+    percentile-normalised), "CTHU" (the skull-stripped HU CT template, CT window) and "IXI-synth"
+    (IXI T1 training subjects against a random intensity remapping of themselves: sharp real anatomy
+    in synthesised contrasts). ``validation_pairs``: the same kinds held out for validation (patches
+    drawn with another seed; "IXI-synth" here uses ``data.validation_subjects``).
+    ``optimizer``: "sgd" (the paper: with ``momentum``) or "adam". ``rotation_deg``: largest
+    rotation of a patch (random axis); ``scale_range``: scales drawn log-uniformly in [1/r, r];
+    ``mirror``: random reflections; ``coarse_fraction``: share of samples taken at half resolution
+    (the coarse level of the registration pyramid); ``negatives``: relative frequencies of the kinds
+    of negative ("shift": the same transformation at a position ``negative_shift_voxels`` [min, max]
+    away; "transform": same position, independent rotation/scale/mirroring; "random": another
+    foreground position); ``gamma``: per-patch, per-channel random gamma exp(U(-g, g));
+    ``noise_std``: largest Gaussian noise; ``swap_channels``: random channel order (the metric then
+    does not care which image is fixed); ``foreground_threshold``: patch centres lie where either
+    image exceeds it; ``validation_patches``: size of the fixed validation sample.
+    """
+
+    pairs: list = field(default_factory=lambda: ["T1-T2", "T1-PD", "T2-PD", "IXI-synth"])
+    validation_pairs: list = field(default_factory=lambda: ["IXI-synth"])
+    optimizer: str = "sgd"
+    momentum: float = 0.9
+    rotation_deg: float = 180.0
+    scale_range: float = 1.25
+    mirror: bool = True
+    coarse_fraction: float = 0.35
+    negatives: dict = field(default_factory=lambda: {"shift": 0.5, "transform": 0.25, "random": 0.25})
+    negative_shift_voxels: list = field(default_factory=lambda: [1.5, 8.0])
+    gamma: float = 0.3
+    noise_std: float = 0.03
+    swap_channels: bool = True
+    foreground_threshold: float = 0.05
+    validation_patches: int = 2048
+
+
+@dataclass
 class TrainConfig:
     """A training run (read from TOML with :func:`load_config`; every field has a default).
 
@@ -174,6 +213,7 @@ class TrainConfig:
     base_model: str | None = None
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    metric: MetricTrainConfig = field(default_factory=MetricTrainConfig)
 
     def to_dict(self) -> dict:
         """JSON/TOML-friendly dict (nested sections as dicts)."""
@@ -204,6 +244,15 @@ def trainable_methods() -> list:
     return names()
 
 
+def network_multiple(method: str, architecture: dict) -> int:
+    """Sizes of the training grid must be multiples of this for ``method``'s network."""
+    spec = training_spec(method)
+    if spec.size_multiple is not None:
+        return int(spec.size_multiple(architecture))
+    from .networks import size_multiple  # noqa: PLC0415
+    return size_multiple(architecture)
+
+
 def config_of_run(output: str | os.PathLike, **overrides) -> TrainConfig:
     """The config of the run in ``output`` (from its ``training/last.pt``), to resume it without the
     config file or the manifest again; keyword ``overrides`` (not None) among the settings that
@@ -215,7 +264,7 @@ def config_of_run(output: str | os.PathLike, **overrides) -> TrainConfig:
                          "start one with --data MANIFEST or a config.")
     saved = load_checkpoint(path)["config"]
     table = {k: v for k, v in saved.items() if v is not None and not isinstance(v, dict)}  # None = the default
-    for section in ("data", "augment", "architecture"):
+    for section in ("data", "augment", "architecture", "metric"):
         table[section] = {k: v for k, v in (saved.get(section) or {}).items() if v is not None}
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in _RESUMABLE)
     if bad:
@@ -266,7 +315,7 @@ def _fill(cls, table: dict, where: str):
     defaults = cls()
     values = {}
     for key, value in table.items():
-        if key in ("data", "augment") and cls is TrainConfig:
+        if key in ("data", "augment", "metric") and cls is TrainConfig:
             continue
         values[key] = _check_type(where, key, value, getattr(defaults, key))
     return values
@@ -277,20 +326,26 @@ def config_from_dict(table: dict) -> TrainConfig:
     if not isinstance(table, dict):
         raise InputError("The training config must be a TOML table.")
     top = _fill(TrainConfig, table, "")
-    for section in ("data", "augment"):
+    for section in ("data", "augment", "metric"):
         if section in table and not isinstance(table[section], dict):
             raise InputError(f"[{section}] must be a table in the training config.")
     data = DataConfig(**_fill(DataConfig, table.get("data", {}), "data."))
     augment = AugmentConfig(**_fill(AugmentConfig, table.get("augment", {}), "augment."))
-    cfg = TrainConfig(**top, data=data, augment=augment)
+    metric = MetricTrainConfig(**_fill(MetricTrainConfig, table.get("metric", {}), "metric."))
+    method = top.get("method", TrainConfig.method)
+    try:
+        defaults = training_spec(method).default_settings or {}
+    except InputError:
+        defaults = {}  # an unknown method: validate_config names it
+    for key, value in defaults.items():  # the method's own defaults where the config is silent
+        top.setdefault(key, value)
+    cfg = TrainConfig(**top, data=data, augment=augment, metric=metric)
     validate_config(cfg)
     return cfg
 
 
 def validate_config(cfg: TrainConfig) -> None:
     """Check value ranges and combinations of a config; :class:`InputError` naming the key and the fix."""
-    from .networks import size_multiple  # noqa: PLC0415
-
     def need(ok, message):
         if not ok:
             raise InputError(f"Training config: {message}")
@@ -316,17 +371,21 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.threads is None or cfg.threads >= 1, f"threads must be >= 1, got {cfg.threads}.")
     need(cfg.device.split(":")[0] in ("auto", "cpu", "cuda", "mps"),
          f"device must be auto, cpu, cuda or mps, got {cfg.device!r}.")
+    spec = training_spec(cfg.method)
     arch = cfg.full_architecture()
-    kind = training_spec(cfg.method).default_architecture.get("kind")
+    kind = spec.default_architecture.get("kind")
     need(arch.get("kind") == kind, f"architecture.kind must be \"{kind}\" for method {cfg.method}, got {arch.get('kind')!r}.")
-    need(int(arch.get("spatial_dims", 3)) == 3, "architecture.spatial_dims must be 3 (the training grid is 3-D).")
-    ch = arch.get("channels")
-    need(isinstance(ch, list) and len(ch) >= 2 and len(ch) % 2 == 0 and all(isinstance(c, int) and c > 0 for c in ch),
-         f"architecture.channels must be an even-length list of positive integers, got {ch!r}.")
-    fc = arch.get("final_conv_channels")
-    need(isinstance(fc, list) and len(fc) >= 1 and all(isinstance(c, int) and c > 0 for c in fc),
-         f"architecture.final_conv_channels must be a non-empty list of positive integers, got {fc!r}.")
-    multiple = size_multiple(arch)
+    if spec.check_architecture is not None:
+        spec.check_architecture(arch)
+    else:
+        need(int(arch.get("spatial_dims", 3)) == 3, "architecture.spatial_dims must be 3 (the training grid is 3-D).")
+        ch = arch.get("channels")
+        need(isinstance(ch, list) and len(ch) >= 2 and len(ch) % 2 == 0 and all(isinstance(c, int) and c > 0 for c in ch),
+             f"architecture.channels must be an even-length list of positive integers, got {ch!r}.")
+        fc = arch.get("final_conv_channels")
+        need(isinstance(fc, list) and len(fc) >= 1 and all(isinstance(c, int) and c > 0 for c in fc),
+             f"architecture.final_conv_channels must be a non-empty list of positive integers, got {fc!r}.")
+    multiple = network_multiple(cfg.method, arch)
     if cfg.grid_size:
         need(len(cfg.grid_size) == 3 and all(isinstance(s, int) and s > 0 and s % multiple == 0 for s in cfg.grid_size),
              f"grid_size must be 3 positive multiples of {multiple} (ITK x, y, z order) or empty, got {cfg.grid_size}.")
@@ -349,6 +408,25 @@ def validate_config(cfg: TrainConfig) -> None:
         need(getattr(a, key) >= 0, f"augment.{key} must be >= 0, got {getattr(a, key)}.")
     need(a.deformation_control_mm > 0, f"augment.deformation_control_mm must be > 0, got {a.deformation_control_mm}.")
     need(a.scale < 0.5, f"augment.scale is a relative jitter (e.g. 0.05), got {a.scale}.")
+    m = cfg.metric
+    need(m.optimizer in ("sgd", "adam"), f"metric.optimizer must be \"sgd\" or \"adam\", got {m.optimizer!r}.")
+    need(0 <= m.momentum < 1, f"metric.momentum must be in [0, 1), got {m.momentum}.")
+    need(m.rotation_deg >= 0 and m.scale_range >= 1, f"metric.rotation_deg must be >= 0 and metric.scale_range >= 1, "
+         f"got {m.rotation_deg} and {m.scale_range}.")
+    need(0 <= m.coarse_fraction <= 1, f"metric.coarse_fraction must be in [0, 1], got {m.coarse_fraction}.")
+    bad = sorted(set(m.negatives) - {"shift", "transform", "random"})
+    need(not bad and m.negatives and all(isinstance(v, (int, float)) and v >= 0 for v in m.negatives.values())
+         and sum(m.negatives.values()) > 0, f"metric.negatives must weigh \"shift\", \"transform\" and \"random\" "
+         f"with numbers >= 0 (positive sum), got {m.negatives}.")
+    lo_hi = m.negative_shift_voxels
+    need(isinstance(lo_hi, list) and len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
+         f"metric.negative_shift_voxels must be [min, max] voxels with 0 < min <= max, got {lo_hi}.")
+    need(m.gamma >= 0 and m.noise_std >= 0, f"metric.gamma and metric.noise_std must be >= 0, got {m.gamma}, {m.noise_std}.")
+    need(m.validation_patches >= 16, f"metric.validation_patches must be >= 16, got {m.validation_patches}.")
+    from .patch_metric import SHARED_PAIRS  # noqa: PLC0415
+    bad = sorted(set(m.pairs + m.validation_pairs) - set(SHARED_PAIRS))
+    need(not bad, f"metric.pairs / metric.validation_pairs: unknown pair(s) {', '.join(bad)}; known: "
+         f"{', '.join(SHARED_PAIRS)}.")
 
 
 def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
@@ -572,7 +650,6 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     from .affine import affine_prealign  # noqa: PLC0415
     from .bench.cases import SPM_DIR, data_dir, ixi_subjects  # noqa: PLC0415
     from .intensity import normalize_intensity  # noqa: PLC0415
-    from .networks import size_multiple  # noqa: PLC0415
 
     prog = Progress(progress)
     root = data_dir(cfg.data.root)
@@ -587,7 +664,7 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     if not template_path.is_file():
         raise InputError(f"The avg152T1 template '{template_path}' is missing; check the data folder.")
     template = sitk.ReadImage(str(template_path), sitk.sitkFloat32)
-    multiple = size_multiple(cfg.full_architecture())
+    multiple = network_multiple(cfg.method, cfg.full_architecture())
     grid = template_grid(template, cfg.spacing_mm, multiple, cfg.grid_size)
 
     key = hashlib.sha1(json.dumps([PREP_VERSION, grid.size, grid.spacing, grid.origin, grid.direction]).encode())
@@ -656,14 +733,13 @@ def prepare_manifest(cfg: TrainConfig, progress: ProgressCallback | None = None,
     from .errors import MMRegError  # noqa: PLC0415
     from .intensity import normalize_intensity  # noqa: PLC0415
     from .manifest import check_entry, describe_problem, manifest_digest, read_manifest  # noqa: PLC0415
-    from .networks import size_multiple  # noqa: PLC0415
 
     prog = Progress(progress)
     say = log or (lambda line: None)
     path = Path(cfg.data.manifest).expanduser()
     entries, problems = read_manifest(path)
     skipped = [{"entry": p.split(":", 1)[0], "reason": p.split(":", 1)[-1].strip()} for p in problems]
-    multiple = size_multiple(cfg.full_architecture())
+    multiple = network_multiple(cfg.method, cfg.full_architecture())
 
     def skip(entry_name: str, reason: str):
         skipped.append({"entry": entry_name, "reason": reason})
@@ -1166,6 +1242,7 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
     now = cfg.to_dict()
     now["data"].pop("root", None), saved["data"].pop("root", None)
     now["data"].pop("cache_dir", None), saved["data"].pop("cache_dir", None)
+    saved.setdefault("metric", now["metric"] if now["method"] != "metric" else None)  # older runs had no [metric]
     for d in (now["data"], saved["data"]):  # keys added later: absent in older checkpoints = their defaults
         d.setdefault("manifest", None), d.setdefault("validation_fraction", 0.2), d.setdefault("prealign", "affine")
     diff = sorted(k for k in set(now) | set(saved) if k not in _RESUMABLE and now.get(k) != saved.get(k))
@@ -1321,6 +1398,8 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
     t_start = time.perf_counter()
     validate_config(cfg)
     spec = training_spec(cfg.method)
+    if spec.trainer is not None:  # a method with its own training procedure (the learned metric)
+        return spec.trainer(cfg, data, resume=resume, progress=progress, log=log)
     rank, world, dist_here = _distributed_setup(cfg.device)
     main = rank == 0
     try:

@@ -45,6 +45,7 @@ with :func:`register_bench_method`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -181,6 +182,26 @@ def _run_engine(name: str, fixed_options: dict | None = None):
     return run
 
 
+#: Benchmark variants of the learned-metric method: the same torch similarity + B-spline pipeline with
+#: the learned metric (the CT-MR model on cases with a CT, the MR-MR model otherwise) or with MI.
+METRIC_VARIANTS = {"metric": ("mmreg metric (learned)", {"similarity": "learned"}),
+                   "metric-mi": ("mmreg metric pipeline with MI", {"similarity": "mi"}),
+                   "metric-mi-masked": ("mmreg metric pipeline with MI, masked", {"similarity": "mi_masked"})}
+#: Learned metric per kind of case: cases whose group names a CT use the CT-MR model.
+METRIC_MODELS = {"ct": "metric_ctmr", "mr": "metric_mr"}
+
+
+def _run_metric(options: dict):
+    engine = _run_engine("metric", options)
+
+    def run(ctx: MethodContext) -> PeerResult:
+        if options.get("similarity") == "learned" and "model" not in ctx.options:
+            model = METRIC_MODELS["ct" if "CT" in ctx.case.group else "mr"]
+            ctx = dataclasses.replace(ctx, options=dict(ctx.options, model=model))
+        return engine(ctx)
+    return run
+
+
 def resolve_method(name: str) -> BenchMethod:
     """The :class:`BenchMethod` called ``name``; :class:`InputError` naming the choices otherwise."""
     from ..methods import method_names  # noqa: PLC0415
@@ -198,6 +219,9 @@ def resolve_method(name: str) -> BenchMethod:
         metric = {"ants": None, "ants-mi": "mattes", "ants-cc": "CC"}[name]
         label = {"ants": "ANTs SyN", "ants-mi": "ANTs SyN (MI)", "ants-cc": "ANTs SyN (CC)"}[name]
         return BenchMethod(name, label, "peer", _run_ants(metric))
+    if name in METRIC_VARIANTS and "metric" in method_names():
+        label, options = METRIC_VARIANTS[name]
+        return BenchMethod(name, label, "mmreg", _run_metric(options))
     if name in method_names():
         return BenchMethod(name, f"mmreg {name}", "mmreg", _run_engine(name))
     refined = _REFINED_VARIANT.match(name)
@@ -219,6 +243,10 @@ def default_methods() -> list:
     usable = []
     for n in method_names():
         method = get_method(n)
+        if n == "metric":  # MI needs no model; the learned variant needs the shipped metrics
+            names = {m if isinstance(m, str) else m.get("name") for m in method.models()}
+            usable += (["metric"] if set(METRIC_MODELS.values()) <= names else []) + ["metric-mi"]
+            continue
         if method.requires_model and not method.models():
             continue
         usable.append(n)

@@ -14,9 +14,10 @@ from .base import GridInputs, RegistrationMethod, TrainingSpec
 _METHODS = {
     "optimize": "mmreg.methods.optimize:InstanceOptimisation",
     "mi": "mmreg.methods.mi:MIRegistration",
+    "metric": "mmreg.methods.metric:LearnedMetricRegistration",
 }
 #: Names reserved for methods that later releases add (shown in error messages).
-PLANNED = ("grad", "metric", "disentangled", "multiscale")
+PLANNED = ("grad", "disentangled", "multiscale")
 
 
 def method_names() -> list:

@@ -61,6 +61,13 @@ class TrainingSpec:
     ``similarity_key``: the entry of ``parts`` reported as the validation similarity (higher is better).
     ``loss_keys``: the config keys of the loss (weights and settings); fine-tuning without a config
     takes them from the base model's recipe.
+
+    A method whose network is not a registration network (the learned metric) gives its own
+    ``trainer(cfg, data, resume=..., progress=..., log=...) -> TrainResult`` (then ``loss`` and
+    ``displacement`` may be None), ``check_architecture(architecture)`` (raises InputError) and
+    ``size_multiple(architecture) -> int``. ``default_settings``: top-level config values of this
+    method that differ from :class:`mmreg.training.TrainConfig`'s defaults (e.g. its optimiser's
+    learning rate and batch size), used where a config does not set them.
     """
 
     build_network: object
@@ -69,6 +76,10 @@ class TrainingSpec:
     displacement: object
     similarity_key: str = "similarity"
     loss_keys: tuple = ()
+    trainer: object = None
+    check_architecture: object = None
+    size_multiple: object = None
+    default_settings: dict | None = None
 
 
 class RegistrationMethod(abc.ABC):
@@ -92,6 +103,11 @@ class RegistrationMethod(abc.ABC):
     def model_info(self, options: dict) -> dict | None:
         """What identifies the trained model these options select (name, folder, weights sha256,
         network spacing in mm, diffeomorphic), for reports; None for methods without models."""
+        return None
+
+    def method_report(self) -> dict | None:
+        """Method-specific details of the last :meth:`predict` for the result report (``report["method_trace"]``),
+        e.g. the metric value per iteration of an iterative method; None when there is nothing to add."""
         return None
 
     def training_spec(self) -> TrainingSpec | None:

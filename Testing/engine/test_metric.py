@@ -1,0 +1,251 @@
+"""The learned-metric method: the patch network, online sampling, hinge-loss training, the torch
+similarity + B-spline optimisation (with MI and with a learned metric), its trace and its errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+
+import mmreg
+from mmreg.errors import InputError
+from mmreg.manifest import write_manifest
+from mmreg.methods.metric import (BSplineField, SimilarityTransform, bspline_basis, parse_metric_progress)
+from mmreg.patch_metric import (AlignedPatchSampler, PatchMetricNet, dense_dissimilarity, hinge_loss,
+                                receptive_field)
+from mmreg.training import MetricTrainConfig, config_for_manifest, config_from_dict, read_progress, train
+
+
+def smooth_volume(shape=(40, 40, 40), seed=0, sigma=2.5) -> np.ndarray:
+    """Smooth random structure in [0, 1] inside a ball (zero background), z, y, x."""
+    rng = np.random.default_rng(seed)
+    img = sitk.SmoothingRecursiveGaussian(sitk.GetImageFromArray(rng.random(shape).astype(np.float32)), sigma)
+    arr = sitk.GetArrayFromImage(img)
+    arr = (arr - arr.min()) / (arr.max() - arr.min())
+    zz, yy, xx = np.meshgrid(*[np.arange(n) - (n - 1) / 2 for n in shape], indexing="ij")
+    ball = (zz ** 2 + yy ** 2 + xx ** 2) < (0.42 * min(shape)) ** 2
+    return (arr * ball).astype(np.float32)
+
+
+def other_modality(a: np.ndarray) -> np.ndarray:
+    """A second 'modality' of the same anatomy: a non-monotone intensity curve, background kept dark."""
+    return np.where(a > 0, 0.2 + 0.8 * np.abs(np.sin(3.0 * a)), 0.0).astype(np.float32)
+
+
+def image(arr: np.ndarray, spacing=2.0, origin=(0.0, 0.0, 0.0)) -> sitk.Image:
+    im = sitk.GetImageFromArray(arr * 1000.0)
+    im.SetSpacing([spacing] * 3)
+    im.SetOrigin(origin)
+    return im
+
+
+# ----------------------------------------------------------------------------- network and sampling
+
+
+def test_network_sees_17_voxel_patches_every_4_voxels_and_is_evaluated_densely():
+    net = PatchMetricNet()
+    assert receptive_field(net.architecture) == (17, 4)
+    assert net(torch.zeros(3, 2, 17, 17, 17)).shape == (3, 1, 1, 1, 1)
+    dense = net(torch.zeros(1, 2, 41, 45, 49))
+    assert dense.shape == (1, 1, 7, 8, 9)  # (n - 17) // 4 + 1
+    # Fully convolutional = the patch network at every 4th position: the score at output (1, 2, 0) is the
+    # score of the patch whose first voxel is (4, 8, 0).
+    x = torch.rand(1, 2, 41, 45, 49)
+    with torch.no_grad():
+        assert torch.allclose(net(x)[0, 0, 1, 2, 0], net(x[:, :, 4:21, 8:25, 0:17])[0, 0, 0, 0, 0], atol=1e-5)
+
+
+def test_positives_are_the_same_patch_and_negatives_are_not():
+    a = smooth_volume(seed=1)
+    settings = MetricTrainConfig(gamma=0.0, noise_std=0.0, swap_channels=False)
+    sampler = AlignedPatchSampler([("self", a, a.copy())], 17, settings)
+    x, y, kinds = sampler.batch(np.random.default_rng(0), 64)
+    assert x.shape == (64, 2, 17, 17, 17) and set(y.tolist()) == {-1.0, 1.0}
+    diff = (x[:, 0] - x[:, 1]).abs().flatten(1).mean(1)
+    positive = y == -1
+    assert float(diff[positive].max()) < 1e-6  # the same transformation on the same image: identical patches
+    assert float(diff[~positive].min()) > 1e-3
+    assert {k for k, yy in zip(kinds, y.tolist()) if yy == 1.0} <= {"shift", "transform", "random"}
+    assert abs(float(positive.float().mean()) - 0.5) < 0.2
+    # Reproducible from the generator's seed.
+    x2, _, _ = sampler.batch(np.random.default_rng(0), 64)
+    assert torch.equal(x, x2)
+
+
+def test_hinge_loss_follows_the_papers_labels():
+    scores = torch.tensor([-2.0, 0.0, 2.0, 0.5])
+    labels = torch.tensor([-1.0, -1.0, 1.0, -1.0])  # -1 aligned, +1 misaligned
+    assert float(hinge_loss(scores, labels)) == pytest.approx((0.0 + 1.0 + 0.0 + 1.5) / 4)
+
+
+# ----------------------------------------------------------------------------- transformation models
+
+
+def test_bspline_basis_is_a_partition_of_unity_and_the_field_starts_at_zero():
+    positions = np.arange(30, dtype=np.float64)
+    w = bspline_basis(positions, 7.0, -0.5).numpy()
+    assert np.allclose(w.sum(1), 1.0, atol=1e-6) and (w >= 0).all()
+    assert ((w > 0).sum(1) <= 4).all()
+    spline = BSplineField((20, 24, 28), 6.0, "cpu")
+    assert float(spline.field((20, 24, 28), 1).abs().max()) == 0.0
+    with torch.no_grad():
+        spline.coefficients[:, 1] = 1.5  # a constant control grid is a constant displacement
+    field = spline.field((10, 12, 14), 2)  # at the half-resolution level's voxel centres too
+    assert field.shape == (1, 3, 10, 12, 14)
+    assert torch.allclose(field[:, 1], torch.full_like(field[:, 1], 1.5), atol=1e-5)
+    assert float(field[:, 0].abs().max()) == 0.0
+
+
+def test_similarity_transform_is_identity_at_start_and_a_rotation_keeps_lengths():
+    tx = SimilarityTransform([10.0, 11.0, 12.0], "cpu")
+    p = torch.rand(1, 3, 4, 4, 4) * 20
+    assert torch.allclose(tx.apply(p), p, atol=1e-5)
+    with torch.no_grad():
+        tx.rotation[:] = torch.tensor([0.1, -0.2, 0.3])
+        tx.log_scale[:] = np.log(1.1)
+    m = tx.matrix()
+    assert torch.allclose(m @ m.T, torch.eye(3) * 1.21, atol=1e-5)
+    assert torch.allclose(tx.apply(tx.centre.view(1, 3, 1, 1, 1)), tx.centre.view(1, 3, 1, 1, 1), atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- registration
+
+
+def _translated_pair(shift_mm=(3.0, -2.0, 4.0), oblique=True):
+    """Fixed = a 2 mm phantom (rotated direction when ``oblique``); moving = the other modality of the same
+    phantom moved by ``shift_mm`` (LPS): the answer is u = -shift everywhere."""
+    a = smooth_volume((36, 36, 36), seed=4, sigma=3.0)
+    fixed = image(a)
+    if oblique:
+        c, s = np.cos(np.radians(20)), np.sin(np.radians(20))
+        fixed.SetDirection((c, -s, 0, s, c, 0, 0, 0, 1))
+    source = image(other_modality(a))
+    source.CopyInformation(fixed)
+    moving = sitk.Image(source)  # the same voxels, placed shift_mm lower: fixed point x shows at x - shift
+    moving.SetOrigin(tuple(np.array(fixed.GetOrigin()) - np.array(shift_mm)))
+    return fixed, moving, a > 0.05
+
+
+def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimodal_pair():
+    shift = (3.0, -2.0, 4.0)
+    fixed, moving, inside = _translated_pair(shift)
+    r = mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", transform="similarity",
+                       iterations_similarity=60, levels=2, threads=2)
+    u = sitk.GetArrayFromImage(r.displacement)[inside]
+    err = np.abs(u.mean(0) + np.array(shift))
+    assert err.max() < 0.25, (u.mean(0), err)  # measured: about 0.05-0.1 mm
+    trace = r.report["method_trace"]
+    assert trace["similarity"] == "mi" and [s["stage"] for s in trace["stages"]] == ["similarity", "similarity"]
+    first, last = trace["stages"][0]["values"][0], trace["stages"][-1]["values"][-1]
+    assert last < first - 0.05  # minus MI went down: the images became more similar
+
+
+def test_progress_messages_are_parsed_and_cancel_stops_the_run():
+    fixed, moving, _ = _translated_pair()
+    seen = []
+
+    def progress(fraction, message):
+        parsed = parse_metric_progress(message)
+        if parsed:
+            seen.append(parsed)
+            if len(seen) == 5:
+                return False  # cancel
+    with pytest.raises(mmreg.errors.CancelledError):
+        mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", transform="bspline",
+                       progress=progress, threads=2)
+    assert len(seen) == 5 and seen[0]["stage"] == "similarity" and seen[0]["iteration"] == 1
+    assert seen[0]["iterations"] == 40 and seen[0]["levels"] == 2 and np.isfinite(seen[0]["value"])
+    assert parse_metric_progress("B-spline level 2/2, iteration 60/60: metric -0.0312")["value"] == pytest.approx(-0.0312)
+    assert parse_metric_progress("network done") is None
+
+
+def test_bad_options_and_inputs_say_what_to_do(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "none"))
+    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "none2"))
+    fixed, moving, _ = _translated_pair()
+    with pytest.raises(mmreg.errors.WeightsError, match="No trained model for method 'metric'"):
+        mmreg.register(fixed, moving, method="metric", affine=False)  # learned, none installed
+    with pytest.raises(InputError, match="similarity 'ncc'"):
+        mmreg.register(fixed, moving, method="metric", affine=False, similarity="ncc")
+    with pytest.raises(InputError, match="Unknown transform"):
+        mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", transform="affine")
+    with pytest.raises(InputError, match="control_spacing_mm"):
+        mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", control_spacing_mm=0)
+
+
+def test_mi_on_a_single_slice_pair_runs_in_2d():
+    a = smooth_volume((48, 48, 48), seed=2)[24]
+    fixed = sitk.GetImageFromArray((a * 1000)[None])
+    fixed.SetSpacing((1.0, 1.0, 1.0))
+    moving = sitk.GetImageFromArray((other_modality(a) * 1000)[None])
+    moving.SetSpacing((1.0, 1.0, 1.0))
+    moving.SetOrigin((-2.0, 1.0, 0.0))
+    r = mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", transform="similarity",
+                       iterations_similarity=40, threads=2)
+    u = sitk.GetArrayFromImage(r.displacement)[0][a > 0.05]
+    assert np.abs(u.mean(0)[:2] - np.array([-2.0, 1.0])).max() < 0.3
+    assert np.abs(u[:, 2]).max() < 1e-6  # nothing moves out of the slice
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def _aligned_manifest(tmp_path: Path, n=3) -> Path:
+    rows = []
+    for k in range(n):
+        a = smooth_volume((36, 36, 36), seed=10 + k, sigma=2.5)
+        sitk.WriteImage(image(a), str(tmp_path / f"t1_{k}.nii.gz"))
+        sitk.WriteImage(image(other_modality(a)), str(tmp_path / f"t2_{k}.nii.gz"))
+        rows.append({"fixed": str(tmp_path / f"t1_{k}.nii.gz"), "moving": str(tmp_path / f"t2_{k}.nii.gz"),
+                     "split": "validation" if k == n - 1 else ""})
+    path = tmp_path / "aligned.csv"
+    write_manifest(path, rows)
+    return path
+
+
+def test_metric_training_from_a_manifest_learns_resumes_and_registers(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMREG_CACHE", str(tmp_path / "cache"))
+    manifest = _aligned_manifest(tmp_path)
+    cfg = config_for_manifest("metric", manifest, output=tmp_path / "model", steps=150, threads=2)
+    # The method's own defaults where the user gave nothing: the paper's SGD settings.
+    assert (cfg.learning_rate, cfg.batch_size, cfg.metric.optimizer) == (0.01, 128, "sgd")
+    cfg.batch_size, cfg.learning_rate, cfg.metric.optimizer = 64, 1e-3, "adam"  # quick on a CPU test
+    cfg.validation_every, cfg.checkpoint_every, cfg.metric.validation_patches = 50, 50, 512
+    cfg.steps = 100
+    first = train(cfg)
+    cfg.steps = 150
+    result = train(cfg, resume=True)
+    assert result.final_step == 150
+    h = result.history
+    v0, best = h["initial_validation"], h["best"]
+    # Measured: validation accuracy 0.50 untrained -> about 0.9 after 150 steps; hinge loss 1.0 -> about 0.3.
+    assert v0["accuracy"] < 0.65 and best["accuracy"] > 0.8 and best["mean_loss"] < 0.6 * v0["loss"]
+    card = json.loads((tmp_path / "model" / "model.json").read_text())
+    assert card["method"] == "metric" and card["training"]["patch_voxels"] == 17
+    assert len(card["training"]["data"]["validation_pairs"]) == 1  # the row marked "validation"
+    events, _ = read_progress(tmp_path / "model")
+    assert [e["event"] for e in events].count("validation") >= 3 and events[-1]["event"] == "done"
+    assert first.final_step == 100
+
+    # The trained metric drives a registration: a translation of the other modality is recovered.
+    fixed, moving, inside = _translated_pair((2.0, -2.0, 2.0), oblique=False)
+    r = mmreg.register(fixed, moving, method="metric", model=str(tmp_path / "model"), affine=False,
+                       transform="similarity", iterations_similarity=40, threads=2)
+    u = sitk.GetArrayFromImage(r.displacement)[inside].mean(0)
+    assert np.abs(u + np.array([2.0, -2.0, 2.0])).max() < 0.8, u  # measured: within about 0.3 mm
+    assert r.report["model_card"]["name"] == "model"
+
+
+def test_metric_config_checks_name_the_key():
+    with pytest.raises(InputError, match="metric.negatives"):
+        config_from_dict({"method": "metric", "metric": {"negatives": {"near": 1.0}}})
+    with pytest.raises(InputError, match="metric.pairs"):
+        config_from_dict({"method": "metric", "metric": {"pairs": ["T1-MRA"]}})
+    with pytest.raises(InputError, match="patch_metric_cnn"):
+        config_from_dict({"method": "metric", "architecture": {"kind": "voxelmorph_unet"}})
+    cfg = config_from_dict({"method": "metric"})
+    assert cfg.learning_rate == 0.01 and cfg.batch_size == 128  # the method's defaults
+    assert config_from_dict({"method": "mi"}).learning_rate == 1e-4  # other methods keep theirs

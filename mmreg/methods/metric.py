@@ -1,0 +1,415 @@
+"""Method ``metric``: iterative registration driven by a learned CNN similarity metric (or by MI).
+
+The paper's pipeline (Simonovsky et al., "A deep metric for multimodal registration", MICCAI
+2016), written in torch so that the metric's gradient with respect to the transformation comes
+from backpropagation through the network and the resampling:
+
+1. multi-resolution similarity transform (rotation, isotropic scale, translation about the fixed
+   image's intensity centroid), then
+2. multi-resolution cubic B-spline free-form deformation (one control grid per resolution, the
+   coarse one at twice the fine control-point spacing; the fields add up),
+
+each optimised by gradient descent (Adam, a cosine-decayed step per level) without an explicit
+regulariser (the paper's choice; ``smoothness`` > 0 adds the diffusion term). The similarity is
+
+* ``"learned"``: the mean dissimilarity score of the learned patch metric over a dense grid of
+  overlapping patches (:func:`mmreg.patch_metric.dense_dissimilarity`) on the model's grid
+  (its training spacing; the coarse level at twice that, which the metric is trained for);
+* ``"mi"``: Parzen-window mutual information with 75 bins over the field of view (the paper's
+  baseline; MONAI's estimator on a random voxel subset per iteration);
+* ``"mi_masked"``: the same, restricted to the fixed image's foreground (dilated).
+
+Composition and conventions: for a fixed-grid voxel x, x -> x + b(x) (B-spline) -> S(x + b(x))
+(similarity) is the moving-image position, so the displacement is ``S(x + b(x)) - x``, in voxels of
+the network grid (resampling convention, as every method returns). Parameters live in FINE-grid
+voxel units at every level (a level's voxel i sits at f*i + (f-1)/2 for pooling factor f), so
+they carry from level to level unchanged.
+
+Progress: one call per iteration with ``"<stage> level l/L, iteration i/n: metric v"``, stage
+"similarity" or "B-spline", ``v`` the minimised value (learned: mean score; MI: minus MI);
+:func:`parse_metric_progress` reads such a message back. :meth:`LearnedMetricRegistration.method_report`
+gives the per-iteration values for the result report (``report["method_trace"]``).
+"""
+from __future__ import annotations
+
+import math
+import re
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..grid import NetworkGrid, choose_levels, downsample_image
+from ..losses import MutualInformationLoss, diffusion_regulariser
+from ..models import CARD_FILE, ModelCard, list_models, load_model, resolve_model
+from ..patch_metric import (DEFAULT_METRIC_ARCHITECTURE, check_metric_architecture, dense_dissimilarity,
+                            patch_metric_network, train_metric)
+from ..progress import Progress
+from ..spatial import warp
+from .base import GridInputs, RegistrationMethod, TrainingSpec
+
+SIMILARITIES = ("learned", "mi", "mi_masked")
+#: The learned metric used when none is chosen (if installed): the MR-MR one; CT-MR pairs should
+#: choose "metric_ctmr" (the Slicer module's metric selector lists both).
+DEFAULT_MODEL = "metric_mr"
+TRANSFORMS = ("bspline", "similarity")
+
+#: Adam steps per unit: translation and B-spline control points in fine-grid voxels, rotation in
+#: radians, scale as log-scale. Scaled by ``learning_rate`` (a factor, default 1).
+STEP_SIZES = {"translation": 0.3, "rotation": 0.01, "log_scale": 0.005, "bspline": 0.3}
+
+_PROGRESS = re.compile(r"^(?P<stage>similarity|B-spline) level (?P<level>\d+)/(?P<levels>\d+), iteration "
+                       r"(?P<iteration>\d+)/(?P<iterations>\d+): metric (?P<value>[-+0-9.eE]+|nan|inf|-inf)$")
+
+
+def parse_metric_progress(message: str) -> dict | None:
+    """The fields of an iteration message of this method (stage, level, levels, iteration, iterations,
+    value), or None for any other progress message."""
+    m = _PROGRESS.match(message or "")
+    if not m:
+        return None
+    return {"stage": m["stage"], "level": int(m["level"]), "levels": int(m["levels"]),
+            "iteration": int(m["iteration"]), "iterations": int(m["iterations"]), "value": float(m["value"])}
+
+
+# ----------------------------------------------------------------------------- transformation models
+
+
+def level_positions(shape, factor: int) -> list:
+    """Per spatial axis, the positions (fine-grid voxel units) of a level's voxel centres."""
+    return [factor * np.arange(n, dtype=np.float64) + (factor - 1) / 2.0 for n in shape]
+
+
+def bspline_basis(positions: np.ndarray, spacing: float, first: float, n_control: int | None = None) -> torch.Tensor:
+    """Cubic B-spline weights ``(len(positions), n_control)``: control point j sits at
+    ``first + (j - 1) * spacing`` (one point before the first position; by default enough after the
+    last position for every weight to be there)."""
+    u = (positions - first) / spacing + 1.0
+    if n_control is None:
+        n_control = int(np.floor((positions.max() - first) / spacing)) + 4
+    t = np.abs(u[:, None] - np.arange(n_control)[None, :])
+    w = np.where(t < 1, 2.0 / 3.0 - t ** 2 + 0.5 * t ** 3, np.where(t < 2, (2.0 - t) ** 3 / 6.0, 0.0))
+    return torch.from_numpy(w.astype(np.float32))
+
+
+class BSplineField:
+    """A cubic B-spline displacement ``b(x)`` (fine-grid voxels) with control-point spacing ``spacing``
+    (fine voxels) over a fine grid of ``fine_shape``; ``coefficients`` ``(1, ndim, *controls)`` are
+    the optimised parameters (zero: the identity)."""
+
+    def __init__(self, fine_shape, spacing: float, device):
+        self.fine_shape, self.spacing, self.device = tuple(fine_shape), float(spacing), device
+        controls = [bspline_basis(np.array([-0.5, n - 0.5]), spacing, -0.5).shape[1] for n in fine_shape]
+        self.coefficients = torch.zeros((1, len(fine_shape), *controls), device=device, requires_grad=True)
+        self._bases = {}
+
+    @property
+    def control_points(self) -> int:
+        """Number of control points (per displacement component)."""
+        return int(np.prod(self.coefficients.shape[2:]))
+
+    def field(self, shape, factor: int) -> torch.Tensor:
+        """The displacement ``(1, ndim, *shape)`` (fine voxels) at the voxel centres of the level of ``factor``."""
+        key = (tuple(shape), factor)
+        if key not in self._bases:
+            self._bases[key] = [bspline_basis(p, self.spacing, -0.5, c).to(self.device)
+                                for p, c in zip(level_positions(shape, factor), self.coefficients.shape[2:])]
+        bases = self._bases[key]
+        out = self.coefficients
+        if len(bases) == 3:
+            out = torch.einsum("xk,bcijk->bcijx", bases[2], out)
+            out = torch.einsum("yj,bcijx->bciyx", bases[1], out)
+            return torch.einsum("zi,bciyx->bczyx", bases[0], out)
+        out = torch.einsum("xk,bcjk->bcjx", bases[1], out)
+        return torch.einsum("yj,bcjx->bcyx", bases[0], out)
+
+
+class SimilarityTransform:
+    """``S(p) = c + s R (p - c) + t`` in fine-grid voxel units: ``rotation`` (3 rotation-vector
+    components in radians, or 1 angle in 2-D), ``log_scale`` and ``translation`` are the parameters."""
+
+    def __init__(self, centre, device):
+        ndim = len(centre)
+        self.centre = torch.as_tensor(np.asarray(centre, dtype=np.float32), device=device)
+        self.rotation = torch.zeros(3 if ndim == 3 else 1, device=device, requires_grad=True)
+        self.log_scale = torch.zeros(1, device=device, requires_grad=True)
+        self.translation = torch.zeros(ndim, device=device, requires_grad=True)
+
+    def matrix(self) -> torch.Tensor:
+        """``s R`` as an ``(ndim, ndim)`` tensor (rotation by the matrix exponential of the skew matrix)."""
+        r = self.rotation
+        if r.numel() == 3:
+            zero = torch.zeros((), device=r.device)
+            skew = torch.stack([torch.stack([zero, -r[2], r[1]]), torch.stack([r[2], zero, -r[0]]),
+                                torch.stack([-r[1], r[0], zero])])
+        else:
+            zero = torch.zeros((), device=r.device)
+            skew = torch.stack([torch.stack([zero, -r[0]]), torch.stack([r[0], zero])])
+        return torch.linalg.matrix_exp(skew) * torch.exp(self.log_scale)
+
+    def apply(self, points: torch.Tensor) -> torch.Tensor:
+        """Map ``(1, ndim, *spatial)`` positions (fine voxels) through S."""
+        shape = [1, -1] + [1] * (points.dim() - 2)
+        rel = points - self.centre.view(shape)
+        return torch.einsum("ij,bj...->bi...", self.matrix(), rel) + (self.centre + self.translation).view(shape)
+
+    def parameters(self) -> dict:
+        """Current values (rotation in degrees, scale, translation in fine voxels) for reports."""
+        return {"rotation_deg": [round(math.degrees(float(v)), 4) for v in self.rotation.detach()],
+                "scale": round(float(torch.exp(self.log_scale.detach())), 6),
+                "translation_voxels": [round(float(v), 4) for v in self.translation.detach()]}
+
+
+def _positions_tensor(shape, factor: int, device) -> torch.Tensor:
+    grids = torch.meshgrid(*[torch.as_tensor(p, dtype=torch.float32, device=device)
+                             for p in level_positions(shape, factor)], indexing="ij")
+    return torch.stack(grids)[None]
+
+
+# ----------------------------------------------------------------------------- similarities
+
+
+class _Similarity:
+    """The minimised similarity value of a warped moving image at one level."""
+
+    def __init__(self, name: str, fixed: torch.Tensor, fov: torch.Tensor, network=None, mi_bins: int = 75,
+                 mi_max_voxels: int = 100_000, foreground: float = 0.05, seed: int = 0):
+        self.name, self.fixed, self.network = name, fixed, network
+        self.weight = fov
+        if name == "mi_masked":
+            pool = torch.nn.functional.max_pool3d if fixed.dim() == 5 else torch.nn.functional.max_pool2d
+            fg = pool((fixed > foreground).float(), 5, stride=1, padding=2)  # dilated by 2 voxels
+            self.weight = fov * fg
+        if name != "learned":
+            gen = torch.Generator(device=fixed.device).manual_seed(seed)
+            self.mi = MutualInformationLoss(num_bins=mi_bins, max_voxels=mi_max_voxels, generator=gen)
+
+    def __call__(self, warped: torch.Tensor, moving_fov: torch.Tensor) -> torch.Tensor:
+        weight = self.weight * moving_fov
+        if self.name == "learned":
+            return dense_dissimilarity(self.network, self.fixed, warped, mask=weight)
+        return self.mi(warped, self.fixed, mask=weight > 0.5)
+
+
+# ----------------------------------------------------------------------------- the optimisation
+
+
+def metric_registration(inputs: GridInputs, *, similarity: str = "learned", network=None, transform: str = "bspline",
+                        control_spacing_mm: float = 16.0, levels: int = 2, iterations_similarity: int = 40,
+                        iterations_bspline: int = 60, learning_rate: float | None = None, mi_bins: int = 75,
+                        mi_max_voxels: int = 100_000, smoothness: float = 0.0, progress: Progress | None = None,
+                        trace: dict | None = None) -> torch.Tensor:
+    """Similarity, then B-spline, optimised coarse to fine; returns the voxel displacement ``(1, ndim, *spatial)``
+    on ``inputs.grid`` (resampling convention).
+
+    ``similarity``: "learned" (needs ``network``, a :class:`mmreg.patch_metric.PatchMetricNet`), "mi"
+    or "mi_masked". ``transform``: "bspline" (similarity then B-spline) or "similarity".
+    ``control_spacing_mm``: the finest B-spline control-point spacing (mm; the coarser grids double
+    it). ``levels``: resolutions (pooling by 2 per level; levels whose images are smaller than a
+    metric patch are skipped). ``iterations_*``: Adam steps per level. ``learning_rate``: a factor
+    on :data:`STEP_SIZES` (None: 1). ``smoothness``: diffusion weight on the B-spline displacement
+    (0: none, the paper's). ``trace``: a dict that receives the per-iteration values
+    (``{"stages": [{"stage", "level", "values"}], "similarity_parameters": ...}``).
+    """
+    progress = progress or Progress()
+    if similarity not in SIMILARITIES:
+        raise InputError(f"Unknown similarity '{similarity}' for method 'metric'; use one of {', '.join(SIMILARITIES)}.")
+    if transform not in TRANSFORMS:
+        raise InputError(f"Unknown transform '{transform}'; use 'bspline' (similarity then B-spline) or 'similarity'.")
+    if int(levels) < 1 or int(iterations_similarity) < 0 or int(iterations_bspline) < 0:
+        raise InputError(f"levels must be >= 1 and iterations >= 0; got levels={levels}, iterations_similarity="
+                         f"{iterations_similarity}, iterations_bspline={iterations_bspline}.")
+    if control_spacing_mm <= 0:
+        raise InputError(f"control_spacing_mm must be > 0 mm, got {control_spacing_mm}.")
+    if similarity == "learned" and network is None:
+        raise InputError("The learned similarity needs a metric network (a trained 'metric' model).")
+    fixed, moving = inputs.fixed, inputs.moving
+    ndim = fixed.dim() - 2
+    if similarity == "learned" and int(network.architecture.get("spatial_dims", 3)) != ndim:
+        raise InputError(f"The learned metric is a {network.architecture.get('spatial_dims', 3)}-D network and this "
+                         f"pair is {ndim}-D on the grid; use similarity='mi' for single-slice images.")
+    factors = choose_levels(inputs.grid, int(levels)) or [1]
+    if similarity == "learned":
+        fitting = [f for f in factors if min(s // f for s in fixed.shape[2:]) >= network.patch]
+        if not fitting:
+            raise InputError(f"The images are smaller than one metric patch ({network.patch} voxels of "
+                             f"{inputs.grid.spacing[0]:g} mm) on the network grid; use similarity='mi'.")
+        factors = fitting
+    scale = 1.0 if learning_rate is None else float(learning_rate)
+    steps = {k: v * scale for k, v in STEP_SIZES.items()}
+    device = fixed.device
+    fine_shape = tuple(fixed.shape[2:])
+    weights = fixed.clamp_min(0)[0, 0] * inputs.fixed_mask[0, 0]
+    coords = torch.meshgrid(*[torch.arange(n, dtype=torch.float32, device=device) for n in fine_shape], indexing="ij")
+    total = float(weights.sum())
+    centre = ([float((c * weights).sum()) / total for c in coords] if total > 0
+              else [(n - 1) / 2.0 for n in fine_shape])
+    sim_tx = SimilarityTransform(centre, device)
+    voxel_mm = float(np.mean([inputs.grid.spacing[a] for a in inputs.grid.active_axes]))
+    splines = []
+    stages = [("similarity", int(iterations_similarity))]
+    if transform == "bspline":
+        stages.append(("B-spline", int(iterations_bspline)))
+    total_iters = max(1, sum(n for _, n in stages) * len(factors))
+    done = 0
+    trace = trace if trace is not None else {}
+    trace.setdefault("stages", [])
+    trace["similarity"] = similarity
+    trace["levels"] = factors
+
+    def displacement(positions: torch.Tensor, shape, factor: int) -> torch.Tensor:
+        """S(x + b(x)) - x at a level, in fine voxels."""
+        p = positions
+        for spline in splines:
+            p = p + spline.field(shape, factor)
+        return sim_tx.apply(p) - positions
+
+    with torch.enable_grad():
+        for stage, n_iter in stages:
+            for level_index, factor in enumerate(factors):
+                fixed_l, moving_l = downsample_image(fixed, factor), downsample_image(moving, factor)
+                fov_l = downsample_image(inputs.fixed_mask, factor)
+                moving_fov_l = downsample_image(inputs.moving_mask, factor)
+                shape = tuple(fixed_l.shape[2:])
+                positions = _positions_tensor(shape, factor, device)
+                sim = _Similarity(similarity, fixed_l, fov_l, network, mi_bins=mi_bins, mi_max_voxels=mi_max_voxels,
+                                  seed=level_index + 17 * len(trace["stages"]))
+                if stage == "similarity":
+                    params = [{"params": [sim_tx.translation], "lr": steps["translation"]},
+                              {"params": [sim_tx.rotation], "lr": steps["rotation"]},
+                              {"params": [sim_tx.log_scale], "lr": steps["log_scale"]}]
+                else:
+                    spacing = control_spacing_mm / voxel_mm * 2 ** (len(factors) - 1 - level_index)
+                    spline = BSplineField(fine_shape, spacing, device)
+                    splines.append(spline)
+                    params = [{"params": [spline.coefficients], "lr": steps["bspline"]}]
+                optimiser = torch.optim.Adam(params)
+                decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, n_iter), eta_min=0.0)
+                values = []
+                record = {"stage": stage, "level": level_index + 1, "factor": factor, "values": values}
+                if stage == "B-spline":
+                    record["control_points"] = splines[-1].control_points
+                    record["control_spacing_mm"] = round(splines[-1].spacing * voxel_mm, 3)
+                trace["stages"].append(record)
+                for it in range(n_iter):
+                    optimiser.zero_grad(set_to_none=True)
+                    ddf = displacement(positions, shape, factor) / factor  # level voxels
+                    warped = warp(moving_l, ddf)
+                    moving_fov = warp(moving_fov_l, ddf, padding_mode="zeros")
+                    loss = sim(warped, moving_fov)
+                    value = float(loss.detach())
+                    if smoothness > 0 and stage == "B-spline":
+                        loss = loss + float(smoothness) * diffusion_regulariser(ddf)
+                    loss.backward()
+                    optimiser.step()
+                    decay.step()
+                    values.append(value)
+                    done += 1
+                    progress(done / total_iters, f"{stage} level {level_index + 1}/{len(factors)}, iteration "
+                                                 f"{it + 1}/{n_iter}: metric {value:.6g}")
+                if stage == "B-spline":  # this level's control grid is final: later levels add to it
+                    splines[-1].coefficients.requires_grad_(False)
+            if stage == "similarity":
+                for t in (sim_tx.rotation, sim_tx.log_scale, sim_tx.translation):
+                    t.requires_grad_(False)
+    trace["similarity_parameters"] = sim_tx.parameters()
+    with torch.no_grad():
+        return displacement(_positions_tensor(fine_shape, 1, device), fine_shape, 1).detach()
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+def _check_metric_arch(architecture: dict) -> None:
+    check_metric_architecture(dict(DEFAULT_METRIC_ARCHITECTURE, **architecture))
+
+
+class LearnedMetricRegistration(RegistrationMethod):
+    """Similarity + B-spline optimisation with a learned CNN metric (or Parzen MI)."""
+
+    name = "metric"
+    description = ("Iterative similarity + B-spline registration driven by a learned CNN patch metric trained on "
+                   "aligned multi-modal pairs (or by mutual information); multi-modal.")
+    modalities = "mono+multi"
+    requires_model = False  # MI needs none; the learned similarity asks for a model when there is none
+
+    def __init__(self):
+        self._trace: dict | None = None
+
+    def default_options(self) -> dict:
+        """``model``: the learned metric (name or folder; None: :data:`DEFAULT_MODEL` when installed, else
+        the only one); ``similarity``: "learned",
+        "mi" (75-bin Parzen MI) or "mi_masked" (MI on the fixed foreground); ``transform``: "bspline"
+        (similarity then B-spline) or "similarity"; ``control_spacing_mm``: finest B-spline control
+        spacing (mm); ``levels``: resolutions; ``iterations_similarity`` / ``iterations_bspline``: Adam
+        steps per level; ``learning_rate``: factor on the step sizes (None: 1); ``mi_bins``;
+        ``smoothness``: diffusion weight on the B-spline field (0: none, as in the paper);
+        ``spacing``: network grid spacing in mm (None: the model's for the learned metric, "auto" for
+        MI: the fixed image's voxel size clamped to 1..4 mm); ``max_voxels``: bound on the grid."""
+        return {"model": None, "similarity": "learned", "transform": "bspline", "control_spacing_mm": 16.0,
+                "levels": 2, "iterations_similarity": 40, "iterations_bspline": 60, "learning_rate": None,
+                "mi_bins": 75, "smoothness": 0.0, "spacing": None, "max_voxels": 2_000_000}
+
+    def models(self) -> list:
+        """Installed learned metrics (shipped and user models of ``metric``)."""
+        return list_models(self.name)
+
+    def training_spec(self) -> TrainingSpec:
+        """Trained by ``mmreg train --method metric`` on aligned pairs (hinge loss on patch samples)."""
+        return TrainingSpec(build_network=patch_metric_network, default_architecture=dict(DEFAULT_METRIC_ARCHITECTURE),
+                            loss=None, displacement=None, similarity_key="accuracy", loss_keys=(),
+                            trainer=train_metric, check_architecture=_check_metric_arch, size_multiple=lambda arch: 1,
+                            default_settings={"name": "metric_mr", "learning_rate": 0.01, "batch_size": 128,
+                                              "steps": 3000, "validation_every": 250, "checkpoint_every": 250})
+
+    def _model_ref(self, options: dict):
+        """The chosen model, or the default: "metric_mr" (MR-MR) when installed, else the only one."""
+        if options.get("model") is not None:
+            return options["model"]
+        names = [m["name"] for m in self.models()]
+        return DEFAULT_MODEL if DEFAULT_MODEL in names else None
+
+    def _card(self, options: dict) -> ModelCard:
+        import json  # noqa: PLC0415
+        folder = resolve_model(self.name, self._model_ref(options))
+        return ModelCard.from_dict(json.loads((folder / CARD_FILE).read_text()), str(folder / CARD_FILE))
+
+    def _uses_model(self, options: dict) -> bool:
+        return options.get("similarity", "learned") == "learned"
+
+    def model_info(self, options: dict) -> dict | None:
+        """Name, folder, weights sha256 and spacing of the learned metric (None for MI)."""
+        if not self._uses_model(options):
+            return None
+        folder = resolve_model(self.name, self._model_ref(options))
+        card = self._card(options)
+        return {"name": card.name, "path": str(folder), "sha256": card.sha256, "spacing_mm": card.spacing_mm,
+                "modalities": (card.training or {}).get("modalities")}
+
+    def grid_for(self, fixed, options: dict) -> NetworkGrid:
+        """The learned metric's own spacing (or ``spacing``), sizes a multiple of 2**(levels-1)."""
+        spacing = options.get("spacing")
+        if spacing is None:
+            spacing = self._card(options).spacing_mm if self._uses_model(options) else "auto"
+        from .base import resolve_spacing  # noqa: PLC0415
+        multiple = 2 ** max(int(options.get("levels", 2)) - 1, 0)
+        return NetworkGrid.for_image(fixed, spacing=resolve_spacing(spacing, fixed), multiple=multiple,
+                                     max_voxels=options.get("max_voxels"))
+
+    def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
+        """Run :func:`metric_registration`; voxel-unit displacement on ``inputs.grid``."""
+        network = None
+        if self._uses_model(options):
+            network, _ = load_model(self.name, self._model_ref(options), patch_metric_network, inputs.device)
+        self._trace = {}
+        return metric_registration(
+            inputs, similarity=options.get("similarity", "learned"), network=network,
+            transform=options.get("transform", "bspline"), control_spacing_mm=float(options["control_spacing_mm"]),
+            levels=int(options["levels"]), iterations_similarity=int(options["iterations_similarity"]),
+            iterations_bspline=int(options["iterations_bspline"]), learning_rate=options.get("learning_rate"),
+            mi_bins=int(options["mi_bins"]), smoothness=float(options.get("smoothness") or 0.0), progress=progress,
+            trace=self._trace)
+
+    def method_report(self) -> dict | None:
+        """The per-iteration metric values of the last :meth:`predict` (for ``report["method_trace"]``)."""
+        return self._trace
