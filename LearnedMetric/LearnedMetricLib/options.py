@@ -53,8 +53,9 @@ def modality_label(modalities) -> str:
     """A short label for the modalities a learned metric was trained on.
 
     A string is shown as it is ("MR-MR (T1/T2/PD)"); lists (or a dict of lists) are summarised:
-    ``["T1", "T2", "PD"]`` -> "MR-MR (T1/T2/PD)", ``["CT", "MR"]`` -> "CT-MR", ``["CT", "T1"]`` ->
-    "CT-MR (T1)". "" when unknown.
+    ``["T1", "T2", "PD"]`` or the recipe's kinds of pairs ``["T1-T2", "T1-PD", "IXI-synth"]`` ->
+    "MR-MR (T1/T2/PD)", ``["CT", "MR"]`` -> "CT-MR", ``["CT", "T1"]`` -> "CT-MR (T1)". Words that
+    name no CT or MR modality (a data set, "pairs") are left out; "" when none is left.
     """
     if isinstance(modalities, str):
         return modalities.strip()
@@ -66,7 +67,7 @@ def modality_label(modalities) -> str:
     has_mr = bool(contrasts) or any(u in ("MR", "MRI") for u in upper)
     has_ct = "CT" in upper
     if not (has_mr or has_ct):
-        return "/".join(tokens)
+        return ""
     base = "CT-MR" if has_ct and has_mr else ("CT-CT" if has_ct else "MR-MR")
     return f"{base} ({'/'.join(contrasts)})" if contrasts else base
 

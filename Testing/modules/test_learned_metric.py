@@ -97,7 +97,8 @@ def test_modality_labels(options):
     assert options.modality_label({"fixed": "CT", "moving": ["T1"]}) == "CT-MR (T1)"
     assert options.modality_label([["T1", "T2"], ["T1", "PD"]]) == "MR-MR (T1/T2/PD)"
     assert options.modality_label(None) == "" and options.modality_label([]) == ""
-    assert options.modality_label(["US", "X"]) == "US/X"
+    assert options.modality_label(["T1-T2", "T1-PD", "T2-PD", "IXI-synth"]) == "MR-MR (T1/T2/PD)"  # a recipe's pairs
+    assert options.modality_label(["pairs"]) == "" and options.modality_label(["US", "X"]) == ""
 
 
 def test_metric_selector_lists_learned_metrics_then_mi(options, tmp_path):
