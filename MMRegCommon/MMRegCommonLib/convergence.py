@@ -148,13 +148,16 @@ class ConvergenceTrace:
         return out
 
     def summary_lines(self, width: int = 24) -> list:
-        """One line per stage: name, first -> last value, a sparkline, iterations done (of planned)."""
-        lines = []
+        """One line per stage: name, first -> last value, a sparkline (``width`` characters at most) and the
+        iterations done (of planned); columns aligned for a fixed-width font."""
+        rows = []
         for stage in self.stages:
             done = f"{len(stage.values)}" + (f"/{stage.iterations}" if stage.iterations else "")
-            lines.append(f"{stage.name}: {_number(stage.values[0])} → {_number(stage.values[-1])}  "
-                         f"{sparkline(stage.values, width)}  ({done} it.)")
-        return lines
+            rows.append((stage.name + ":", _number(stage.values[0]), _number(stage.values[-1]),
+                         sparkline(stage.values, width), f"({done} it.)"))
+        widths = [max((len(row[i]) for row in rows), default=0) for i in range(4)]
+        return [f"{name:<{widths[0]}} {first:>{widths[1]}} → {last:<{widths[2]}}  {spark:<{widths[3]}}  {done}"
+                for name, first, last, spark, done in rows]
 
 
 def _find(scene, owner: str, role: str) -> list:

@@ -248,7 +248,10 @@ def test_convergence_trace_from_progress_and_from_the_report():
         ("B-spline level 1/2", 1)]
     assert live.count == len(live) == 6
     assert live.rows()[:4] == [(1, 0, 1, -0.2), (2, 0, 2, -0.5), (3, 0, 3, -0.6), (4, 1, 1, -0.4)]
-    assert live.summary_lines()[0] == "similarity level 1/2: -0.2 → -0.6  █▃▁  (3/3 it.)"
+    assert live.summary_lines() == ["similarity level 1/2:  -0.2 → -0.6   █▃▁  (3/3 it.)",  # aligned columns
+                                    "similarity level 2/2:  -0.4 → -0.4   ▄    (1/3 it.)",
+                                    "B-spline level 1/2:    -0.7 → -0.7   ▄    (1/3 it.)",
+                                    "B-spline level 1/2:   -0.71 → -0.71  ▄    (1/3 it.)"]
     assert log_line(point("B-spline", 2, 7, -0.0312, iterations=60)) == "B-spline 2/2  it.   7/60  metric -0.0312"
 
     report = {"similarity": "mi", "levels": [2, 1], "stages": [
@@ -376,4 +379,4 @@ def test_widget_logic_for_method_controls_and_live_convergence(module, scene, ca
     assert log == ["similarity 1/1  it.   1/2  metric -0.3", "similarity 1/1  it.   2/2  metric -0.5",
                    "B-spline 1/1  it.   1/5  metric -0.6"]
     assert ui.convergenceLabel.text.splitlines() == ["similarity level 1/1: -0.3 → -0.5  █▁  (2/2 it.)",
-                                                     "B-spline level 1/1: -0.6 → -0.6  ▄  (1/5 it.)"]
+                                                     "B-spline level 1/1:   -0.6 → -0.6  ▄   (1/5 it.)"]
