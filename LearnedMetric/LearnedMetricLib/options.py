@@ -124,11 +124,25 @@ def metric_items(status) -> list:
     return items
 
 
+def engine_default_model() -> str | None:
+    """The learned metric the engine's ``metric`` method uses when none is given (its ``DEFAULT_MODEL``, e.g.
+    "metric_mr"), or None when the engine does not name one."""
+    try:
+        from mmreg.methods import metric
+    except ImportError:
+        return None
+    return getattr(metric, "DEFAULT_MODEL", None)
+
+
 def default_learned_model(status) -> str:
-    """The learned metric used when none is chosen: the engine's default model ("default" or the only one),
-    else the first shipped model, else the first listed; "" when none is installed."""
+    """The learned metric used when none is chosen: the engine's default when it is installed, else the
+    generic default ("default" or the only one), else the first shipped model, else the first listed; ""
+    when none is installed."""
     if not status.models:
         return ""
+    preferred = engine_default_model()
+    if preferred and any(m.value == preferred for m in status.models):
+        return preferred
     from MMRegCommonLib.panel import default_model
     chosen = default_model(status)
     if chosen is not None:

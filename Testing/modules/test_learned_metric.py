@@ -130,12 +130,17 @@ def test_default_learned_model_and_resolve(options):
     mo = options.METHOD_OPTIONS
     two = status_with([{"name": "mine", "source": "user"}, {"name": "metric_ctmr", "source": "shipped"},
                        {"name": "metric_mr", "source": "shipped"}])
-    assert options.default_learned_model(two) == "metric_ctmr"  # the first shipped one
+    engine_default = options.engine_default_model()
+    if HAS_METRIC:  # the engine names its default learned metric: the panel picks the same one
+        assert engine_default == "metric_mr" and options.default_learned_model(two) == "metric_mr"
+    ct_only = status_with([{"name": "mine", "source": "user"}, {"name": "metric_ctmr", "source": "shipped"},
+                           {"name": "other", "source": "shipped"}])
+    assert options.default_learned_model(ct_only) == "metric_ctmr"  # otherwise the first shipped one
     assert options.default_learned_model(status_with([{"name": "default", "source": "user"}, "b"])) == "default"
     assert options.default_learned_model(status_with()) == ""
     # A learned metric without a model (or with one no longer installed) gets the default one, written back.
-    assert mo.changes(defaults(), two) == {"model": "metric_ctmr"}
-    assert mo.changes(defaults(model="deleted"), two) == {"model": "metric_ctmr"}
+    assert mo.changes(defaults(), ct_only) == {"model": "metric_ctmr"}
+    assert mo.changes(defaults(model="deleted"), ct_only) == {"model": "metric_ctmr"}
     assert mo.changes(defaults(model="metric_mr"), two) == {}
     # Mutual information runs without a model.
     assert mo.changes(defaults(metric="mi", model="metric_mr"), two) == {"model": ""}
