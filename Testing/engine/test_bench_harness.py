@@ -225,7 +225,10 @@ def test_learned_method_and_refinement_are_recorded_in_the_model_card(case, iden
                         ModelCard(name="tiny", method="mi", architecture=arch, spacing_mm=4.0,
                                   multiple=size_multiple(arch),
                                   training={"data": {"training_subjects": [case.name[:4]]}}))
-    assert harness.default_methods()[-2:] == ["mi", "mi+refine"]
+    defaults = harness.default_methods()
+    assert defaults[defaults.index("mi"):defaults.index("mi") + 2] == ["mi", "mi+refine"]
+    # Without the shipped learned metrics, the metric pipeline is benchmarked with MI only.
+    assert "metric-mi" in defaults and "metric" not in defaults
     monkeypatch.setattr(harness, "build_cases", lambda specs, root=None: [case])
     parser = harness.add_arguments(__import__("argparse").ArgumentParser())
     args = parser.parse_args(["--cases", "synthetic", "--methods", "mi,mi+refine10", "--out", str(tmp_path / "b.md"),
