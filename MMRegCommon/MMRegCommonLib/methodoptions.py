@@ -47,6 +47,18 @@ class OptionControl:
     unused_tip: str = ""
 
 
+def combined_state(states: dict, names) -> tuple | None:
+    """``(enabled, tooltip)`` of one widget bound to the parameters ``names`` (a combo box may set several), from
+    :meth:`MethodOptions.control_states`: enabled when any of them is; the tooltip of the first disabled one
+    otherwise. None when no control of these options uses those parameters."""
+    found = [states[name] for name in names if name in states]
+    if not found:
+        return None
+    if any(enabled for enabled, _ in found):
+        return True, ""
+    return False, next((tip for _, tip in found if tip), "")
+
+
 class MethodOptions:
     """The method-specific controls of one module (none in the base class: a module without its own options).
 

@@ -40,6 +40,7 @@ from slicer.util import VTKObservationMixin
 
 from . import panel
 from .combos import ParameterCombos, combo_names
+from .methodoptions import combined_state
 from .parameters import COMBO_PROPERTY
 
 #: Sections disabled while a registration runs (object names in the .ui file; the method-specific one
@@ -94,6 +95,14 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.refreshMethod()
         self.initializeParameterNode()
 
+    def _controlWidgets(self) -> list:
+        """``[(widget, parameter names it sets)]`` from :meth:`_widgetsByParameter`'s ``{name: [widgets]}``."""
+        names = {}
+        for name, widgets in self._controls.items():
+            for widget in widgets:
+                names.setdefault(id(widget), (widget, []))[1].append(name)
+        return list(names.values())
+
     def _widgetsByParameter(self) -> dict:
         """``{parameter name: [widgets bound to it]}`` (parameterNodeWrapper's and the framework's bindings)."""
         out = {}
@@ -144,11 +153,13 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             finally:
                 node.EndModify(state)
             return
-        for name, (enabled, tooltip) in options.control_states(values, self._status).items():
-            for widget in self._controls.get(name, []):
-                widget.enabled = enabled
-                if tooltip:
-                    widget.toolTip = tooltip
+        states = options.control_states(values, self._status)
+        for widget, names in self._controlWidgets():
+            state = combined_state(states, names)
+            if state is not None:
+                widget.enabled = state[0]
+                if state[1]:
+                    widget.toolTip = state[1]
         label = getattr(self.ui, "methodOptionsInfoLabel", None)
         if label is not None:
             label.text = options.info_text(values, self._status)

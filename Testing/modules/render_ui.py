@@ -111,6 +111,7 @@ def _fill_method_options(widget, options, status, defaults: dict) -> None:
     """The method-specific controls as the framework's Widget shows them with the default parameters."""
     from PySide6 import QtWidgets
     from MMRegCommonLib.combos import combo_names, encode_choice
+    from MMRegCommonLib.methodoptions import combined_state
     from MMRegCommonLib.parameters import COMBO_PROPERTY
     values = options.resolve({name: defaults.get(name, "") for name in options.parameters}, status)
     combos = {c.property(COMBO_PROPERTY): c for c in widget.findChildren(QtWidgets.QComboBox)
@@ -127,9 +128,10 @@ def _fill_method_options(widget, options, status, defaults: dict) -> None:
         combo.setCurrentIndex(max(0, combo.findData(current)))
     states = options.control_states(values, status)
     for child in widget.findChildren(QtWidgets.QWidget):
-        for name in combo_names(child.property("SlicerParameterName") or child.property(COMBO_PROPERTY) or ""):
-            if name in states:
-                child.setEnabled(states[name][0])
+        names = combo_names(child.property("SlicerParameterName") or child.property(COMBO_PROPERTY) or "")
+        state = combined_state(states, names)
+        if state is not None:
+            child.setEnabled(state[0])
     info = widget.findChild(QtWidgets.QLabel, "methodOptionsInfoLabel")
     if info is not None:
         info.setText(options.info_text(values, status))

@@ -183,6 +183,11 @@ def test_controls_follow_the_transformation_model(options):
     assert all(enabled for enabled, _ in mo.control_states(defaults(), status).values())
     gone = mo.control_states(defaults(), status_with(available=False))
     assert all(state == (False, "Method 'metric' is not available.") for state in gone.values())
+    from MMRegCommonLib.methodoptions import combined_state
+    mi = mo.control_states(defaults(metric="mi"), status)
+    assert combined_state(mi, ("metric", "model")) == (True, "")  # the selector setting both stays enabled
+    assert combined_state(mi, ("model",)) == (False, "") and combined_state(mi, ("device",)) is None
+    assert combined_state(gone, ("metric", "model")) == (False, "Method 'metric' is not available.")
 
 
 def test_info_line_says_what_the_metric_is(options):
@@ -353,6 +358,7 @@ def test_widget_logic_for_method_controls_and_live_convergence(module, scene, ca
     params = logic.getParameterNode()
     params.fixedVolume, params.movingVolume = case["fixed"], case["moving"]
     controls = {name: [SimpleNamespace(enabled=True, toolTip="")] for name in module.METHOD_OPTIONS.parameters}
+    controls["model"] = controls["metric"]  # one selector sets both (as _widgetsByParameter finds it)
     log = []
     ui = SimpleNamespace(methodOptionsInfoLabel=SimpleNamespace(text=""), applyButton=SimpleNamespace(),
                          statusLabel=SimpleNamespace(text=""), convergenceLabel=SimpleNamespace(text=""),
@@ -360,6 +366,7 @@ def test_widget_logic_for_method_controls_and_live_convergence(module, scene, ca
     widget = SimpleNamespace(logic=logic, _parameterNode=params, _controls=controls, ui=ui, _shownPoints=0,
                              _status=status_with([{"name": "metric_mr", "source": "shipped",
                                                    "modalities": ["T1", "T2"]}]))
+    widget._controlWidgets = lambda: RegistrationWidget._controlWidgets(widget)
     RegistrationWidget._updateMethodControls(widget)  # the default learned metric is written into the node
     assert params.model == "metric_mr"
     params.transformModel = "similarity"
@@ -367,6 +374,13 @@ def test_widget_logic_for_method_controls_and_live_convergence(module, scene, ca
     assert controls["controlPointSpacing"][0].enabled is False and "B-spline stage" in controls[
         "controlPointSpacing"][0].toolTip
     assert controls["levels"][0].enabled is True
+    params.metric = "mi"  # the selector stays usable (its 'model' part does not apply to MI)
+    RegistrationWidget._updateMethodControls(widget)
+    RegistrationWidget._updateMethodControls(widget)
+    assert params.model == "" and controls["metric"][0].enabled is True
+    params.metric = "learned"
+    RegistrationWidget._updateMethodControls(widget)
+    RegistrationWidget._updateMethodControls(widget)
     assert ui.methodOptionsInfoLabel.text == "Learned metric 'metric_mr', trained on MR-MR (T1/T2) pairs."
     RegistrationWidget._updateApplyState(widget)
     assert ui.applyButton.enabled is True
