@@ -67,6 +67,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._combos = None
         self._lastStage = ""
         self._controls = {}
+        self._controlTooltips = {}
         self._shownPoints = 0
         self._convergenceChartId = None
 
@@ -89,6 +90,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
         self._combos = ParameterCombos(self.ui.__dict__.values())
         self._controls = self._widgetsByParameter()
+        self._controlTooltips = {id(w): w.toolTip for ws in self._controls.values() for w in ws}  # (.ui texts)
         if self.logic.reports_convergence:
             self.ui.showConvergenceButton.connect("clicked(bool)", self.onShowConvergenceButton)
             self.ui.showConvergenceButton.enabled = False
@@ -156,10 +158,9 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         states = options.control_states(values, self._status)
         for widget, names in self._controlWidgets():
             state = combined_state(states, names)
-            if state is not None:
+            if state is not None:  # a disabled control says why; enabled again, its own tooltip comes back
                 widget.enabled = state[0]
-                if state[1]:
-                    widget.toolTip = state[1]
+                widget.toolTip = state[1] or self._controlTooltips.get(id(widget), widget.toolTip)
         label = getattr(self.ui, "methodOptionsInfoLabel", None)
         if label is not None:
             label.text = options.info_text(values, self._status)

@@ -367,6 +367,7 @@ def test_widget_logic_for_method_controls_and_live_convergence(module, scene, ca
                              _status=status_with([{"name": "metric_mr", "source": "shipped",
                                                    "modalities": ["T1", "T2"]}]))
     widget._controlWidgets = lambda: RegistrationWidget._controlWidgets(widget)
+    widget._controlTooltips = {id(w): "From the .ui file." for ws in controls.values() for w in ws}
     RegistrationWidget._updateMethodControls(widget)  # the default learned metric is written into the node
     assert params.model == "metric_mr"
     params.transformModel = "similarity"
@@ -374,6 +375,10 @@ def test_widget_logic_for_method_controls_and_live_convergence(module, scene, ca
     assert controls["controlPointSpacing"][0].enabled is False and "B-spline stage" in controls[
         "controlPointSpacing"][0].toolTip
     assert controls["levels"][0].enabled is True
+    params.transformModel = "bspline"  # enabled again: the .ui's tooltip is back
+    RegistrationWidget._updateMethodControls(widget)
+    assert controls["controlPointSpacing"][0].enabled is True
+    assert controls["controlPointSpacing"][0].toolTip == "From the .ui file."
     params.metric = "mi"  # the selector stays usable (its 'model' part does not apply to MI)
     RegistrationWidget._updateMethodControls(widget)
     RegistrationWidget._updateMethodControls(widget)
