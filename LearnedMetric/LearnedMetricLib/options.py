@@ -63,7 +63,8 @@ def modality_label(modalities) -> str:
     if not tokens:
         return ""
     upper = [t.upper() for t in tokens]
-    contrasts = [t for t, u in zip(tokens, upper) if u in MR_CONTRASTS]
+    contrasts = sorted((t for t, u in zip(tokens, upper) if u in MR_CONTRASTS),
+                       key=lambda t: MR_CONTRASTS.index(t.upper()))  # T1/T2/PD whatever the card's order
     has_mr = bool(contrasts) or any(u in ("MR", "MRI") for u in upper)
     has_ct = "CT" in upper
     if not (has_mr or has_ct):

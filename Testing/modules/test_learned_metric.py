@@ -98,6 +98,7 @@ def test_modality_labels(options):
     assert options.modality_label([["T1", "T2"], ["T1", "PD"]]) == "MR-MR (T1/T2/PD)"
     assert options.modality_label(None) == "" and options.modality_label([]) == ""
     assert options.modality_label(["T1-T2", "T1-PD", "T2-PD", "IXI-synth"]) == "MR-MR (T1/T2/PD)"  # a recipe's pairs
+    assert options.modality_label(["IXI-synth", "T1-PD", "T1-T2", "T2-PD"]) == "MR-MR (T1/T2/PD)"  # metric_mr's card
     assert options.modality_label(["pairs"]) == "" and options.modality_label(["US", "X"]) == ""
 
 
