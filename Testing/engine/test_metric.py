@@ -166,7 +166,7 @@ def test_bad_options_and_inputs_say_what_to_do(tmp_path, monkeypatch):
     monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "none"))
     monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "none2"))
     fixed, moving, _ = _translated_pair()
-    with pytest.raises(mmreg.errors.WeightsError, match="No trained model for method 'metric'"):
+    with pytest.raises(InputError, match="needs a trained learned metric and none is installed: use similarity='mi'"):
         mmreg.register(fixed, moving, method="metric", affine=False)  # learned, none installed
     with pytest.raises(InputError, match="similarity 'ncc'"):
         mmreg.register(fixed, moving, method="metric", affine=False, similarity="ncc")

@@ -367,6 +367,10 @@ class LearnedMetricRegistration(RegistrationMethod):
         if options.get("model") is not None:
             return options["model"]
         names = [m["name"] for m in self.models()]
+        if not names:
+            raise InputError("similarity='learned' needs a trained learned metric and none is installed: use "
+                             "similarity='mi' or 'mi_masked', or train one on aligned pairs with "
+                             "`mmreg train --method metric --data PAIRS.csv`.")
         return DEFAULT_MODEL if DEFAULT_MODEL in names else None
 
     def _card(self, options: dict) -> ModelCard:
