@@ -398,8 +398,8 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
     from .models import CARD_FILE, ModelCard, save_model  # noqa: PLC0415
     from .networks import parameter_count  # noqa: PLC0415
     from .progress import Progress  # noqa: PLC0415
-    from .training import (CHECKPOINT_DIR, RunFiles, TrainResult, _check_resume, _set_rng_state,  # noqa: PLC0415
-                           load_base_weights, load_checkpoint, pair_rng, save_checkpoint)
+    from .training import (RunFiles, TrainResult, _check_resume, _set_rng_state, load_base_weights,  # noqa: PLC0415
+                           load_checkpoint, pair_rng, run_paths, save_checkpoint)
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -408,15 +408,7 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
     device = choose_device(cfg.device)
     threads = set_threads(cfg.threads)
     prog = Progress(progress)
-    out_dir = cfg.output_dir()
-    ck_dir = out_dir / CHECKPOINT_DIR
-    last_path, best_path = ck_dir / "last.pt", ck_dir / "best.pt"
-    if not resume and last_path.exists():
-        raise InputError(f"'{out_dir}' already holds a training run ({last_path}); pass --resume to continue it, or "
-                         "choose another --output / name.")
-    if not resume and (out_dir / CARD_FILE).exists():
-        raise InputError(f"'{out_dir}' already holds a model; choose another --output / name, or delete that model "
-                         "first (mmreg models delete).")
+    out_dir, ck_dir, last_path, best_path = run_paths(cfg, resume)
     files = RunFiles(ck_dir)
 
     def say(line: str) -> None:

@@ -1310,6 +1310,22 @@ def request_stop(output: str | os.PathLike) -> Path:
     return path
 
 
+def run_paths(cfg: TrainConfig, resume: bool) -> tuple:
+    """``(model folder, checkpoint folder, last.pt, best.pt)`` of a run; :class:`InputError` when a new run
+    (not ``resume``) would overwrite a run or a model already there."""
+    from .models import CARD_FILE  # noqa: PLC0415
+    out_dir = cfg.output_dir()
+    ck_dir = out_dir / CHECKPOINT_DIR
+    last_path, best_path = ck_dir / "last.pt", ck_dir / "best.pt"
+    if not resume and last_path.exists():
+        raise InputError(f"'{out_dir}' already holds a training run ({last_path}); pass --resume to continue it, or "
+                         "choose another --output / name.")
+    if not resume and (out_dir / CARD_FILE).exists():
+        raise InputError(f"'{out_dir}' already holds a model; choose another --output / name, or delete that model "
+                         "first (mmreg models delete).")
+    return out_dir, ck_dir, last_path, best_path
+
+
 def can_resume(output: str | os.PathLike) -> bool:
     """True when ``output`` holds a run's checkpoint (``training/last.pt``) that ``--resume`` continues."""
     return (Path(output).expanduser() / CHECKPOINT_DIR / "last.pt").is_file()
@@ -1392,7 +1408,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
     gives with the same global batch. Process 0 validates and writes checkpoints, logs and the model.
     """
     from .device import choose_device, set_threads  # noqa: PLC0415
-    from .models import CARD_FILE, ModelCard, save_model  # noqa: PLC0415
+    from .models import ModelCard, save_model  # noqa: PLC0415
     from .networks import parameter_count, size_multiple  # noqa: PLC0415
 
     t_start = time.perf_counter()
@@ -1413,15 +1429,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
         if device.type == "cuda" and world > 1:
             device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
             torch.cuda.set_device(device)
-        out_dir = cfg.output_dir()
-        ck_dir = out_dir / CHECKPOINT_DIR
-        last_path, best_path = ck_dir / "last.pt", ck_dir / "best.pt"
-        if not resume and last_path.exists():
-            raise InputError(f"'{out_dir}' already holds a training run ({last_path}); pass --resume to continue it, or "
-                             "choose another --output / name.")
-        if not resume and (out_dir / CARD_FILE).exists():
-            raise InputError(f"'{out_dir}' already holds a model; choose another --output / name, or delete that model "
-                             "first (mmreg models delete).")
+        out_dir, ck_dir, last_path, best_path = run_paths(cfg, resume)
         files = RunFiles(ck_dir, active=main)
     except BaseException:
         if dist_here:
