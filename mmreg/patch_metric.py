@@ -398,8 +398,8 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
     from .models import CARD_FILE, ModelCard, save_model  # noqa: PLC0415
     from .networks import parameter_count  # noqa: PLC0415
     from .progress import Progress  # noqa: PLC0415
-    from .training import (RunFiles, TrainResult, _check_resume, _set_rng_state, load_base_weights,  # noqa: PLC0415
-                           load_checkpoint, pair_rng, run_paths, save_checkpoint)
+    from .training import (RunFiles, TrainResult, _check_resume, _set_rng_state, load_checkpoint,  # noqa: PLC0415
+                           pair_rng, run_paths, save_checkpoint, start_from_base_model)
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -425,21 +425,12 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
         network = patch_metric_network(arch).to(device)
         sampler = AlignedPatchSampler([(n, a, b) for _, n, a, b in train_pairs], network.patch, cfg.metric, device)
         sampler_weights = _pair_weights(train_pairs)
-        val_sampler = (AlignedPatchSampler([(n, a, b) for _, n, a, b in val_pairs], network.patch, cfg.metric, device)
-                       if val_pairs else sampler)
-        if val_sampler is sampler:
-            val_x, val_y, val_kinds = _validation_set(sampler, cfg.metric.validation_patches, cfg.seed + 7)
-        else:
+        if val_pairs:
+            val_sampler = AlignedPatchSampler([(n, a, b) for _, n, a, b in val_pairs], network.patch, cfg.metric, device)
             val_x, val_y, val_kinds = _validation_set(val_sampler, cfg.metric.validation_patches, cfg.seed)
-        base_description = None
-        if cfg.base_model and not resume:
-            state, base_description = load_base_weights(cfg)
-            try:
-                network.load_state_dict({k: v.to(device) for k, v in state.items()})
-            except RuntimeError as exc:
-                raise InputError(f"base_model {base_description} does not fit this config's architecture ({exc}); use "
-                                 "the architecture it was trained with.") from None
-            say(f"starting from base model {base_description}")
+        else:  # held-out samples of the training pairs (another seed)
+            val_x, val_y, val_kinds = _validation_set(sampler, cfg.metric.validation_patches, cfg.seed + 7)
+        base_description = start_from_base_model(network, cfg, device, say) if not resume else None
         if cfg.metric.optimizer == "sgd":
             optimizer = torch.optim.SGD(network.parameters(), lr=cfg.learning_rate, momentum=cfg.metric.momentum)
         else:

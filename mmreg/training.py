@@ -1209,6 +1209,21 @@ def load_base_weights(cfg: TrainConfig) -> tuple:
     return network.state_dict(), f"{card.name} (sha256 {card.sha256})"
 
 
+def start_from_base_model(network, cfg: TrainConfig, device, say) -> str | None:
+    """Load ``cfg.base_model``'s weights into ``network`` (fine-tuning); returns its description, or None
+    without a base model. :class:`InputError` when the weights do not fit the architecture."""
+    if not cfg.base_model:
+        return None
+    state, description = load_base_weights(cfg)
+    try:
+        network.load_state_dict({k: v.to(device) for k, v in state.items()})
+    except RuntimeError as exc:
+        raise InputError(f"base_model {description} does not fit this config's architecture ({exc}); use the "
+                         "architecture it was trained with.") from None
+    say(f"starting from base model {description}")
+    return description
+
+
 def save_checkpoint(path: Path, network, optimizer, step: int, cfg: TrainConfig, history: dict, device) -> Path:
     """Write a checkpoint (network + optimiser state, step, torch RNG states, config, history) atomically."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -1479,15 +1494,7 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
     torch.manual_seed(cfg.seed)
     network = spec.build_network(arch).to(device)
     network.train()
-    base_description = None
-    if cfg.base_model and not resume:
-        state, base_description = load_base_weights(cfg)
-        try:
-            network.load_state_dict({k: v.to(device) for k, v in state.items()})
-        except RuntimeError as exc:
-            raise InputError(f"base_model {base_description} does not fit this config's architecture ({exc}); use the "
-                             "architecture it was trained with.") from None
-        say(f"starting from base model {base_description}")
+    base_description = start_from_base_model(network, cfg, device, say) if not resume else None
     optimizer = torch.optim.Adam(network.parameters(), lr=cfg.learning_rate)
     history = {"loss": [], "source": [], "seconds_per_step": [], "validation": [], "best": None, "wall_seconds": 0.0,
                "base_model": base_description, "skipped_steps": 0}
