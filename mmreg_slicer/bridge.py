@@ -154,6 +154,42 @@ def volume_node_from_image(image: sitk.Image, scene, name: str, labelmap: bool =
     return node
 
 
+def scalar_map_node_from_image(image: sitk.Image, scene, name: str, value_range=None, color_node_id: str | None = None):
+    """A new scalar volume node showing an engine map (attention weights, gate maps, a translated image).
+
+    Geometry and voxels as :func:`volume_node_from_image` (LPS -> RAS; the map keeps the grid it came
+    on, e.g. the fixed image's for ``RegistrationResult.extra_images``); voxels stored as float32.
+    ``value_range`` ``(low, high)``: the display window is fixed to it (automatic window/level off),
+    for maps whose values have a fixed meaning (weights in [0, 1]: equal weights look equal in every
+    map); None keeps Slicer's automatic window/level. ``color_node_id``: the colour table of the
+    display (e.g. ``"vtkMRMLColorTableNodeFileViridis.txt"``) when the scene has that node, else the
+    default grey. Returns the node.
+    """
+    _check_3d(image, "The map", 1)
+    node = volume_node_from_image(sitk.Cast(image, sitk.sitkFloat32), scene, name)
+    set_scalar_display(node, value_range, color_node_id)
+    return node
+
+
+def set_scalar_display(node, value_range=None, color_node_id: str | None = None) -> None:
+    """Display a scalar volume node with a fixed window over ``value_range`` ``(low, high)`` (None: automatic
+    window/level) and the colour table ``color_node_id`` when its scene has it (else unchanged). A display
+    node is added when the node has none. Voxels and geometry are not touched."""
+    if node.GetDisplayNode() is None:
+        _add_volume_display_node(node.GetScene(), node, labelmap=False)
+    display = node.GetDisplayNode()
+    if value_range is not None:
+        low, high = (float(v) for v in value_range)
+        if not high > low:
+            raise InputError(f"Display range ({low}, {high}) is empty; the upper value must exceed the lower one.")
+        display.AutoWindowLevelOff()
+        display.SetWindowLevelMinMax(low, high)
+    else:
+        display.AutoWindowLevelOn()
+    if color_node_id and node.GetScene() is not None and node.GetScene().GetNodeByID(color_node_id) is not None:
+        display.SetAndObserveColorNodeID(color_node_id)
+
+
 # ---------------------------------------------------------------------------- transforms
 def _grid_geometry(grid) -> tuple[np.ndarray, np.ndarray, np.ndarray, tuple]:
     """(origin_ras of the first stored grid point, spacing, direction_ras, dims) of a grid transform."""
