@@ -12,12 +12,17 @@ One combo box may choose several parameters at once: its property lists them sep
 commas (``"metric,model"``: the LearnedMetric selector picks a similarity and, for a learned
 one, its model). Its items' data then hold one value per parameter (:func:`encode_choice`),
 and choosing an item sets all of them in one modification of the parameter node.
+
+A list of nodes (``list[vtkMRML...Node]``, e.g. the target volumes of a label propagation) is
+shown by a ``qMRMLCheckableNodeComboBox`` carrying ``MMRegNodeListParameterName``
+(:data:`~MMRegCommonLib.parameters.NODE_LIST_PROPERTY`): :class:`NodeListCombos` keeps its
+checked nodes and the parameter's list the same, both ways.
 """
 from __future__ import annotations
 
 import json
 
-from .parameters import COMBO_PROPERTY
+from .parameters import COMBO_PROPERTY, NODE_LIST_PROPERTY
 
 
 def combo_names(binding: str) -> tuple:
@@ -126,3 +131,62 @@ class ParameterCombos:
                 node.EndModify(state)
         if self._on_change is not None:
             self._on_change(binding)
+
+
+class NodeListCombos:
+    """The checkable node selectors of one panel, each bound to a list-of-nodes parameter (its
+    :data:`~MMRegCommonLib.parameters.NODE_LIST_PROPERTY` value).
+
+    ``widgets``: the panel's widgets; every ``qMRMLCheckableNodeComboBox`` with the property is bound:
+    checking or unchecking a node writes the checked nodes (in the selector's order) into the
+    parameter, and a change of the parameter node checks exactly the nodes of the list (None entries,
+    nodes removed from the scene, are ignored). ``on_change(name)`` (optional) is called after the
+    user changed a selector.
+    """
+
+    def __init__(self, widgets, on_change=None):
+        self.combos = {}
+        self._parameterNode = None
+        self._updating = False
+        self._on_change = on_change
+        for widget in widgets:
+            name = widget.property(NODE_LIST_PROPERTY) if hasattr(widget, "property") else None
+            if name:
+                self.combos[name] = widget
+                widget.connect("checkedNodesChanged()", lambda n=name: self._changed(n))
+
+    def __contains__(self, name) -> bool:
+        return name in self.combos
+
+    def set_parameter_node(self, parameterNode) -> None:
+        """Bind to ``parameterNode`` (a parameterNodeWrapper instance, or None) and show its lists."""
+        self._parameterNode = parameterNode
+        self.update()
+
+    def update(self) -> None:
+        """Check in every selector exactly the nodes of its parameter's list."""
+        if self._parameterNode is None:
+            return
+        import qt
+        self._updating = True
+        try:
+            for name, combo in self.combos.items():
+                wanted = {node.GetID() for node in getattr(self._parameterNode, name) if node is not None}
+                wasBlocked = combo.blockSignals(True)
+                try:
+                    for index in range(combo.nodeCount()):
+                        node = combo.nodeFromIndex(index)
+                        state = qt.Qt.Checked if node is not None and node.GetID() in wanted else qt.Qt.Unchecked
+                        if node is not None and combo.checkState(node) != state:
+                            combo.setCheckState(node, state)
+                finally:
+                    combo.blockSignals(wasBlocked)
+        finally:
+            self._updating = False
+
+    def _changed(self, name: str) -> None:
+        if self._updating or self._parameterNode is None:
+            return
+        setattr(self._parameterNode, name, list(self.combos[name].checkedNodes()))
+        if self._on_change is not None:
+            self._on_change(name)

@@ -29,6 +29,15 @@ Choices made here:
   gets a live :class:`~MMRegCommonLib.convergence.ConvergenceTrace` (:attr:`RegistrationLogic.trace`)
   and, after a successful run, a convergence table and plot chart in the scene
   (:attr:`RegistrationOutcome.convergence`), made from the report's ``method_trace``.
+* Maps a method makes besides the field (``RegistrationResult.extra_images``, e.g. the attention
+  weights of ``multiscale``) become scalar volume nodes on the fixed grid for the names the module
+  declares in :attr:`RegistrationLogic.extra_image_outputs` (:class:`ExtraImageOutput`: node name,
+  display range, colour table, parameters of its output selector and on/off checkbox), or for the
+  names given to :meth:`RegistrationLogic.run` (``extra_images``); they are in
+  :attr:`RegistrationOutcome.extra_nodes`.
+* :meth:`RegistrationLogic.propagate_segmentation` (label propagation): an annotated volume (the
+  atlas: volume + segmentation) registered to several target volumes, one new segmentation node per
+  target; all-or-nothing like :meth:`RegistrationLogic.run`, inputs untouched.
 """
 from __future__ import annotations
 
@@ -46,6 +55,26 @@ from .convergence import ConvergenceTrace, update_convergence_nodes
 from .methodoptions import MethodOptions
 
 
+@dataclass(frozen=True)
+class ExtraImageOutput:
+    """A map of the engine's ``RegistrationResult.extra_images`` that a module shows as a scalar volume node.
+
+    ``name``: the map's key in ``extra_images`` (e.g. "attention"); ``label``: the node name's suffix
+    ("<moving> attention weights"); ``value_range``: ``(low, high)`` of a fixed display window (None:
+    automatic window/level); ``color_node_id``: colour table of the display when the scene has it;
+    ``output_parameter``: the parameter (a scalar volume node) of the module's output selector for it
+    ("" if none: always a new node); ``enable_parameter``: a bool parameter that switches the map's
+    node on or off ("" if none: always made).
+    """
+
+    name: str
+    label: str
+    value_range: tuple | None = None
+    color_node_id: str | None = None
+    output_parameter: str = ""
+    enable_parameter: str = ""
+
+
 @dataclass
 class RegistrationOutcome:
     """What :meth:`RegistrationLogic.run` returns.
@@ -59,7 +88,8 @@ class RegistrationOutcome:
     this run added to the scene. ``notes``: remarks for the user (e.g. unmatched segments).
     ``trace``: the metric per iteration (a :class:`~MMRegCommonLib.convergence.ConvergenceTrace`,
     from the report's ``method_trace``) for methods that report it, else None; ``convergence``:
-    its nodes (``{"table", "chart", "series"}``), else None.
+    its nodes (``{"table", "chart", "series"}``), else None. ``extra_nodes``: ``{map name: scalar volume
+    node}`` of the engine's extra maps shown (see :class:`ExtraImageOutput`), on the fixed grid.
     """
 
     transform_node: object
@@ -73,6 +103,7 @@ class RegistrationOutcome:
     previous_moving_parent_id: str | None = None
     trace: ConvergenceTrace | None = None
     convergence: dict | None = None
+    extra_nodes: dict = field(default_factory=dict)
 
     @property
     def report(self) -> dict:
@@ -86,6 +117,27 @@ class RegistrationOutcome:
     def summary_text(self) -> str:
         """The results area's HTML text, followed by the notes."""
         return panel.format_summary(self.summary()) + "".join(f"<br><i>{note}</i>" for note in self.notes)
+
+
+@dataclass
+class PropagatedSegmentation:
+    """One target of :meth:`RegistrationLogic.propagate_segmentation`.
+
+    ``target_volume``: the target (fixed) volume node; ``segmentation_node``: the new segmentation
+    node with the atlas segments on the target's grid; ``seconds``: wall time of this target's
+    registration (s); ``result``: the engine's :class:`mmreg.RegistrationResult` (target <- atlas:
+    displacement on the target's grid in LPS mm, report).
+    """
+
+    target_volume: object
+    segmentation_node: object
+    seconds: float
+    result: object
+
+    @property
+    def folding_percent(self) -> float | None:
+        """Percentage of the target's voxels where the deformation folds (Jacobian determinant <= 0)."""
+        return self.result.report.get("quality", {}).get("deformable", {}).get("folding_percent")
 
 
 def match_segments(fixed_labels: sitk.Image, fixed_info: dict, moving_info: dict) -> tuple:
@@ -144,6 +196,9 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
     methodOptions = MethodOptions()
     #: True for a method whose progress messages carry its metric per iteration (see :meth:`parse_progress`).
     reports_convergence = False
+    #: The engine's extra maps (``RegistrationResult.extra_images``) this module shows as volume nodes
+    #: (:class:`ExtraImageOutput`; none in the base class).
+    extra_image_outputs: tuple = ()
 
     def __init__(self, method_name: str | None = None):
         ScriptedLoadableModuleLogic.__init__(self)
@@ -153,6 +208,8 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         self.is_running = False
         #: The running (or last) registration's metric per iteration, for methods that report it; else None.
         self.trace = None
+        #: The targets of the last :meth:`propagate_segmentation` (:class:`PropagatedSegmentation` each).
+        self.last_propagation = []
 
     def parse_progress(self, message: str) -> dict | None:
         """A progress message of the module's method read as one optimiser iteration (``stage``, ``level``,
@@ -168,6 +225,12 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
     def method_status(self, method: str | None = None) -> panel.MethodStatus:
         """Whether the engine offers this module's method (or ``method``), its models and options."""
         return panel.method_status(method or self.method_name)
+
+    def default_model_name(self, status: panel.MethodStatus) -> str | None:
+        """The model this module runs when none is chosen (``model=None``), or None to leave it to the engine
+        (its "default" model, or the only one). The base class leaves it to the engine; a module whose
+        method ships several models names its default here."""
+        return None
 
     def cancel(self) -> None:
         """Ask the running registration to stop; it raises ``mmreg.CancelledError`` at its next progress report."""
@@ -195,18 +258,23 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             model: str | None = None, device: str = "auto", affine: bool = True, refinement_steps: int | None = None,
             diffeomorphic: bool | None = None, output_transform=None, output_volume=None, output_segmentation=None,
             place_moving_under_transform: bool = True, method: str | None = None, threads: int | None = None,
-            progress=None, **options) -> RegistrationOutcome:
+            extra_images=None, output_extra_images: dict | None = None, progress=None,
+            **options) -> RegistrationOutcome:
         """Register ``moving_volume`` to ``fixed_volume``; returns a :class:`RegistrationOutcome`.
 
         ``moving_segmentation`` (optional) is warped with the image; ``fixed_segmentation``
         (optional) is only used to score: Dice/HD95 per segment, matched by segment name.
-        ``model``: a trained model of the method (None: its default). ``device``: "auto",
+        ``model``: a trained model of the method (None: its default, see :meth:`default_model_name`). ``device``: "auto",
         "cpu", "cuda", "cuda:N" or "mps". ``affine``: affine pre-alignment first.
         ``refinement_steps`` / ``diffeomorphic``: method options (None: the method's default;
         an error for a method without them). ``output_*``: existing nodes to fill (their
         content is replaced); None creates new ones. ``place_moving_under_transform``: put
         the moving volume under the result afterwards (changes only its parent transform).
         ``method``: another engine method than the module's (e.g. "optimize" in tests).
+        ``extra_images``: names of the engine's extra maps to make volume nodes of (None: the
+        module's :attr:`extra_image_outputs` when its own method runs; ``()``: none); a name the
+        method did not make gives a note. ``output_extra_images``: ``{name: scalar volume node}``
+        to fill instead of making new ones.
         ``progress(fraction, message)`` is called often (return False or raise
         ``mmreg.CancelledError`` to cancel, as :meth:`cancel` does). Other keyword
         ``options`` go to the engine method (e.g. ``iterations=[20]``). Raises
@@ -217,9 +285,13 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         status = panel.method_status(method)
         if not status.available:
             raise mmreg.InputError(status.reason)
+        if model is None and method == self.method_name:
+            model = self.default_model_name(status)
         options = dict(options, **panel.engine_options(status, refinement_steps, diffeomorphic))
         scene = self._check_nodes(fixed_volume, moving_volume, moving_segmentation, fixed_segmentation,
                                   output_transform, output_volume, output_segmentation)
+        extras = self._extra_outputs(method, extra_images, output_extra_images, scene,
+                                     (fixed_volume, moving_volume, output_volume))
         self._cancel_requested = False
         self.trace = (ConvergenceTrace(str(options.get("similarity") or status.options.get("similarity") or ""))
                       if self.reports_convergence and method == self.method_name else None)
@@ -235,9 +307,13 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             logging.info("%s: registration with '%s' took %.1f s", self.moduleName, method, time.perf_counter() - t0)
             self._check_cancel()
             outcome = self._make_outputs(scene, result, fixed_volume, moving_volume, inputs["moving_info"],
-                                         output_transform, output_volume, output_segmentation)
+                                         output_transform, output_volume, output_segmentation, extras)
         finally:
             self.is_running = False
+        missing = [spec.name for spec, _ in extras if spec.name not in result.extra_images]
+        if missing:
+            inputs["notes"].append(f"Method '{method}' made no {', '.join(repr(n) for n in missing)} map "
+                                   f"(it made: {', '.join(sorted(result.extra_images)) or 'none'}).")
         outcome.notes, outcome.scored_labels = inputs["notes"], inputs["scored"]
         outcome.segment_names = {value: info["name"] for value, info in (inputs["moving_info"] or {}).items()}
         if self.trace is not None:
@@ -270,14 +346,9 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         status = status or self.method_status()
         return self.methodOptions.engine_options(self.methodOptions.values(parameters), status)
 
-    def run_with_parameters(self, parameters, progress=None, **options) -> RegistrationOutcome:
-        """Run from a parameter node (the panel's Apply); the outputs made are written back into it.
-
-        Controls the method does not have (refinement steps, diffeomorphic) are not passed, nor
-        the diffeomorphic checkbox of a method whose trained model decides it. The module's
-        method-specific options (:attr:`methodOptions`) are passed when its own method runs (not
-        for another ``method=``); keyword ``options`` given here take precedence.
-        """
+    def _options_from_parameters(self, parameters, options: dict) -> tuple:
+        """``(status, model, options)`` for a run from ``parameters``: the module's method-specific options when
+        its own method runs (keyword ``options`` take precedence), the model they or the shared selector choose."""
         status = self.method_status(options.get("method"))
         model = parameters.model or None
         own = options.get("method", self.method_name) == self.method_name
@@ -286,6 +357,28 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             if self.methodOptions.controls_parameter("model"):
                 model = chosen.pop("model", None) or None
             options = dict(chosen, **options)
+        return status, model, options
+
+    def run_with_parameters(self, parameters, progress=None, **options) -> RegistrationOutcome:
+        """Run from a parameter node (the panel's Apply); the outputs made are written back into it.
+
+        Controls the method does not have (refinement steps, diffeomorphic) are not passed, nor
+        the diffeomorphic checkbox of a method whose trained model decides it. The module's
+        method-specific options (:attr:`methodOptions`) are passed when its own method runs (not
+        for another ``method=``); keyword ``options`` given here take precedence. The extra maps of
+        :attr:`extra_image_outputs` are made when switched on (their ``enable_parameter``), into
+        the node of their ``output_parameter`` when one is chosen (written back after the run).
+        """
+        status, model, options = self._options_from_parameters(parameters, options)
+        own = options.get("method", self.method_name) == self.method_name
+        extra_names, extra_nodes = [], {}
+        for spec in self.extra_image_outputs if own else ():
+            if spec.enable_parameter and not getattr(parameters, spec.enable_parameter):
+                continue
+            extra_names.append(spec.name)
+            chosen_node = getattr(parameters, spec.output_parameter) if spec.output_parameter else None
+            if chosen_node is not None:
+                extra_nodes[spec.name] = chosen_node
         outcome = self.run(
             parameters.fixedVolume, parameters.movingVolume, parameters.movingSegmentation,
             parameters.fixedSegmentation, model=model, device=parameters.device or "auto",
@@ -294,11 +387,15 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             diffeomorphic=parameters.diffeomorphic if status.supports_diffeomorphic else None,
             output_transform=parameters.outputTransform, output_volume=parameters.outputVolume,
             output_segmentation=parameters.outputSegmentation,
-            place_moving_under_transform=parameters.placeMovingUnderTransform, progress=progress, **options)
+            place_moving_under_transform=parameters.placeMovingUnderTransform, extra_images=extra_names,
+            output_extra_images=extra_nodes, progress=progress, **options)
         parameters.outputTransform = outcome.transform_node
         parameters.outputVolume = outcome.volume_node
         if outcome.segmentation_node is not None:
             parameters.outputSegmentation = outcome.segmentation_node
+        for spec in self.extra_image_outputs:
+            if spec.output_parameter and spec.name in outcome.extra_nodes:
+                setattr(parameters, spec.output_parameter, outcome.extra_nodes[spec.name])
         return outcome
 
     def show_outcome(self, outcome: RegistrationOutcome, fixed_volume) -> None:
@@ -309,6 +406,102 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             display = outcome.segmentation_node.GetDisplayNode()
             if display is not None:
                 display.SetVisibility(True)
+
+    # ------------------------------------------------------------------ label propagation
+    def propagate_segmentation(self, atlas_volume, atlas_segmentation, target_volumes, *, model: str | None = None,
+                               device: str = "auto", affine: bool = True, refinement_steps: int | None = None,
+                               diffeomorphic: bool | None = None, method: str | None = None,
+                               threads: int | None = None, progress=None, **options) -> list:
+        """Copy an annotated volume's segmentation onto several new volumes by registration; returns the new
+        segmentation nodes, one per target, in the order of ``target_volumes``.
+
+        ``atlas_volume`` (scalar volume) with ``atlas_segmentation`` (its segments, exported on the
+        atlas volume's grid) is registered, as the MOVING image, to each of ``target_volumes`` (the
+        FIXED images, scalar volumes; None entries are skipped) with :func:`mmreg.propagation.propagate_labels`;
+        its label map is warped onto each target's grid (per-label linear interpolation) and becomes
+        a new segmentation node "<atlas segmentation> on <target>" with the atlas segments' IDs, names
+        and colours. Options as :meth:`run` (``model`` None: :meth:`default_model_name`; other
+        keyword ``options`` go to the engine method). ``progress(fraction, message)`` runs over all
+        targets; :meth:`cancel` (or ``progress`` returning False) stops at the next report and
+        leaves the scene unchanged. Nodes are made only after every registration finished
+        (all-or-nothing); no input is modified and nothing is placed under a transform. Per-target
+        runtimes and reports are in :attr:`last_propagation`. Raises ``mmreg.InputError`` for
+        unusable inputs (no target, the atlas among the targets, a target twice, a target under a
+        transform or a labelmap, an empty segmentation).
+        """
+        import mmreg
+        from mmreg.propagation import propagate_labels
+        from mmreg_slicer import bridge
+        method = method or self.method_name
+        status = panel.method_status(method)
+        if not status.available:
+            raise mmreg.InputError(status.reason)
+        if model is None and method == self.method_name:
+            model = self.default_model_name(status)
+        options = dict(options, **panel.engine_options(status, refinement_steps, diffeomorphic))
+        scene, targets = self._check_propagation(atlas_volume, atlas_segmentation, target_volumes)
+        self._cancel_requested = False
+        self.trace = None
+        self.is_running = True
+        try:
+            atlas = bridge.image_from_volume_node(atlas_volume)
+            labels, info = self._labels_on_grid(atlas_segmentation, atlas)
+            if not np.any(sitk.GetArrayViewFromImage(labels)):
+                raise mmreg.InputError(f"The segmentation '{atlas_segmentation.GetName()}' has no voxel inside the atlas "
+                                       f"volume '{atlas_volume.GetName()}': choose the segmentation drawn on that volume.")
+            images = [bridge.image_from_volume_node(target) for target in targets]
+            self._check_cancel()
+            t0 = time.perf_counter()
+            propagated = propagate_labels(atlas, labels, images, method=method, model=model or None, device=device,
+                                          affine=affine, threads=threads, progress=self._progress(progress), **options)
+            logging.info("%s: propagation to %d volume(s) with '%s' took %.1f s", self.moduleName, len(targets),
+                         method, time.perf_counter() - t0)
+            self._check_cancel()
+            nodes = self._make_propagated(scene, atlas_segmentation, targets, propagated, info)
+        finally:
+            self.is_running = False
+        self.last_propagation = [PropagatedSegmentation(target, node, item.seconds, item.result)
+                                 for target, node, item in zip(targets, nodes, propagated)]
+        return nodes
+
+    def propagate_with_parameters(self, parameters, progress=None, **options) -> list:
+        """:meth:`propagate_segmentation` from a parameter node (the panel's "Propagate segmentation"): the atlas is
+        its ``movingVolume`` with its ``movingSegmentation``, the targets its ``targetVolumes``; model,
+        device, affine, refinement and the module's own options as for :meth:`run_with_parameters`."""
+        status, model, options = self._options_from_parameters(parameters, options)
+        return self.propagate_segmentation(
+            parameters.movingVolume, parameters.movingSegmentation, list(parameters.targetVolumes), model=model,
+            device=parameters.device or "auto", affine=parameters.affine,
+            refinement_steps=parameters.refinementSteps if status.supports_refinement else None,
+            diffeomorphic=parameters.diffeomorphic if status.supports_diffeomorphic else None,
+            progress=progress, **options)
+
+    @staticmethod
+    def _check_propagation(atlas_volume, atlas_segmentation, target_volumes) -> tuple:
+        """Readable errors for unusable propagation inputs; returns ``(scene, targets without None)``."""
+        from mmreg import InputError
+        problem = panel.propagation_problem(atlas_volume, atlas_segmentation, target_volumes)
+        if problem:
+            raise InputError(problem)
+        targets = [t for t in target_volumes if t is not None]
+        scene = atlas_volume.GetScene()
+        if scene is None or any(n.GetScene() is not scene for n in [atlas_segmentation] + targets):
+            raise InputError("The atlas, its segmentation and the targets must be nodes of the same scene.")
+        return scene, targets
+
+    @staticmethod
+    def _make_propagated(scene, atlas_segmentation, targets, propagated, info) -> list:
+        """A new segmentation node per target ("<atlas segmentation> on <target>"); all-or-nothing."""
+        from mmreg_slicer import bridge
+        made = []
+        try:
+            for target, item in zip(targets, propagated):
+                name = scene.GenerateUniqueName(f"{atlas_segmentation.GetName()} on {target.GetName()}")
+                made.append(bridge.segmentation_node_from_labelmap_image(item.labels, scene, name, info))
+        except Exception:
+            remove_nodes(made)
+            raise
+        return made
 
     # ------------------------------------------------------------------ steps
     @staticmethod
@@ -337,6 +530,34 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             if node is not None and not node.IsA("vtkMRMLSegmentationNode"):
                 raise InputError(f"The {what} must be a segmentation node, not a {node.GetClassName()}.")
         return scene
+
+    def _extra_outputs(self, method: str, extra_images, output_extra_images, scene, inputs) -> list:
+        """``[(ExtraImageOutput, chosen node or None)]`` of the extra maps to show (see :meth:`run`); readable
+        errors for unusable output nodes (``inputs``: the nodes an output must not be)."""
+        from mmreg import InputError
+        declared = {spec.name: spec for spec in self.extra_image_outputs}
+        if extra_images is None:
+            names = list(declared) if method == self.method_name else []
+        elif isinstance(extra_images, str):
+            names = [extra_images]
+        else:
+            names = list(dict.fromkeys(str(name) for name in extra_images))
+        chosen = {str(k): v for k, v in (output_extra_images or {}).items() if v is not None}
+        unused = sorted(set(chosen) - set(names))
+        if unused:
+            raise InputError(f"An output volume is given for the map(s) {', '.join(unused)}, which this run does not "
+                             f"make (it makes: {', '.join(names) or 'none'}).")
+        for name, node in chosen.items():
+            if node.GetScene() is not scene:
+                raise InputError("All inputs and outputs must be nodes of the same scene.")
+            if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise InputError(f"The output of the '{name}' map must be a scalar volume, not a {node.GetClassName()}.")
+            if any(node is other for other in inputs if other is not None):
+                raise InputError(f"The output of the '{name}' map must not be an input or the warped volume: choose "
+                                 "'Create new'.")
+        if len(set(map(id, chosen.values()))) != len(chosen):
+            raise InputError("Two maps cannot be written into the same output volume.")
+        return [(declared.get(name) or ExtraImageOutput(name, name), chosen.get(name)) for name in names]
 
     @staticmethod
     def _labels_on_grid(segmentation_node, reference: sitk.Image) -> tuple:
@@ -369,8 +590,9 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         return out
 
     def _make_outputs(self, scene, result, fixed_volume, moving_volume, moving_info, output_transform,
-                      output_volume, output_segmentation) -> RegistrationOutcome:
-        """New nodes for the result (bridge), then moved into the chosen output nodes; all-or-nothing."""
+                      output_volume, output_segmentation, extras=()) -> RegistrationOutcome:
+        """New nodes for the result (bridge), then moved into the chosen output nodes; all-or-nothing.
+        ``extras``: ``[(ExtraImageOutput, chosen node or None)]`` of the extra maps to show."""
         from mmreg_slicer import bridge
         created = []
         base = moving_volume.GetName()
@@ -386,12 +608,21 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
                     result.warped_labels, scene, scene.GenerateUniqueName(f"{base} segmentation registered"),
                     moving_info)
                 created.append(segmentation)
+            extra_made = []
+            for spec, target in extras:
+                image = result.extra_images.get(spec.name)
+                if image is None:
+                    continue
+                node = bridge.scalar_map_node_from_image(image, scene, scene.GenerateUniqueName(f"{base} {spec.label}"),
+                                                         spec.value_range, spec.color_node_id)
+                created.append(node)
+                extra_made.append((spec, target, node))
         except Exception:
             remove_nodes(created)
             raise
         kept = []
         for target, made in ((output_transform, transform), (output_volume, volume),
-                             (output_segmentation, segmentation)):
+                             (output_segmentation, segmentation)) + tuple((t, n) for _, t, n in extra_made):
             if made is None:
                 continue
             if target is None:
@@ -400,8 +631,12 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             target.CopyContent(made, True)
             if not target.IsA("vtkMRMLTransformNode") and target.GetDisplayNode() is None:
                 target.CreateDefaultDisplayNodes()
+                spec = next((spec for spec, t, _ in extra_made if t is target), None)
+                if spec is not None:  # a chosen map node without a display gets the map's one
+                    bridge.set_scalar_display(target, spec.value_range, spec.color_node_id)
             remove_nodes([made])
         chosen = {"transform": output_transform or transform, "volume": output_volume or volume,
                   "segmentation": (output_segmentation or segmentation) if segmentation is not None else None}
         return RegistrationOutcome(chosen["transform"], chosen["volume"], chosen["segmentation"], result,
-                                   created_node_ids=[n.GetID() for n in kept])
+                                   created_node_ids=[n.GetID() for n in kept],
+                                   extra_nodes={spec.name: target or node for spec, target, node in extra_made})

@@ -72,6 +72,9 @@ class MethodOptions:
     controls: tuple = ()
     #: The bindings (``MMRegParameterName`` values) of the combo boxes this class fills at run time.
     combo_bindings: tuple = ()
+    #: Other parameters (e.g. the shared ``refinementSteps``) read into :meth:`values` only to decide
+    #: whether a control applies (:meth:`applies`); never passed to the engine by these options.
+    context_parameters: tuple = ()
 
     @property
     def parameters(self) -> tuple:
@@ -86,8 +89,9 @@ class MethodOptions:
         return any(c.parameter == name for c in self.controls)
 
     def values(self, parameters) -> dict:
-        """``{name: value}`` of :attr:`parameters` read from a parameter node wrapper (or any object with them)."""
-        return {name: getattr(parameters, name) for name in self.parameters}
+        """``{name: value}`` of :attr:`parameters` and :attr:`context_parameters` read from a parameter node
+        wrapper (or any object with them)."""
+        return {name: getattr(parameters, name) for name in self.parameters + tuple(self.context_parameters)}
 
     def resolve(self, values: dict, status) -> dict:
         """The values that will run: ``values`` with what the current method status implies filled in (e.g.
@@ -101,7 +105,8 @@ class MethodOptions:
         return {name: value for name, value in resolved.items() if values.get(name) != value}
 
     def applies(self, control: OptionControl, values: dict) -> bool:
-        """Whether ``control`` is used with these values (see :attr:`OptionControl.applies_when`)."""
+        """Whether ``control`` is used with these values (see :attr:`OptionControl.applies_when`; a subclass may
+        decide otherwise, e.g. from a :attr:`context_parameters` value)."""
         if control.applies_when is None:
             return True
         other, allowed = control.applies_when

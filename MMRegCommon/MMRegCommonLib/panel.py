@@ -293,3 +293,76 @@ def format_summary(summary: dict) -> str:
     else:
         rows.append("Dice: select a moving and a fixed segmentation (with matching segment names) to see it.")
     return "<br>".join(rows)
+
+
+# ---------------------------------------------------------------------------- label propagation
+def propagation_problem(atlas_volume, atlas_segmentation, target_volumes) -> str | None:
+    """Why "propagate segmentation" cannot run with these nodes (a sentence for the user), or None.
+
+    The atlas is the moving volume with its segmentation; ``target_volumes`` (None entries are
+    ignored, as a target removed from the scene reads) must be one or more scalar volumes other
+    than the atlas, each once, none under a transform (each result lies on its target's own grid).
+    """
+    if atlas_volume is None:
+        return "Select the moving volume: it is the atlas, the annotated volume whose segmentation is propagated."
+    if not atlas_volume.IsA("vtkMRMLScalarVolumeNode") or atlas_volume.IsA("vtkMRMLLabelMapVolumeNode"):
+        return f"The atlas '{atlas_volume.GetName()}' must be a scalar (image) volume, not a {atlas_volume.GetClassName()}."
+    if atlas_segmentation is None:
+        return "Select the moving segmentation: the segments drawn on the atlas (moving) volume that are propagated."
+    if not atlas_segmentation.IsA("vtkMRMLSegmentationNode"):
+        return f"The atlas segmentation must be a segmentation node, not a {atlas_segmentation.GetClassName()}."
+    if atlas_segmentation.GetSegmentation().GetNumberOfSegments() == 0:
+        return f"The segmentation '{atlas_segmentation.GetName()}' has no segments to propagate."
+    targets = [t for t in (target_volumes or []) if t is not None]
+    if not targets:
+        return "Check one or more target volumes: each receives a copy of the atlas segmentation."
+    seen = set()
+    for target in targets:
+        name = target.GetName()
+        if not target.IsA("vtkMRMLScalarVolumeNode") or target.IsA("vtkMRMLLabelMapVolumeNode"):
+            return f"The target '{name}' is a {target.GetClassName()}; targets must be scalar (image) volumes."
+        if target is atlas_volume or (target.GetID() and target.GetID() == atlas_volume.GetID()):
+            return (f"The atlas volume '{name}' is also checked as a target: uncheck it (its segmentation is already "
+                    "on it).")
+        key = target.GetID() or id(target)
+        if key in seen:
+            return f"The target '{name}' is listed twice."
+        seen.add(key)
+        parent = target.GetParentTransformNode()
+        if parent is not None:
+            return (f"The target '{name}' is under the transform '{parent.GetName()}'. Each propagated segmentation lies "
+                    "on its target's own grid: harden that transform (Transforms module) or remove it first.")
+    return None
+
+
+def propagation_state(status: MethodStatus, atlas_volume, atlas_segmentation, target_volumes,
+                      running: bool = False) -> tuple:
+    """``(enabled, reason)`` for the "Propagate segmentation" button (reason says what is missing when disabled)."""
+    if running:
+        return False, "A registration is running; Cancel stops it."
+    if not status.available and not status.engine_missing:
+        return False, status.reason
+    problem = propagation_problem(atlas_volume, atlas_segmentation, target_volumes)
+    if problem:
+        return False, problem
+    count = len([t for t in target_volumes if t is not None])
+    segments = atlas_segmentation.GetSegmentation().GetNumberOfSegments()
+    return True, (f"Ready: propagates the {segments} segment(s) of '{atlas_segmentation.GetName()}' to {count} "
+                  f"volume{'s' if count != 1 else ''}, one new segmentation each.")
+
+
+def format_propagation(records) -> str:
+    """The results text (HTML) of a propagation: per target its new segmentation, runtime and folding %.
+
+    ``records``: :class:`MMRegCommonLib.logic.PropagatedSegmentation` items (``target_volume``,
+    ``segmentation_node``, ``seconds``, ``folding_percent``).
+    """
+    if not records:
+        return "No segmentation was propagated."
+    total = sum(r.seconds for r in records)
+    rows = "".join(f"<tr><td>{r.target_volume.GetName()}&nbsp;&nbsp;</td><td>{r.segmentation_node.GetName()}&nbsp;&nbsp;"
+                   f"</td><td>{r.seconds:.1f} s&nbsp;&nbsp;</td><td>{_num(r.folding_percent, '.3f')} %</td></tr>"
+                   for r in records)
+    return (f"<b>Propagated</b> to {len(records)} volume(s) in {total:.1f} s:"
+            "<table><tr><th align='left'>Target</th><th align='left'>New segmentation</th><th align='left'>Runtime"
+            f"</th><th align='left'>Folding</th></tr>{rows}</table>")

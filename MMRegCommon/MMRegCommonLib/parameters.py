@@ -13,6 +13,10 @@ its widget by the dynamic property ``SlicerParameterName`` (parameterNodeWrapper
 those), except :data:`COMBO_PARAMETERS`, whose combo boxes are filled at run time (models
 found by the engine, devices detected on this computer) and which carry the property
 ``MMRegParameterName`` instead; the framework's Widget binds those by the items' data.
+A list of nodes (``list[vtkMRML...Node]``, e.g. the target volumes of a label propagation)
+is shown by a ``qMRMLCheckableNodeComboBox`` carrying ``MMRegNodeListParameterName``
+(:data:`NODE_LIST_PROPERTY`): the checked nodes are the list (bound by the framework too, as
+parameterNodeWrapper has no connector for node lists).
 """
 from typing import Annotated
 
@@ -23,6 +27,8 @@ from slicer.parameterNodeWrapper import WithinRange
 COMBO_PARAMETERS = ("model", "device")
 #: Dynamic .ui property naming the parameter of a framework-bound combo box.
 COMBO_PROPERTY = "MMRegParameterName"
+#: Dynamic .ui property naming the node-list parameter of a checkable node selector (qMRMLCheckableNodeComboBox).
+NODE_LIST_PROPERTY = "MMRegNodeListParameterName"
 
 
 class RegistrationParameters:
@@ -53,3 +59,18 @@ class RegistrationParameters:
     outputTransform: slicer.vtkMRMLGridTransformNode
     outputVolume: slicer.vtkMRMLScalarVolumeNode
     outputSegmentation: slicer.vtkMRMLSegmentationNode
+
+
+class PropagationParameters:
+    """Parameters of the "propagate segmentation" action (a module whose panel has it adds this class to its
+    parameter node's bases, e.g. ``class P(PropagationParameters, RegistrationParameters)``).
+
+    The atlas is the shared ``movingVolume`` with its ``movingSegmentation``; ``targetVolumes``: the
+    volumes that each receive a copy of the atlas segmentation (each registered as the fixed image,
+    the atlas as the moving one). Stored as Slicer stores lists of nodes (``targetVolumes_len`` and
+    node references ``targetVolumes_0``, ...); a target removed from the scene reads as None. Assign
+    a whole new list to change it (in Slicer the list read is an ObservedList that writes through
+    on in-place changes; code here never relies on that).
+    """
+
+    targetVolumes: list[slicer.vtkMRMLScalarVolumeNode]

@@ -96,6 +96,45 @@ def make_phantom_nodes(scene, name: str, shift=(0.0, 0.0, 0.0), size=(32, 32, 32
     return volume, segmentation, labels
 
 
+#: Segments of the demo sample's label maps (Resources/Sample/LICENSE.md): 1 grey matter, 2 white matter.
+SAMPLE_SEGMENTS = {1: {"name": "Grey matter", "color": (0.55, 0.55, 0.85)},
+                   2: {"name": "White matter", "color": (0.95, 0.9, 0.7)}}
+
+
+def sample_folder():
+    """The demo sample's folder (``Resources/Sample`` beside the engine, as for the shipped models: in the
+    repository and in the extension), or None when it is not there."""
+    from pathlib import Path
+
+    import mmreg
+    folder = Path(mmreg.__file__).resolve().parents[1] / "Resources" / "Sample"
+    names = ("fixed.nii.gz", "moving.nii.gz", "fixed_labels.nii.gz", "moving_labels.nii.gz")
+    return folder if all((folder / name).is_file() for name in names) else None
+
+
+def load_brain_sample(scene) -> dict | None:
+    """The demo sample as nodes: "Sample MNI152" (fixed, the MNI ICBM152 2009a T1 template at 2 mm) and "Sample
+    Colin27" (moving, the Colin27 T1 with a rotated and shifted header), each with a grey/white matter
+    segmentation (:data:`SAMPLE_SEGMENTS`; rough automatic labels, see the sample's LICENSE.md). Returns
+    ``{"fixed", "moving", "fixed_seg", "moving_seg", "fixed_labels", "moving_labels"}`` (label maps as
+    SimpleITK images, LPS), or None when the sample is not installed."""
+    from mmreg_slicer import bridge
+    folder = sample_folder()
+    if folder is None:
+        return None
+    read = {name: sitk.ReadImage(str(folder / f"{name}.nii.gz")) for name in
+            ("fixed", "moving", "fixed_labels", "moving_labels")}
+    return {
+        "fixed": bridge.volume_node_from_image(sitk.Cast(read["fixed"], sitk.sitkFloat32), scene, "Sample MNI152"),
+        "moving": bridge.volume_node_from_image(sitk.Cast(read["moving"], sitk.sitkFloat32), scene, "Sample Colin27"),
+        "fixed_seg": bridge.segmentation_node_from_labelmap_image(read["fixed_labels"], scene, "Sample MNI152 tissues",
+                                                                  SAMPLE_SEGMENTS),
+        "moving_seg": bridge.segmentation_node_from_labelmap_image(read["moving_labels"], scene,
+                                                                   "Sample Colin27 tissues", SAMPLE_SEGMENTS),
+        "fixed_labels": read["fixed_labels"], "moving_labels": read["moving_labels"],
+    }
+
+
 def reload_module_node(scene, module_name: str):
     """``(new_scene, node)``: the parameter node of ``module_name`` as it comes back after saving
     ``scene`` to XML and importing that into a new scene (what saving and reopening a scene does

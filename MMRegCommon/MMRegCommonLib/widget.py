@@ -23,7 +23,12 @@ Optional parts, used when the module's ``.ui`` file and Logic have them:
   disabled as :mod:`MMRegCommonLib.methodoptions` decides;
 * a convergence section (Logic with ``reports_convergence``): ``convergenceLabel`` (a sparkline
   per stage), ``convergenceLog`` (one line per optimiser iteration, live) and
-  ``showConvergenceButton`` (shows the run's convergence chart in the Plots view).
+  ``showConvergenceButton`` (shows the run's convergence chart in the Plots view);
+* a label-propagation section (:data:`PROPAGATION_WIDGETS`, a parameter node with
+  :class:`~MMRegCommonLib.parameters.PropagationParameters`): the target volumes in a checkable
+  node selector, "Propagate segmentation" (the Logic's ``propagate_with_parameters``: the moving
+  volume and segmentation are the atlas), its own Cancel button, progress bar and status line;
+* checkable node selectors bound to list-of-nodes parameters (:class:`~MMRegCommonLib.combos.NodeListCombos`).
 
 Shared option rows that the method does not have (refinement steps, diffeomorphic) are hidden
 (:func:`MMRegCommonLib.panel.shared_control_visibility`).
@@ -39,7 +44,7 @@ from slicer.ScriptedLoadableModule import ScriptedLoadableModuleWidget
 from slicer.util import VTKObservationMixin
 
 from . import panel
-from .combos import ParameterCombos, combo_names
+from .combos import NodeListCombos, ParameterCombos, combo_names
 from .methodoptions import combined_state
 from .parameters import COMBO_PROPERTY
 
@@ -49,6 +54,14 @@ _SECTIONS = ("inputsCollapsibleButton", "methodCollapsibleButton", "methodOption
              "optionsCollapsibleButton", "outputsCollapsibleButton")
 #: Convergence widgets of a module whose Logic reports convergence.
 CONVERGENCE_WIDGETS = ("convergenceCollapsibleButton", "convergenceLabel", "convergenceLog", "showConvergenceButton")
+#: Label-propagation widgets of a module whose parameter node has PropagationParameters.
+PROPAGATION_WIDGETS = ("propagationCollapsibleButton", "targetVolumesSelector", "propagateButton",
+                       "propagationCancelButton", "propagationProgressBar", "propagationStatusLabel")
+
+
+def has_propagation(ui) -> bool:
+    """Whether a panel (its ``ui`` namespace) has the label-propagation section (its "Propagate segmentation" button)."""
+    return hasattr(ui, "propagateButton")
 
 
 class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
@@ -70,6 +83,10 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._controlTooltips = {}
         self._shownPoints = 0
         self._convergenceChartId = None
+        self._nodeLists = None
+        self._progressBar = None
+        #: The last successful registration's outcome (None before the first Apply).
+        self.lastOutcome = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self):
@@ -87,8 +104,15 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
         self.ui.cancelButton.enabled = False
         self.ui.progressBar.value = 0
+        self._progressBar = self.ui.progressBar
+        if has_propagation(self.ui):
+            self.ui.propagateButton.connect("clicked(bool)", self.onPropagateButton)
+            self.ui.propagationCancelButton.connect("clicked(bool)", self.onCancelButton)
+            self.ui.propagationCancelButton.enabled = False
+            self.ui.propagationProgressBar.value = 0
 
         self._combos = ParameterCombos(self.ui.__dict__.values())
+        self._nodeLists = NodeListCombos(self.ui.__dict__.values())
         self._controls = self._widgetsByParameter()
         self._controlTooltips = {id(w): w.toolTip for ws in self._controls.values() for w in ws}  # (.ui texts)
         if self.logic.reports_convergence:
@@ -222,11 +246,13 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             self.addObserver(parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._combos.set_parameter_node(parameterNode)
+        self._nodeLists.set_parameter_node(parameterNode)
         if parameterNode is not None:
             self._onParameterNodeModified()
 
     def _onParameterNodeModified(self, caller=None, event=None):
         self._combos.update()
+        self._nodeLists.update()
         self._updateDiffeomorphicControl()
         self._updateMethodControls()
         self._updateApplyState()
@@ -243,6 +269,14 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.applyButton.enabled = enabled
         self.ui.applyButton.toolTip = reason
         self.ui.statusLabel.text = reason
+        if has_propagation(self.ui):
+            enabled, reason = panel.propagation_state(self._status, p.movingVolume, p.movingSegmentation,
+                                                      list(p.targetVolumes), self.logic.is_running)
+            if enabled and problem and self._status.available:
+                enabled, reason = False, problem
+            self.ui.propagateButton.enabled = enabled
+            self.ui.propagateButton.toolTip = reason
+            self.ui.propagationStatusLabel.text = reason
 
     # ------------------------------------------------------------------ running
     def _log(self, text):
@@ -255,10 +289,13 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             if section is not None:
                 section.enabled = not running
         self.ui.cancelButton.enabled = running
+        if has_propagation(self.ui):
+            self.ui.propagationCancelButton.enabled = running
+            self.ui.targetVolumesSelector.enabled = not running
         self._updateApplyState()
 
     def _onProgress(self, fraction, message):
-        self.ui.progressBar.value = int(round(100 * fraction))
+        self._progressBar.value = int(round(100 * fraction))
         self.ui.statusLabel.text = message
         stage = panel.progress_stage(message)
         if stage != self._lastStage:
@@ -310,8 +347,10 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.cancel()
         self._log("Cancelling...")
 
-    def onApplyButton(self):
-        """Install missing dependencies (after asking), run the registration, show results or a readable error."""
+    def _runAction(self, start_message: str, action, on_success, progressBar) -> None:
+        """Install missing dependencies (after asking), then run ``action(progress)`` with the panel disabled and
+        ``progressBar`` moving; ``on_success(result)`` shows the result; a cancel is logged, an error shown in
+        a readable sentence (with the traceback for a bug)."""
         from .dependencies import ensure_dependencies
         ok, message = ensure_dependencies()
         if not ok:
@@ -325,17 +364,17 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 return
         import mmreg
         self._lastStage = ""
-        self._log(f"--- {self._status.name}: registering '{self._parameterNode.movingVolume.GetName()}' to "
-                  f"'{self._parameterNode.fixedVolume.GetName()}'")
-        self.ui.progressBar.value = 0
+        self._log(start_message)
+        self._progressBar = progressBar
+        progressBar.value = 0
         self._resetConvergence()
         self.logic.is_running = True
         self._setRunning(True)
         try:
-            outcome = self.logic.run_with_parameters(self._parameterNode, progress=self._onProgress)
+            result = action(self._onProgress)
         except mmreg.CancelledError as exc:
             self._log(str(exc))
-            self.ui.progressBar.value = 0
+            progressBar.value = 0
         except Exception as exc:
             text = panel.user_message(exc)
             self._log("Error: " + text)
@@ -345,11 +384,49 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 logging.error(extra["detailedText"])
             slicer.util.errorDisplay(text, **extra)
         else:
-            self.ui.resultsLabel.text = outcome.summary_text()
-            self._showFinalConvergence(outcome)
-            self.logic.show_outcome(outcome, self._parameterNode.fixedVolume)
-            summary = outcome.summary()
-            self._log(f"Done in {summary['runtime_s']:.1f} s; folding {summary['folding_percent']:.3f} %.")
+            on_success(result)
         finally:
             self.logic.is_running = False
             self._setRunning(False)
+
+    def onApplyButton(self):
+        """Install missing dependencies (after asking), run the registration, show results or a readable error."""
+        p = self._parameterNode
+        self._runAction(f"--- {self._status.name}: registering '{p.movingVolume.GetName()}' to "
+                        f"'{p.fixedVolume.GetName()}'",
+                        lambda progress: self.logic.run_with_parameters(p, progress=progress),
+                        self._showOutcome, self.ui.progressBar)
+
+    def _showOutcome(self, outcome):
+        """After Apply: results text, convergence, slice views, log line."""
+        self.lastOutcome = outcome
+        self.ui.resultsLabel.text = outcome.summary_text()
+        self._showFinalConvergence(outcome)
+        self.logic.show_outcome(outcome, self._parameterNode.fixedVolume)
+        summary = outcome.summary()
+        self._log(f"Done in {summary['runtime_s']:.1f} s; folding {summary['folding_percent']:.3f} %.")
+        self.onOutcome(outcome)
+
+    def onOutcome(self, outcome):
+        """Called after a successful Apply, once the results are shown; modules add their own views here."""
+
+    def onPropagateButton(self):
+        """Propagate the moving segmentation to the checked target volumes; show the new segmentations."""
+        p = self._parameterNode
+        targets = [t for t in p.targetVolumes if t is not None]
+        self._runAction(f"--- {self._status.name}: propagating '{p.movingSegmentation.GetName()}' from "
+                        f"'{p.movingVolume.GetName()}' to {len(targets)} volume(s)",
+                        lambda progress: self.logic.propagate_with_parameters(p, progress=progress),
+                        self._showPropagation, self.ui.propagationProgressBar)
+
+    def _showPropagation(self, nodes):
+        records = self.logic.last_propagation
+        self.ui.resultsLabel.text = panel.format_propagation(records)
+        if records:  # the first target with its new segmentation
+            slicer.util.setSliceViewerLayers(background=records[0].target_volume, foreground=None, fit=True)
+            for record in records:
+                display = record.segmentation_node.GetDisplayNode()
+                if display is not None:
+                    display.SetVisibility(record is records[0])
+        self._log(f"Propagated to {len(nodes)} volume(s) in {sum(r.seconds for r in records):.1f} s: "
+                  + ", ".join(node.GetName() for node in nodes) + ".")

@@ -6,14 +6,16 @@
 Slicer's and CTK's widgets do not exist outside Slicer, so for the picture only they are
 replaced by plain Qt stand-ins that keep their class name visible: ``ctkCollapsibleButton`` ->
 ``QGroupBox`` (titled "<text>"), ``qMRMLNodeComboBox`` -> ``QComboBox`` showing its
-"none" text followed by "(qMRMLNodeComboBox)", ``qMRMLWidget`` -> ``QWidget``. The run-time
+"none" text followed by "(qMRMLNodeComboBox)", ``qMRMLCheckableNodeComboBox`` -> ``QComboBox``
+showing "Check volumes (qMRMLCheckableNodeComboBox)", ``qMRMLWidget`` -> ``QWidget``. The run-time
 parts are filled as the module fills them: the method's description or the reason it is not
 available, the model and device lists, the Apply button's state and reason (from
 ``MMRegCommonLib.panel``, i.e. from the installed engine), the controls bound to parameters show
 the parameter node's defaults (the module is imported with the headless framework of
 ``slicer_framework``), a module's method-specific controls (``<Module>Lib/options.py``:
 ``METHOD_OPTIONS``) get their lists, enabled states and info line, and shared option rows the
-method lacks are hidden; for RegistrationTraining the data
+method lacks are hidden, and a label-propagation section shows why its button is disabled
+(``MMRegCommonLib.panel.propagation_state``); for RegistrationTraining the data
 sources, trainable methods, base models, Start/Resume state and its reason (from
 ``RegistrationTrainingLib.panelstate``), with the scene-pairs part shown, as on first use. Needs PySide6 (``pip install
 PySide6-Essentials``); uses ``QT_QPA_PLATFORM=offscreen``.
@@ -32,7 +34,10 @@ STAND_INS = {
     "qMRMLWidget": ("QWidget", {}, None),
     "ctkCollapsibleButton": ("QGroupBox", {"text": "title"}, {"text", "toolTip", "enabled"}),
     "qMRMLNodeComboBox": ("QComboBox", {}, {"toolTip", "enabled"}),
+    "qMRMLCheckableNodeComboBox": ("QComboBox", {}, {"toolTip", "enabled"}),
 }
+#: Text shown by the stand-in of a checkable node selector (it has no "none" entry).
+CHECKABLE_TEXT = "Check volumes"
 
 
 def _string_property(element, name):
@@ -58,10 +63,11 @@ def stand_in_ui(ui_path: Path) -> bytes:
                 element.remove(prop)
             elif prop.get("name") in renames:
                 prop.set("name", renames[prop.get("name")])
-        if original == "qMRMLNodeComboBox":
+        if original in ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox"):
             item = ET.SubElement(element, "item")
             text = ET.SubElement(ET.SubElement(item, "property", name="text"), "string")
-            text.text = f"{none_text or 'Select'}  ({original})"
+            shown = CHECKABLE_TEXT if original == "qMRMLCheckableNodeComboBox" else none_text or "Select"
+            text.text = f"{shown}  ({original})"
     for tag in ("customwidgets", "connections"):
         for child in root.findall(tag):
             root.remove(child)
@@ -166,7 +172,11 @@ def _fill_run_time_state(widget, module_name: str, method: str | None = None) ->
             find(QtWidgets.QWidget, name).setVisible(visible["refinementSteps"])
         find(QtWidgets.QWidget, "diffeomorphicCheckBox").setVisible(visible["diffeomorphic"])
         find(QtWidgets.QSpinBox, "refinementStepsSpinBox").setEnabled(status.supports_refinement)
-        enabled, checked, tip = panel.diffeomorphic_control(status, "")
+        model_value = ""  # the model Apply runs: a module's own model selector resolves "" to its default
+        if options is not None and options.controls_parameter("model") and status.available:
+            values = {name: defaults.get(name, "") for name in options.parameters}
+            model_value = options.resolve(values, status).get("model") or ""
+        enabled, checked, tip = panel.diffeomorphic_control(status, model_value)
         box = find(QtWidgets.QCheckBox, "diffeomorphicCheckBox")
         box.setEnabled(enabled)
         box.setToolTip(tip)
@@ -175,6 +185,11 @@ def _fill_run_time_state(widget, module_name: str, method: str | None = None) ->
         enabled, reason = panel.apply_state(status, None, None)
         find(QtWidgets.QPushButton, "applyButton").setEnabled(enabled)
         find(QtWidgets.QLabel, "statusLabel").setText(reason)
+        propagate = find(QtWidgets.QPushButton, "propagateButton")
+        if propagate is not None:  # the label-propagation section, with nothing selected yet
+            enabled, reason = panel.propagation_state(status, None, None, [])
+            propagate.setEnabled(enabled)
+            find(QtWidgets.QLabel, "propagationStatusLabel").setText(reason)
     device = find(QtWidgets.QComboBox, "deviceComboBox")
     device.clear()
     for value, label in panel.device_choices():

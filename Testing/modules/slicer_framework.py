@@ -13,7 +13,10 @@ file supplies only those, written for these tests (not copies of Slicer's code):
   test case's ``delayDisplay``); constructing a Widget fails, as there is no GUI;
 * ``slicer.parameterNodeWrapper``: the decorator with typed properties stored in the
   parameter node the way Slicer stores them (str/int/float as text, bool as "True"/"False",
-  nodes as node references), ``Default``, ``WithinRange`` and ``Choice``; no GUI binding.
+  nodes as node references, ``list[T]`` as ``<name>_len`` and one entry ``<name>_<i>`` per
+  element, as Slicer's ListSerializer does), ``Default``, ``WithinRange`` and ``Choice``; no GUI
+  binding. A list reads as a plain Python list (Slicer's ObservedList also writes in-place
+  changes through; the modules assign whole lists).
 
 Nothing here stands in for MRML or for the code under test.
 """
@@ -134,14 +137,28 @@ class _Parameter:
         self.name = name
         self.type, extras = _split(annotation)
         self.extras = extras
+        self.element = None  # for list[T]: the parameter that reads and writes one element
+        if typing.get_origin(self.type) is list:
+            (element_type,) = typing.get_args(self.type)
+            self.element = _Parameter(name, element_type, _MISSING)
         self.is_node = isinstance(self.type, type) and issubclass(self.type, slicer.vtkMRMLNode)
         explicit = [e.value for e in extras if isinstance(e, Default)]
         self.default = default if default is not _MISSING else (explicit[0] if explicit else self._zero())
 
     def _zero(self):
+        if self.element is not None:
+            return []
         return None if self.is_node else {bool: False, int: 0, float: 0.0, str: ""}[self.type]
 
+    def present(self, node) -> bool:
+        """Whether the parameter node holds this parameter (a list: its length entry, as Slicer checks)."""
+        return node.HasParameter(f"{self.name}_len" if self.element is not None else self.name)
+
     def validate(self, value):
+        if self.element is not None:
+            if not isinstance(value, (list, tuple)):
+                raise TypeError(f"{self.name} must be a list, not {type(value).__name__}")
+            return [self.element.validate(v) for v in value]
         if self.is_node:
             if value is not None and not value.IsA(self.type.__name__):
                 raise ValueError(f"{self.name} must be a {self.type.__name__}, not {value.GetClassName()}")
@@ -155,21 +172,43 @@ class _Parameter:
                 raise ValueError(f"{self.name}={value!r} is not one of {extra.choices}")
         return value
 
+    def _write_element(self, node, name, value):
+        if self.is_node:
+            node.SetParameter(name, "")
+            node.SetNodeReferenceID(name, value.GetID() if value is not None else None)
+        else:
+            node.SetParameter(name, ("True" if value else "False") if self.type is bool else str(value))
+
+    def _read_element(self, node, name):
+        if self.is_node:
+            return node.GetNodeReference(name)
+        text = node.GetParameter(name)
+        return text == "True" if self.type is bool else self.type(text)
+
     def write(self, node, value):
         value = self.validate(value)
-        if self.is_node:
-            node.SetParameter(self.name, "")
-            node.SetNodeReferenceID(self.name, value.GetID() if value is not None else None)
-        else:
-            node.SetParameter(self.name, ("True" if value else "False") if self.type is bool else str(value))
+        if self.element is not None:  # Slicer's ListSerializer: <name>_len, then <name>_0, <name>_1, ...
+            old_length = int(node.GetParameter(f"{self.name}_len") or 0) if self.present(node) else 0
+            state = node.StartModify()
+            try:
+                for index, item in enumerate(value):
+                    self.element._write_element(node, f"{self.name}_{index}", item)
+                node.SetParameter(f"{self.name}_len", str(len(value)))
+                for index in range(len(value), old_length):
+                    node.UnsetParameter(f"{self.name}_{index}")
+                    node.RemoveNodeReferenceIDs(f"{self.name}_{index}")
+            finally:
+                node.EndModify(state)
+            return
+        self._write_element(node, self.name, value)
 
     def read(self, node):
-        if not node.HasParameter(self.name):
+        if not self.present(node):
             self.write(node, self.default)
-        if self.is_node:
-            return node.GetNodeReference(self.name)
-        text = node.GetParameter(self.name)
-        return text == "True" if self.type is bool else self.type(text)
+        if self.element is not None:
+            length = int(node.GetParameter(f"{self.name}_len") or 0)
+            return [self.element._read_element(node, f"{self.name}_{index}") for index in range(length)]
+        return self._read_element(node, self.name)
 
 
 _MISSING = object()
@@ -189,7 +228,7 @@ def parameterNodeWrapper(cls):
     def __init__(self, parameterNode):
         self.parameterNode = parameterNode
         for parameter in parameters.values():
-            if not parameterNode.HasParameter(parameter.name):
+            if not parameter.present(parameterNode):
                 parameter.write(parameterNode, parameter.default)
 
     cls.__init__ = __init__
