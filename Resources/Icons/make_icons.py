@@ -4,12 +4,15 @@
 
 Writes ``Resources/Icons/MultiModalRegistration.png`` (the extension),
 ``MIRegistration/Resources/Icons/MIRegistration.png``,
-``RegistrationTraining/Resources/Icons/RegistrationTraining.png`` and
-``LearnedMetric/Resources/Icons/LearnedMetric.png`` (the modules). The motif: a fixed image
-(grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a deformed
-grid, i.e. a deformable multi-modal registration; the training module's icon adds a falling
-loss curve, the learned-metric module's the B-spline control points and a metric converging
-level by level.
+``RegistrationTraining/Resources/Icons/RegistrationTraining.png``,
+``LearnedMetric/Resources/Icons/LearnedMetric.png`` and
+``MultiscaleRegistration/Resources/Icons/MultiscaleRegistration.png`` (the modules). The motif: a
+fixed image (grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a
+deformed grid, i.e. a deformable multi-modal registration; the training module's icon adds a
+falling loss curve, the learned-metric module's the B-spline control points and a metric
+converging level by level, the multiscale module's two images of the same contrast under an
+attention glow (Viridis colours) with the three scales of displacement (1/4, 1/2, full) as
+nested grids.
 """
 from __future__ import annotations
 
@@ -85,6 +88,40 @@ def _metric_steps(draw):
     draw.line([(s * a, s * b) for a, b in zip(x2, y2)], fill=(255, 150, 60, 255), width=5 * s, joint="curve")
 
 
+#: A few colours of the Viridis map (low to high), for the attention glow.
+VIRIDIS = ((68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37))
+
+
+def _attention_glow(image, centre, radius):
+    """A soft radial attention map (Viridis, high in the centre) blended over the image (pixels of the small icon)."""
+    s = SIZE * SCALE
+    yy, xx = np.mgrid[0:s, 0:s].astype(float)
+    r = np.hypot(xx - centre[0] * SCALE, yy - centre[1] * SCALE) / (radius * SCALE)
+    weight = np.clip(1.0 - r, 0.0, 1.0) ** 0.8
+    stops = np.array(VIRIDIS, dtype=float)
+    position = weight * (len(stops) - 1)
+    low = np.floor(position).astype(int).clip(0, len(stops) - 2)
+    t = (position - low)[..., None]
+    rgb = stops[low] * (1 - t) + stops[low + 1] * t
+    alpha = (np.where(r < 1.0, 150.0 * weight + 40.0 * (r < 1.0), 0.0)).clip(0, 200)
+    overlay = Image.fromarray(np.dstack([rgb, alpha]).astype(np.uint8), "RGBA")
+    image.alpha_composite(overlay)
+
+
+def _scale_grids(draw):
+    """Three nested grids in the upper right corner: the 1/4, 1/2 and full-resolution displacement scales."""
+    s = SCALE
+    draw.rounded_rectangle([s * 70, s * 6, s * 122, s * 58], radius=6 * s, fill=(20, 32, 50, 235))
+    for cells, colour, width in ((2, (120, 230, 255, 255), 3), (4, (255, 210, 80, 230), 2), (8, (255, 255, 255, 170), 1)):
+        x0, y0, size = 76, 12, 40
+        step = size / cells
+        for k in range(cells + 1):
+            draw.line([(s * (x0 + k * step), s * y0), (s * (x0 + k * step), s * (y0 + size))], fill=colour,
+                      width=width * s)
+            draw.line([(s * x0, s * (y0 + k * step)), (s * (x0 + size), s * (y0 + k * step))], fill=colour,
+                      width=width * s)
+
+
 def _finish(image, path: Path, label: str | None = None, font_size: int = 30):
     if label:
         draw = ImageDraw.Draw(image)
@@ -127,6 +164,15 @@ def main():
     _control_points(draw)
     _metric_steps(draw)
     _finish(image, REPO / "LearnedMetric" / "Resources" / "Icons" / "LearnedMetric.png", label="Metric", font_size=22)
+
+    image, draw = _canvas()
+    _blob(draw, (48, 68), (32, 28), fill=(200, 200, 205, 225))                                  # fixed
+    _blob(draw, (58, 74), (30, 26), fill=(205, 205, 215, 110), outline=(235, 235, 245, 255), width=3)  # moving, same contrast
+    _attention_glow(image, (52, 70), 34)
+    draw = ImageDraw.Draw(image)
+    _scale_grids(draw)
+    _finish(image, REPO / "MultiscaleRegistration" / "Resources" / "Icons" / "MultiscaleRegistration.png", label="FMIR",
+            font_size=24)
 
 
 if __name__ == "__main__":

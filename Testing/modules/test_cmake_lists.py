@@ -124,3 +124,16 @@ def test_shipped_models_are_installed_with_the_engine():
     assert listed == on_disk, f"missing: {on_disk - listed}; not on disk: {listed - on_disk}"
     for card in (p for p in on_disk if p.endswith("/model.json")):  # each card has its weights
         assert card.replace("model.json", "model.pt") in on_disk
+
+
+def test_demo_sample_is_installed_for_the_self_tests():
+    """MMRegCommonLib.testing.sample_folder() looks for the demo sample beside the engine; the module whose
+    self-test uses it installs every sample image and the licence (not the script that regenerates it)."""
+    listed = set()
+    for module in scripted_modules():
+        text = cmake_text(REPO / module / "CMakeLists.txt")
+        if "MMREG_SAMPLE_FILES" in text:
+            listed |= set(cmake_set(text, "MMREG_SAMPLE_FILES"))
+    assert listed, "no module installs Resources/Sample (the MultiscaleRegistration self-test uses it)"
+    on_disk = {f"Resources/Sample/{p}" for p in files_under(REPO / "Resources" / "Sample", "*")}
+    assert listed == on_disk - {"Resources/Sample/make_sample.py"}, f"missing: {on_disk - listed}"

@@ -3,14 +3,16 @@
 * every widget class is a Qt class or declared in <customwidgets>;
 * object names are unique;
 * every parameter of the module's parameter node is bound to exactly one widget, of a kind
-  that can show its type (``SlicerParameterName`` for parameterNodeWrapper, or
-  ``MMRegParameterName`` for the combo boxes the framework fills at run time, which may name
-  several parameters separated by commas), and no widget names a parameter that does not exist;
-* every node selector receives the scene (``mrmlSceneChanged`` -> ``setMRMLScene``), without
-  which it stays empty in Slicer;
+  that can show its type (``SlicerParameterName`` for parameterNodeWrapper, ``MMRegParameterName``
+  for the combo boxes the framework fills at run time, which may name several parameters
+  separated by commas, or ``MMRegNodeListParameterName`` for a list of nodes shown by a checkable
+  node selector), and no widget names a parameter that does not exist;
+* every node selector (plain or checkable) receives the scene (``mrmlSceneChanged`` ->
+  ``setMRMLScene``), without which it stays empty in Slicer;
 * the widgets the Widget code uses exist (``self.ui.<name>`` in the module's .py, and the shared
   panel's widgets for modules built on ``RegistrationWidget``, with the convergence widgets for
-  a module whose Logic reports convergence);
+  a module whose Logic reports convergence and the label-propagation widgets for a module whose
+  parameter node has the propagation targets);
 * the panel renders offscreen with PySide6 (skipped when PySide6 is missing).
 """
 from __future__ import annotations
@@ -30,7 +32,9 @@ QT_CLASSES = {"QWidget", "QLabel", "QComboBox", "QCheckBox", "QSpinBox", "QDoubl
               "QProgressBar", "QPlainTextEdit", "QTextBrowser", "QGroupBox", "QLineEdit", "QFrame", "QTableWidget"}
 #: Widget classes parameterNodeWrapper can bind for each parameter type.
 BINDABLE = {bool: {"QCheckBox", "QPushButton"}, int: {"QSpinBox", "QSlider"}, float: {"QDoubleSpinBox", "ctkSliderWidget"},
-            str: {"QLineEdit", "QComboBox"}, "node": {"qMRMLNodeComboBox"}}
+            str: {"QLineEdit", "QComboBox"}, "node": {"qMRMLNodeComboBox"}, "node list": {"qMRMLCheckableNodeComboBox"}}
+#: Node selector classes (each must receive the scene).
+NODE_SELECTORS = ("qMRMLNodeComboBox", "qMRMLCheckableNodeComboBox")
 #: Object names the shared Widget (MMRegCommonLib.widget) looks up (modules built on RegistrationWidget).
 FRAMEWORK_WIDGETS = {"applyButton", "cancelButton", "progressBar", "statusLabel", "statusLog", "resultsLabel",
                      "methodInfoLabel", "refinementStepsSpinBox", "refinementStepsLabel", "diffeomorphicCheckBox",
@@ -68,7 +72,19 @@ def _required_widgets(module_name: str) -> set:
         if re.search(r"^\s+reports_convergence = True", source, re.MULTILINE):
             from MMRegCommonLib.widget import CONVERGENCE_WIDGETS
             names |= set(CONVERGENCE_WIDGETS)
+        if "targetVolumes" in _parameters(module_name):
+            from MMRegCommonLib.widget import PROPAGATION_WIDGETS
+            names |= set(PROPAGATION_WIDGETS)
     return names
+
+
+def _kind(annotation):
+    """The BINDABLE key of a parameter's type: the type itself, "node", or "node list" (``list[vtkMRML...Node]``)."""
+    import slicer
+    if typing.get_origin(annotation) is list:
+        (element,) = typing.get_args(annotation)
+        return "node list" if isinstance(element, type) and issubclass(element, slicer.vtkMRMLNode) else list
+    return "node" if isinstance(annotation, type) and issubclass(annotation, slicer.vtkMRMLNode) else annotation
 
 
 @pytest.fixture(params=UI_FILES, ids=lambda p: p.stem)
@@ -77,7 +93,8 @@ def ui(request):
 
 
 def test_there_are_ui_files():
-    assert {"MIRegistration", "RegistrationTraining"} <= {p.stem for p in UI_FILES}
+    assert {"MIRegistration", "RegistrationTraining", "LearnedMetric", "MultiscaleRegistration"} <= {
+        p.stem for p in UI_FILES}
 
 
 def test_required_widgets_are_found_in_the_code():
@@ -86,6 +103,9 @@ def test_required_widgets_are_found_in_the_code():
     assert FRAMEWORK_WIDGETS <= _required_widgets("MIRegistration")
     assert "convergenceLog" in _required_widgets("LearnedMetric") and "convergenceLog" not in _required_widgets(
         "MIRegistration")
+    assert {"propagateButton", "targetVolumesSelector", "showAttentionButton"} <= _required_widgets(
+        "MultiscaleRegistration")
+    assert "propagateButton" not in _required_widgets("LearnedMetric")
 
 
 def test_custom_widgets_declared_and_names_unique(ui):
@@ -105,16 +125,15 @@ def test_custom_widgets_declared_and_names_unique(ui):
 
 
 def test_every_parameter_bound_once_to_a_suitable_widget(ui):
-    import slicer
     from MMRegCommonLib.combos import combo_names
-    from MMRegCommonLib.parameters import COMBO_PROPERTY
+    from MMRegCommonLib.parameters import COMBO_PROPERTY, NODE_LIST_PROPERTY
 
     path, root = ui
     parameters = _parameters(path.stem)
     combo_parameters = _combo_parameters(path.stem)
     bound = {}
     for widget in root.iter("widget"):
-        for prop_name in ("SlicerParameterName", COMBO_PROPERTY):
+        for prop_name in ("SlicerParameterName", COMBO_PROPERTY, NODE_LIST_PROPERTY):
             binding = _dynamic(widget, prop_name)
             if binding is None:
                 continue
@@ -125,16 +144,16 @@ def test_every_parameter_bound_once_to_a_suitable_widget(ui):
                 bound[name] = (widget.get("class"), prop_name)
     assert set(bound) == set(parameters), f"parameters without a widget: {set(parameters) - set(bound)}"
     for name, (cls, prop_name) in bound.items():
-        kind = parameters[name]  # (get_type_hints drops Annotated[...] extras)
-        kind = "node" if isinstance(kind, type) and issubclass(kind, slicer.vtkMRMLNode) else kind
-        assert cls in BINDABLE[kind], f"{name}: a {cls} cannot show a {kind}"
-        # Run-time-filled combos are bound by the framework, everything else by parameterNodeWrapper.
+        kind = _kind(parameters[name])  # (get_type_hints drops Annotated[...] extras)
+        assert cls in BINDABLE.get(kind, ()), f"{name}: a {cls} cannot show a {kind}"
+        # Run-time-filled combos and node lists are bound by the framework, everything else by parameterNodeWrapper.
         assert (prop_name == COMBO_PROPERTY) == (name in combo_parameters), f"{name} bound by {prop_name}"
+        assert (prop_name == NODE_LIST_PROPERTY) == (kind == "node list"), f"{name} bound by {prop_name}"
 
 
 def test_node_selectors_receive_the_scene(ui):
     path, root = ui
-    selectors = {w.get("name") for w in root.iter("widget") if w.get("class") == "qMRMLNodeComboBox"}
+    selectors = {w.get("name") for w in root.iter("widget") if w.get("class") in NODE_SELECTORS}
     connected = {c.findtext("receiver") for c in root.iter("connection")
                  if c.findtext("signal") == "mrmlSceneChanged(vtkMRMLScene*)"
                  and c.findtext("slot") == "setMRMLScene(vtkMRMLScene*)" and c.findtext("sender") == path.stem}
@@ -143,7 +162,7 @@ def test_node_selectors_receive_the_scene(ui):
 
 def test_every_input_has_a_tooltip(ui):
     path, root = ui
-    interactive = ("qMRMLNodeComboBox", "QComboBox", "QCheckBox", "QSpinBox", "QPushButton")
+    interactive = NODE_SELECTORS + ("QComboBox", "QCheckBox", "QSpinBox", "QPushButton")
     missing = [w.get("name") for w in root.iter("widget") if w.get("class") in interactive
                and not any(p.get("name") == "toolTip" for p in w.findall("property"))]
     assert not missing, f"{path.name}: controls without a tooltip: {missing}"
