@@ -179,7 +179,7 @@ class MultiscaleRegistrationTest(RegistrationModuleTest):
         """``(default model name, whether it is a shipped one)``: accuracy thresholds hold for shipped models only."""
         status = self._logic().method_status()
         name = default_model(status)
-        source = next((m.info or {}).get("source") for m in status.models if m.value == name)
+        source = next(((m.info or {}).get("source") for m in status.models if m.value == name), None)
         return name, source == "shipped"
 
     # ------------------------------------------------------------------ registration
@@ -209,8 +209,8 @@ class MultiscaleRegistrationTest(RegistrationModuleTest):
         self.assertTrue(0.0 < attention.min() and attention.max() < 1.0, (attention.min(), attention.max()))
         text = (f"Brain sample with '{name}': mean Dice {summary['mean_dice_affine']:.3f} (affine) -> "
                 f"{summary['mean_dice']:.3f} (" + ", ".join(f"{n} {a:.3f} -> {b:.3f}" for n, a, b in summary["dice"])
-                + f"); folding {summary['folding_percent']:.3f} %; attention {attention.min():.3f}..{attention.max():.3f}"
-                f" (mean {attention.mean():.3f}); {summary['runtime_s']:.1f} s")
+                + f"); folding {summary['folding_percent']:.3f} %; attention {attention.min():.3f}.."
+                f"{attention.max():.3f} (mean {attention.mean():.3f}); {summary['runtime_s']:.1f} s")
         if shipped:
             self.assertGreater(summary["mean_dice"], summary["mean_dice_affine"] + self.brain_gain, text)
             self.assertGreater(summary["mean_dice"], self.brain_dice, text)

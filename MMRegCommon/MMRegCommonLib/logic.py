@@ -115,8 +115,17 @@ class RegistrationOutcome:
         return panel.summarize(self.result.report, self.segment_names, self.scored_labels)
 
     def summary_text(self) -> str:
-        """The results area's HTML text, followed by the notes."""
-        return panel.format_summary(self.summary()) + "".join(f"<br><i>{note}</i>" for note in self.notes)
+        """The results area's HTML text (with a line per extra map shown: its volume and value range), followed by
+        the notes."""
+        text = panel.format_summary(self.summary())
+        for name, node in self.extra_nodes.items():
+            image = self.result.extra_images.get(name)
+            if image is None:
+                continue
+            values = sitk.GetArrayViewFromImage(image)
+            text += (f"<br><b>Map '{name}'</b>: volume '{node.GetName()}', values {values.min():.3f} to "
+                     f"{values.max():.3f} (mean {values.mean():.3f})")
+        return text + "".join(f"<br><i>{note}</i>" for note in self.notes)
 
 
 @dataclass
@@ -264,8 +273,8 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
 
         ``moving_segmentation`` (optional) is warped with the image; ``fixed_segmentation``
         (optional) is only used to score: Dice/HD95 per segment, matched by segment name.
-        ``model``: a trained model of the method (None: its default, see :meth:`default_model_name`). ``device``: "auto",
-        "cpu", "cuda", "cuda:N" or "mps". ``affine``: affine pre-alignment first.
+        ``model``: a trained model of the method (None: its default, see :meth:`default_model_name`).
+        ``device``: "auto", "cpu", "cuda", "cuda:N" or "mps". ``affine``: affine pre-alignment first.
         ``refinement_steps`` / ``diffeomorphic``: method options (None: the method's default;
         an error for a method without them). ``output_*``: existing nodes to fill (their
         content is replaced); None creates new ones. ``place_moving_under_transform``: put
@@ -442,13 +451,15 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         scene, targets = self._check_propagation(atlas_volume, atlas_segmentation, target_volumes)
         self._cancel_requested = False
         self.trace = None
+        self.last_propagation = []
         self.is_running = True
         try:
             atlas = bridge.image_from_volume_node(atlas_volume)
             labels, info = self._labels_on_grid(atlas_segmentation, atlas)
             if not np.any(sitk.GetArrayViewFromImage(labels)):
-                raise mmreg.InputError(f"The segmentation '{atlas_segmentation.GetName()}' has no voxel inside the atlas "
-                                       f"volume '{atlas_volume.GetName()}': choose the segmentation drawn on that volume.")
+                raise mmreg.InputError(f"The segmentation '{atlas_segmentation.GetName()}' has no voxel inside the "
+                                       f"atlas volume '{atlas_volume.GetName()}': choose the segmentation drawn on "
+                                       "that volume.")
             images = [bridge.image_from_volume_node(target) for target in targets]
             self._check_cancel()
             t0 = time.perf_counter()
@@ -551,7 +562,8 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             if node.GetScene() is not scene:
                 raise InputError("All inputs and outputs must be nodes of the same scene.")
             if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
-                raise InputError(f"The output of the '{name}' map must be a scalar volume, not a {node.GetClassName()}.")
+                raise InputError(f"The output of the '{name}' map must be a scalar volume, not a "
+                                 f"{node.GetClassName()}.")
             if any(node is other for other in inputs if other is not None):
                 raise InputError(f"The output of the '{name}' map must not be an input or the warped volume: choose "
                                  "'Create new'.")

@@ -306,7 +306,8 @@ def propagation_problem(atlas_volume, atlas_segmentation, target_volumes) -> str
     if atlas_volume is None:
         return "Select the moving volume: it is the atlas, the annotated volume whose segmentation is propagated."
     if not atlas_volume.IsA("vtkMRMLScalarVolumeNode") or atlas_volume.IsA("vtkMRMLLabelMapVolumeNode"):
-        return f"The atlas '{atlas_volume.GetName()}' must be a scalar (image) volume, not a {atlas_volume.GetClassName()}."
+        return (f"The atlas '{atlas_volume.GetName()}' must be a scalar (image) volume, not a "
+                f"{atlas_volume.GetClassName()}.")
     if atlas_segmentation is None:
         return "Select the moving segmentation: the segments drawn on the atlas (moving) volume that are propagated."
     if not atlas_segmentation.IsA("vtkMRMLSegmentationNode"):
@@ -330,8 +331,8 @@ def propagation_problem(atlas_volume, atlas_segmentation, target_volumes) -> str
         seen.add(key)
         parent = target.GetParentTransformNode()
         if parent is not None:
-            return (f"The target '{name}' is under the transform '{parent.GetName()}'. Each propagated segmentation lies "
-                    "on its target's own grid: harden that transform (Transforms module) or remove it first.")
+            return (f"The target '{name}' is under the transform '{parent.GetName()}'. Each propagated segmentation "
+                    "lies on its target's own grid: harden that transform (Transforms module) or remove it first.")
     return None
 
 
@@ -360,9 +361,9 @@ def format_propagation(records) -> str:
     if not records:
         return "No segmentation was propagated."
     total = sum(r.seconds for r in records)
-    rows = "".join(f"<tr><td>{r.target_volume.GetName()}&nbsp;&nbsp;</td><td>{r.segmentation_node.GetName()}&nbsp;&nbsp;"
-                   f"</td><td>{r.seconds:.1f} s&nbsp;&nbsp;</td><td>{_num(r.folding_percent, '.3f')} %</td></tr>"
-                   for r in records)
+    rows = "".join(f"<tr><td>{r.target_volume.GetName()}&nbsp;&nbsp;</td><td>{r.segmentation_node.GetName()}"
+                   f"&nbsp;&nbsp;</td><td>{r.seconds:.1f} s&nbsp;&nbsp;</td><td>{_num(r.folding_percent, '.3f')} %"
+                   "</td></tr>" for r in records)
     return (f"<b>Propagated</b> to {len(records)} volume(s) in {total:.1f} s:"
             "<table><tr><th align='left'>Target</th><th align='left'>New segmentation</th><th align='left'>Runtime"
             f"</th><th align='left'>Folding</th></tr>{rows}</table>")

@@ -60,7 +60,7 @@ PROPAGATION_WIDGETS = ("propagationCollapsibleButton", "targetVolumesSelector", 
 
 
 def has_propagation(ui) -> bool:
-    """Whether a panel (its ``ui`` namespace) has the label-propagation section (its "Propagate segmentation" button)."""
+    """Whether a panel (its ``ui`` namespace) has the label-propagation section ("Propagate segmentation")."""
     return hasattr(ui, "propagateButton")
 
 

@@ -59,7 +59,8 @@ def model_scales(choice) -> int | None:
     scales = architecture.get("scales")
     if scales is None:
         from mmreg.networks import DEFAULT_MULTISCALE_ARCHITECTURE
-        return int(DEFAULT_MULTISCALE_ARCHITECTURE["scales"]) if architecture.get("kind", "fmirnet") == "fmirnet" else None
+        is_fmirnet = architecture.get("kind", "fmirnet") == "fmirnet"
+        return int(DEFAULT_MULTISCALE_ARCHITECTURE["scales"]) if is_fmirnet else None
     try:
         return int(scales)
     except (TypeError, ValueError):

@@ -112,7 +112,8 @@ def _scale_grids(draw):
     """Three nested grids in the upper right corner: the 1/4, 1/2 and full-resolution displacement scales."""
     s = SCALE
     draw.rounded_rectangle([s * 70, s * 6, s * 122, s * 58], radius=6 * s, fill=(20, 32, 50, 235))
-    for cells, colour, width in ((2, (120, 230, 255, 255), 3), (4, (255, 210, 80, 230), 2), (8, (255, 255, 255, 170), 1)):
+    grids = ((2, (120, 230, 255, 255), 3), (4, (255, 210, 80, 230), 2), (8, (255, 255, 255, 170), 1))
+    for cells, colour, width in grids:
         x0, y0, size = 76, 12, 40
         step = size / cells
         for k in range(cells + 1):
@@ -167,7 +168,7 @@ def main():
 
     image, draw = _canvas()
     _blob(draw, (48, 68), (32, 28), fill=(200, 200, 205, 225))                                  # fixed
-    _blob(draw, (58, 74), (30, 26), fill=(205, 205, 215, 110), outline=(235, 235, 245, 255), width=3)  # moving, same contrast
+    _blob(draw, (58, 74), (30, 26), fill=(205, 205, 215, 110), outline=(235, 235, 245, 255), width=3)  # moving
     _attention_glow(image, (52, 70), 34)
     draw = ImageDraw.Draw(image)
     _scale_grids(draw)

@@ -152,7 +152,8 @@ def test_default_model_and_resolve(options, tmp_path):
                          ("multiscale_brain_1scale", "multiscale_brain_2scales", "multiscale_brain")])
     assert options.engine_default_model() == "multiscale_brain"
     assert options.default_model(three) == "multiscale_brain"
-    assert options.default_model(status_with([{"name": "mine", "source": "user"}, {"name": "b", "source": "shipped"}])) == "b"
+    mixed = status_with([{"name": "mine", "source": "user"}, {"name": "b", "source": "shipped"}])
+    assert options.default_model(mixed) == "b"
     assert options.default_model(status_with([{"name": "only", "source": "user"}])) == "only"
     assert options.default_model(status_with()) == ""
     values = {"model": "", "refineSimilarity": "lncc", "refinementSteps": 0}
@@ -168,7 +169,8 @@ def test_refinement_similarity_applies_with_refinement_steps_only(options):
     mo = options.METHOD_OPTIONS
     status = status_with([{"name": "multiscale_brain", "source": "shipped"}])
     off = {"model": "multiscale_brain", "refineSimilarity": "mse", "refinementSteps": 0}
-    assert mo.control_states(off, status)["refineSimilarity"] == (False, "Used only with refinement steps > 0 (Options).")
+    assert mo.control_states(off, status)["refineSimilarity"] == (False,
+                                                                 "Used only with refinement steps > 0 (Options).")
     assert mo.engine_options(off, status) == {"model": "multiscale_brain"}
     on = dict(off, refinementSteps=20)
     assert mo.control_states(on, status)["refineSimilarity"] == (True, "")
@@ -239,6 +241,8 @@ def test_attention_volume_of_an_untrained_network(module, models, scene, case):
     assert values.shape == (30, 36, 40)
     np.testing.assert_allclose(values, UNTRAINED_ATTENTION, atol=1e-5)
     assert outcome.report["extra_images"] == ["attention"]
+    assert "<b>Map 'attention'</b>: volume 'Phantom moving attention weights', values 0.881 to 0.881 (mean 0.881)" in (
+        outcome.summary_text())
     assert set(outcome.created_node_ids) == {outcome.transform_node.GetID(), outcome.volume_node.GetID(), node.GetID()}
     assert node_ids(scene) - before == set(outcome.created_node_ids) | {
         n.GetDisplayNode().GetID() for n in (outcome.volume_node, node)}
@@ -275,7 +279,8 @@ def test_run_with_parameters_default_model_and_attention_output(module, models, 
     p.refinementSteps, p.refineSimilarity = 3, "mse"
     outcome = logic.run_with_parameters(p)
     options = outcome.report["options"]
-    assert (options["model"], options["refinement_steps"], options["refine_similarity"]) == ("multiscale_brain", 3, "mse")
+    assert (options["model"], options["refinement_steps"], options["refine_similarity"]) == (
+        "multiscale_brain", 3, "mse")
     assert p.outputAttention is outcome.extra_nodes["attention"]
     again = logic.run_with_parameters(p)
     assert again.extra_nodes["attention"] is p.outputAttention is outcome.extra_nodes["attention"]
