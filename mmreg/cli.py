@@ -2,7 +2,7 @@
 
     mmreg register FIXED MOVING --method optimize --output-transform OUT.h5 \\
         [--output-warped W.nii.gz] [--moving-labels ML --output-warped-labels WL] \\
-        [--fixed-labels FL] [--no-affine] [--device cpu|cuda|mps|auto] [--report R.json]
+        [--fixed-labels FL] [--no-affine] [--device cpu|cuda|mps|auto] [--report R.json] [--output-extra DIR]
     mmreg evaluate TRANSFORM --fixed-labels FL --moving-labels ML [--report R.json]
     mmreg methods [--json]
     mmreg train CONFIG.toml [--resume] [--steps N] [--output DIR] [--base-model MODEL] [--device auto|cpu|cuda]
@@ -12,6 +12,9 @@
     mmreg train --resume --output DIR [--iterations N]      (or --method NAME --name NAME: the run's own config)
     torchrun --nproc_per_node N -m mmreg train ...     (data-parallel; --batch-size is the global batch)
     mmreg models list|rename|delete|install
+    mmreg propagate ATLAS ATLAS_LABELS TARGET... --output-dir DIR [--method multiscale] [-O refinement_steps=50]
+    mmreg joint-seg --annotated IMG:LAB... --unannotated IMG... [--test IMG:LAB... --compare] --output DIR
+    mmreg segment MODEL_DIR IMAGE --output LABELS.nii.gz
     mmreg bench [--quick] [--cases ...] [--methods affine,ants,elastix,optimize] [--threads 2] [--repeats N]
 
 Exit codes: 0 success, 2 bad input (message on stderr), 130 cancelled (Ctrl-C).
@@ -24,6 +27,7 @@ import json
 import signal
 import sys
 import threading
+from pathlib import Path
 
 from . import __version__
 from .errors import CancelledError, MMRegError
@@ -82,7 +86,15 @@ def _cmd_register(args) -> int:
                           progress=bar, **_options(args.option))
     finally:
         bar.close()
-    written = result.save(args.output_transform, args.output_warped, args.output_warped_labels, args.report)
+    extra = {}
+    if args.output_extra:
+        folder = Path(args.output_extra)
+        folder.mkdir(parents=True, exist_ok=True)
+        extra = {name: folder / f"{name}.nii.gz" for name in result.extra_images}
+    written = result.save(args.output_transform, args.output_warped, args.output_warped_labels, args.report,
+                          extra_paths=extra)
+    if args.output_extra and not extra:
+        print(f"note: method {args.method} makes no extra maps; nothing written to {args.output_extra}")
     q = result.report["quality"]
     lines = [f"method {args.method}: {result.report['timings_s']['total']:.1f} s "
              f"(registration {result.report['timings_s'].get('method', 0.0):.1f} s)"]
@@ -149,7 +161,6 @@ def _terminate_as_interrupt():
 def _train_data(text: str | None):
     """``(manifest, data_root)`` from ``--data``: a .csv/.json file (or a folder holding
     manifest.csv / manifest.json) is a manifest of the user's pairs; another folder is the shared data."""
-    from pathlib import Path
     if not text:
         return None, None
     path = Path(text).expanduser()
@@ -165,7 +176,6 @@ def _train_data(text: str | None):
 
 def _cmd_train(args) -> int:
     import os
-    from pathlib import Path
 
     from .training import AugmentConfig, config_for_manifest, load_config, train
     manifest, data_root = _train_data(args.data)
@@ -266,6 +276,69 @@ def _cmd_models(args) -> int:
     return 0
 
 
+def _pairs(items, what: str) -> list:
+    """``IMAGE:LABELS`` arguments to (image, labels) path pairs (a ':' inside a Windows drive letter is kept)."""
+    out = []
+    for item in items or []:
+        image, sep, labels = item.rpartition(":")
+        if not sep or not image or not labels or len(labels) == 1:
+            raise MMRegError(f"{what} '{item}' must be IMAGE:LABELS (an image and its label map, joined by ':').")
+        out.append((image, labels))
+    return out
+
+
+def _cmd_propagate(args) -> int:
+    from .propagation import propagate_labels, propagated_label_paths, write_propagated
+    paths = propagated_label_paths(args.targets, args.output_dir)
+    bar = _Bar(not args.quiet)
+    try:
+        results = propagate_labels(args.atlas, args.atlas_labels, args.targets, method=args.method, model=args.model,
+                                   device=args.device, threads=args.threads, progress=bar, **_options(args.option))
+    finally:
+        bar.close()
+    for r, p in zip(results, write_propagated(results, paths)):
+        print(f"{r.target}: {r.seconds:.1f} s, folding {r.report['folding_percent']:.3f} % -> {p}")
+    return 0
+
+
+def _cmd_joint_seg(args) -> int:
+    from .segmentation import joint_segmentation_experiment, save_segmenter, train_joint_segmenter
+    annotated = _pairs(args.annotated, "--annotated")
+    test = _pairs(args.test, "--test")
+    labels = args.labels if not args.labels or not args.labels[0].isdigit() else [int(v) for v in args.labels.split(",")]
+    common = dict(labels=labels, method=args.method, model=args.model, spacing_mm=args.spacing, steps=args.steps,
+                  seed=args.seed, threads=args.threads, register_options=_options(args.option), log=print)
+    out = Path(args.output)
+    if args.compare:
+        if not test:
+            raise MMRegError("--compare needs --test IMAGE:LABELS (held-out annotated images to score on).")
+        res = joint_segmentation_experiment(annotated, args.unannotated, test, **common)
+        for key in ("annotated_only", "with_propagated"):
+            save_segmenter(out / key, res["networks"][key], res["label_ids"], args.spacing, {"variant": key})
+        numbers = {k: v for k, v in res.items() if k != "networks"}
+        (out / "comparison.json").write_text(json.dumps(numbers, indent=1))
+        print(f"held-out mean Dice: annotated only {res['annotated_only']['mean_dice']:.3f}, with propagated labels "
+              f"{res['with_propagated']['mean_dice']:.3f}; models and comparison.json in {out}")
+        return 0
+    res = train_joint_segmenter(annotated, args.unannotated, **common)
+    save_segmenter(out, res["network"], res["label_ids"], args.spacing,
+                   {"annotated": len(annotated), "unannotated": len(args.unannotated), "method": args.method})
+    if test:
+        from .segmentation import evaluate_segmenter
+        ev = evaluate_segmenter(res["network"], test, res["label_ids"], args.spacing)
+        print(f"held-out mean Dice {ev['mean_dice']:.3f}")
+    print(f"segmentation model written to {out}; use it: mmreg segment {out} IMAGE -o LABELS.nii.gz")
+    return 0
+
+
+def _cmd_segment(args) -> int:
+    from .segmentation import load_segmenter, segment, write_segmentation
+    net, card = load_segmenter(args.model)
+    labels = segment(net, args.image, card["label_ids"], card["spacing_mm"], card.get("architecture"))
+    print(f"wrote {write_segmentation(labels, args.output)}")
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench.harness import run_benchmark
     run_benchmark(args, "mmreg bench " + " ".join(sys.argv[2:]))
@@ -292,6 +365,9 @@ def build_parser() -> argparse.ArgumentParser:
     reg.add_argument("--output-warped-labels", help="warped moving label map")
     reg.add_argument("--label-interpolation", choices=("linear", "nearest"), default="linear",
                      help="labels: per-label linear + argmax (default) or nearest neighbour")
+    reg.add_argument("--output-extra", metavar="DIR",
+                     help="folder for the method's extra maps on the fixed grid, one NAME.nii.gz each (e.g. "
+                          "multiscale: attention)")
     reg.add_argument("--fixed-mask", help="fixed mask (nonzero = region that counts, e.g. a brain mask)")
     reg.add_argument("--moving-mask", help="moving mask")
     reg.add_argument("--no-affine", action="store_true", help="skip the affine pre-alignment")
@@ -366,6 +442,43 @@ def build_parser() -> argparse.ArgumentParser:
     mi_.add_argument("folder")
     mi_.add_argument("--name", default=None)
     mo.set_defaults(func=_cmd_models)
+
+    pr = sub.add_parser("propagate", help="register an annotated image (atlas) to several images and warp its labels "
+                        "onto each")
+    pr.add_argument("atlas", help="the annotated image (the moving image of every registration)")
+    pr.add_argument("atlas_labels", help="its label map")
+    pr.add_argument("targets", nargs="+", help="images that receive the labels (each the fixed image)")
+    pr.add_argument("--output-dir", "-o", required=True, help="folder for <target>_labels.nii.gz")
+    pr.add_argument("--method", default="multiscale", help="registration method (default multiscale; mono-modal)")
+    pr.add_argument("--model", default=None)
+    pr.add_argument("--device", default="auto")
+    pr.add_argument("--threads", type=int, default=None)
+    pr.add_argument("--option", "-O", action="append", metavar="KEY=VALUE", help="method option, e.g. refinement_steps=50")
+    pr.add_argument("--quiet", "-q", action="store_true")
+    pr.set_defaults(func=_cmd_propagate)
+
+    js = sub.add_parser("joint-seg", help="train a segmentation U-Net on a few annotated images plus labels propagated "
+                        "by registration to unannotated ones")
+    js.add_argument("--annotated", nargs="+", required=True, metavar="IMAGE:LABELS", help="annotated images")
+    js.add_argument("--unannotated", nargs="*", default=[], metavar="IMAGE", help="images without labels")
+    js.add_argument("--test", nargs="*", default=[], metavar="IMAGE:LABELS", help="held-out annotated images to score on")
+    js.add_argument("--output", "-o", required=True, help="folder for the segmentation model(s)")
+    js.add_argument("--labels", default="largest:12", help="ids to learn: 'all', 'largest:N' or a comma list (default largest:12)")
+    js.add_argument("--compare", action="store_true", help="also train without the propagated labels and compare on --test")
+    js.add_argument("--method", default="multiscale")
+    js.add_argument("--model", default=None)
+    js.add_argument("--spacing", type=float, default=3.0, help="segmentation grid spacing in mm (default 3)")
+    js.add_argument("--steps", type=int, default=400)
+    js.add_argument("--seed", type=int, default=0)
+    js.add_argument("--threads", type=int, default=None)
+    js.add_argument("--option", "-O", action="append", metavar="KEY=VALUE", help="registration method option")
+    js.set_defaults(func=_cmd_joint_seg)
+
+    sg = sub.add_parser("segment", help="segment an image with a model from `mmreg joint-seg`")
+    sg.add_argument("model", help="segmentation model folder")
+    sg.add_argument("image")
+    sg.add_argument("--output", "-o", required=True)
+    sg.set_defaults(func=_cmd_segment)
 
     from .bench.harness import add_arguments
     be = sub.add_parser("bench", help="benchmark methods against ANTs SyN and elastix on the shared data",

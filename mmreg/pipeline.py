@@ -41,6 +41,8 @@ class RegistrationResult:
     ``affine``: the pre-alignment (fixed point -> moving point) or None.
     ``warped``: the moving image resampled onto the fixed grid (original intensities, linear).
     ``warped_labels``: the moving label map on the fixed grid, if one was given.
+    ``extra_images``: ``{name: image}`` on the fixed grid, maps the method made besides the field
+    (e.g. ``"attention"`` of ``multiscale``; see :meth:`RegistrationMethod.extra_outputs`).
     ``report``: JSON-friendly dict: inputs, method, options, timings (s) per step, affine
     metric before/after, Jacobian statistics, Dice/HD95 (after affine and after the method)
     when both label maps are given, image similarity.
@@ -53,6 +55,7 @@ class RegistrationResult:
     warped: sitk.Image
     warped_labels: sitk.Image | None = None
     report: dict = field(default_factory=dict)
+    extra_images: dict = field(default_factory=dict)
 
     @cached_property
     def transform(self) -> sitk.DisplacementFieldTransform:
@@ -67,9 +70,15 @@ class RegistrationResult:
         return sitk.Resample(img, self.fixed, self.transform, sitk.sitkLinear, 0.0, sitk.sitkFloat32)
 
     def save(self, transform_path: str | os.PathLike | None = None, warped_path=None, warped_labels_path=None,
-             report_path=None) -> dict:
-        """Write whichever outputs are given a path; returns {kind: path}. See :mod:`mmreg.transforms`."""
+             report_path=None, extra_paths: dict | None = None) -> dict:
+        """Write whichever outputs are given a path; returns {kind: path}. See :mod:`mmreg.transforms`.
+        ``extra_paths``: ``{name: path}`` for maps of :attr:`extra_images` (kind ``"extra:<name>"``)."""
         written = {}
+        for name, path in (extra_paths or {}).items():
+            if name not in self.extra_images:
+                have = ", ".join(sorted(self.extra_images)) or "none"
+                raise InputError(f"No '{name}' map to write: this method made {have}.")
+            written[f"extra:{name}"] = str(write_image(self.extra_images[name], path))
         if transform_path:
             written["transform"] = str(write_transform(self.displacement, transform_path))
         if warped_path:
@@ -230,6 +239,9 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
     with prog.step("field_to_fixed_grid"):
         deformable = resample_field(grid.ddf_to_field_image(ddf), fixed_img)
         displacement = fold_affine(deformable, affine_tx)
+        extra_images = {name: sitk.Resample(grid.tensor_to_image(t.float()), fixed_img, sitk.Transform(),
+                                            sitk.sitkLinear, 0.0, sitk.sitkFloat32)
+                        for name, t in reg_method.extra_outputs().items()}
     prog(0.88, "warping")
 
     with prog.step("warp"):
@@ -278,7 +290,9 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "conventions": "displacement on the fixed grid, LPS mm; fixed point x maps to moving point x + u(x)",
     }
-    result = RegistrationResult(fixed_img, moving_img, displacement, affine_tx, warped, warped_lab, report)
+    report["extra_images"] = sorted(extra_images)
+    result = RegistrationResult(fixed_img, moving_img, displacement, affine_tx, warped, warped_lab, report,
+                                extra_images)
     result.__dict__["transform"] = transform  # the one built above (cached_property's slot)
     return result
 

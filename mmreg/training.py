@@ -178,7 +178,8 @@ class TrainConfig:
     multiple of the network multiple (empty: the template's extent, padded). ``steps``: total
     optimiser steps; ``batch_size``: pairs per step; ``learning_rate``: Adam. ``smoothness``,
     ``diffeomorphic``, ``integration_steps``, ``mi_bins``, ``mi_max_voxels``, ``mi_blur_voxels``: the loss and the
-    field (see :func:`mmreg.methods.mi.training_loss`). ``validation_every`` /
+    field (see :func:`mmreg.methods.mi.training_loss`); ``ssim_weight`` (beta) and ``ssim_window`` (voxels):
+    the SSIM term of ``multiscale`` (:func:`mmreg.methods.multiscale.training_loss`, where ``smoothness`` is alpha). ``validation_every`` /
     ``checkpoint_every``: in steps (0: only at the end). ``final_model``: "best" (by validation
     Dice; by validation loss when the validation pairs have no labels) or "last". ``threads``: CPU threads (None: all cores); ``device``: auto/cpu/cuda/mps.
     ``architecture``: overrides of :data:`mmreg.networks.DEFAULT_ARCHITECTURE`. ``base_model``:
@@ -203,6 +204,8 @@ class TrainConfig:
     mi_bins: int = 32
     mi_max_voxels: int = 100_000
     mi_blur_voxels: float = 0.0
+    ssim_weight: float = 0.5
+    ssim_window: int = 7
     validation_every: int = 100
     checkpoint_every: int = 100
     final_model: str = "best"
@@ -365,6 +368,9 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.mi_bins >= 2, f"mi_bins must be >= 2, got {cfg.mi_bins}.")
     need(cfg.mi_max_voxels >= 100, f"mi_max_voxels must be >= 100, got {cfg.mi_max_voxels}.")
     need(cfg.mi_blur_voxels >= 0, f"mi_blur_voxels must be >= 0 (0: no smoothing), got {cfg.mi_blur_voxels}.")
+    need(cfg.ssim_weight >= 0, f"ssim_weight must be >= 0, got {cfg.ssim_weight}.")
+    need(cfg.ssim_window >= 1 and cfg.ssim_window % 2 == 1, f"ssim_window must be an odd number of voxels >= 1, "
+         f"got {cfg.ssim_window}.")
     need(cfg.validation_every >= 0, f"validation_every must be >= 0 (0: only at the end), got {cfg.validation_every}.")
     need(cfg.checkpoint_every >= 0, f"checkpoint_every must be >= 0 (0: only at the end), got {cfg.checkpoint_every}.")
     need(cfg.final_model in ("best", "last"), f"final_model must be \"best\" or \"last\", got {cfg.final_model!r}.")
@@ -1424,7 +1430,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
     """
     from .device import choose_device, set_threads  # noqa: PLC0415
     from .models import ModelCard, save_model  # noqa: PLC0415
-    from .networks import parameter_count, size_multiple  # noqa: PLC0415
+    from .networks import parameter_count  # noqa: PLC0415
 
     t_start = time.perf_counter()
     validate_config(cfg)
@@ -1460,7 +1466,7 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
     try:
         return _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, prog, files, say,
                            out_dir, ck_dir, last_path, best_path, t_start, ModelCard, save_model, parameter_count,
-                           size_multiple)
+                           lambda arch: network_multiple(cfg.method, arch))
     except (CancelledError, KeyboardInterrupt):
         raise
     except BaseException as exc:

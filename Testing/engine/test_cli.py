@@ -71,7 +71,7 @@ def test_methods_lists_optimize_and_mi(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))
     assert main(["methods", "--json"]) == 0
     methods = json.loads(capsys.readouterr().out)
-    assert [m["name"] for m in methods] == ["optimize", "mi", "metric"]
+    assert [m["name"] for m in methods] == ["optimize", "mi", "metric", "multiscale"]
     assert methods[2]["models"] == [] and methods[2]["requires_model"] is False  # MI runs without a learned metric
     assert methods[0]["options"]["similarity"] == "mind"
     assert methods[1]["models"] == [] and methods[1]["options"]["refinement_steps"] == 0

@@ -121,7 +121,7 @@ def test_network_output_becomes_the_right_physical_displacement(model_root):
 def test_refinement_runs_on_a_grid_twice_as_fine_from_the_network_field(model_root, monkeypatch):
     _save(model_root, "shift", diffeomorphic=False, shift_voxels=[0.0, 0.0, 2.0])  # +4 mm along x at 2 mm
     from mmreg.methods import get_method
-    from mmreg.methods import mi as mi_module
+    from mmreg.methods import network_method
     fixed, moving = _blob_pair((4.0, 0.0, 0.0))
     method = get_method("mi")
     plain = method.grid_for(fixed, {"model": "shift"})
@@ -133,7 +133,7 @@ def test_refinement_runs_on_a_grid_twice_as_fine_from_the_network_field(model_ro
     def no_change(inputs, init_ddf, **kw):  # stands in for the refinement: records what it was given
         seen.update(kw, grid=inputs.grid, init=init_ddf)
         return init_ddf
-    monkeypatch.setattr(mi_module, "instance_optimise", no_change)
+    monkeypatch.setattr(network_method, "instance_optimise", no_change)
     res = mmreg.register(fixed, moving, method="mi", model="shift", affine=False, threads=1, refinement_steps=5)
     assert seen["grid"].spacing == (1.0, 1.0, 1.0) and seen["finest_factor"] == 2 and seen["iterations"] == [5]
     assert float(seen["init"][0, 2].mean()) == pytest.approx(4.0, abs=1e-4)  # 2 network voxels = 4 fine voxels

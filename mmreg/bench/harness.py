@@ -191,6 +191,12 @@ METRIC_VARIANTS = {"metric": ("mmreg metric (learned)", {"similarity": "learned"
 METRIC_MODELS = {"ct": "metric_ctmr", "mr": "metric_mr"}
 
 
+#: Benchmark variants of ``multiscale``: the paper's ablation (FMIRNet-1, -2) as the shipped models; the
+#: plain name runs the default model (3 scales). ``NAME+refine[STEPS]`` works for each.
+MULTISCALE_VARIANTS = {"multiscale-1": ("mmreg multiscale, 1 scale (FMIRNet-1)", {"model": "multiscale_brain_1scale"}),
+                       "multiscale-2": ("mmreg multiscale, 2 scales (FMIRNet-2)", {"model": "multiscale_brain_2scales"})}
+
+
 def _run_metric(options: dict):
     engine = _run_engine("metric", options)
 
@@ -222,9 +228,18 @@ def resolve_method(name: str) -> BenchMethod:
     if name in METRIC_VARIANTS and "metric" in method_names():
         label, options = METRIC_VARIANTS[name]
         return BenchMethod(name, label, "mmreg", _run_metric(options))
+    if name in MULTISCALE_VARIANTS and "multiscale" in method_names():
+        label, options = MULTISCALE_VARIANTS[name]
+        return BenchMethod(name, label, "mmreg", _run_engine("multiscale", options))
     if name in method_names():
-        return BenchMethod(name, f"mmreg {name}", "mmreg", _run_engine(name))
+        return BenchMethod(name, f"mmreg {name}" + (" (3 scales)" if name == "multiscale" else ""), "mmreg",
+                           _run_engine(name))
     refined = _REFINED_VARIANT.match(name)
+    if refined and refined["base"] in MULTISCALE_VARIANTS:
+        label, options = MULTISCALE_VARIANTS[refined["base"]]
+        steps = int(refined["steps"] or DEFAULT_REFINEMENT_STEPS)
+        return BenchMethod(name, f"{label} + {steps} refinement steps", "mmreg",
+                           _run_engine("multiscale", dict(options, refinement_steps=steps)))
     if refined and refined["base"] in method_names():
         from ..methods import get_method  # noqa: PLC0415
         if "refinement_steps" not in get_method(refined["base"]).default_options():

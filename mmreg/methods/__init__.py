@@ -15,9 +15,10 @@ _METHODS = {
     "optimize": "mmreg.methods.optimize:InstanceOptimisation",
     "mi": "mmreg.methods.mi:MIRegistration",
     "metric": "mmreg.methods.metric:LearnedMetricRegistration",
+    "multiscale": "mmreg.methods.multiscale:MultiscaleRegistration",
 }
 #: Names reserved for methods that later releases add (shown in error messages).
-PLANNED = ("grad", "disentangled", "multiscale")
+PLANNED = ("grad", "disentangled")
 
 
 def method_names() -> list:

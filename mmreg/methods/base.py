@@ -110,6 +110,12 @@ class RegistrationMethod(abc.ABC):
         e.g. the metric value per iteration of an iterative method; None when there is nothing to add."""
         return None
 
+    def extra_outputs(self) -> dict:
+        """Scalar maps the last :meth:`predict` produced besides the field, ``{name: (1, 1, *spatial) tensor}``
+        on its grid (e.g. ``"attention"``: the attention weights of ``multiscale``). The pipeline resamples
+        them onto the fixed image's grid (``RegistrationResult.extra_images``); empty by default."""
+        return {}
+
     def training_spec(self) -> TrainingSpec | None:
         """How ``mmreg train`` trains this method's network (None: not trainable, e.g. ``optimize``)."""
         return None

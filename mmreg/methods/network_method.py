@@ -1,0 +1,125 @@
+"""What every learned registration network method shares (``mi``, ``multiscale``, ...).
+
+A :class:`NetworkRegistration` reads its trained model (card + weights, :mod:`mmreg.models`),
+registers on the model's network grid (its ``spacing_mm``, sizes padded to its ``multiple``) with
+one forward pass, integrates the output by scaling and squaring when the model predicts a
+stationary velocity (``diffeomorphic`` in its card), and optionally refines the field with the
+engine's instance optimisation (``refinement_steps`` > 0). With refinement the images are prepared
+on a grid :data:`REFINEMENT_GRID_FACTOR` times finer: the network reads them average-pooled to its
+own spacing (:meth:`NetworkGrid.coarsen`), its field is upsampled, and the refinement compares the
+images at the finer spacing while optimising a residual velocity at the network's spacing.
+
+A subclass sets ``name``/``description``/``modalities``, :meth:`build_network` and
+:meth:`training_spec`; it may override :meth:`run_network` to keep more than the field (e.g. the
+attention weights of ``multiscale``, returned by :meth:`extra_outputs`).
+"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..errors import InputError
+from ..grid import NetworkGrid, downsample_image, upsample_field
+from ..models import CARD_FILE, ModelCard, list_models, load_model, resolve_model
+from ..progress import Progress
+from ..spatial import integrate_velocity
+from .base import GridInputs, RegistrationMethod
+from .optimize import instance_optimise
+
+#: With refinement, the registration grid is this many times finer than the network's spacing.
+REFINEMENT_GRID_FACTOR = 2
+
+
+class NetworkRegistration(RegistrationMethod):
+    """A registration network with a trained model (shipped or from ``mmreg train``)."""
+
+    requires_model = True
+
+    @staticmethod
+    def build_network(architecture: dict) -> torch.nn.Module:  # pragma: no cover - abstract
+        """The untrained network a model card's ``architecture`` describes."""
+        raise NotImplementedError
+
+    def default_options(self) -> dict:
+        """``model``: a model name or folder (None: "default" or the only one); ``refinement_steps``:
+        Adam steps of instance optimisation after the network (0 = network only): the similarity
+        (``refine_similarity``: "mind", "mi", "lncc", ...) on a grid twice as fine as the network's, a residual
+        velocity at the network's spacing; ``diffeomorphic``: None = as the model was trained (a
+        different value is an error: the model defines what its output is); ``max_voxels``: bound on
+        the network grid, ``refinement_max_voxels`` on the finer grid of the refinement (larger fields
+        of view get coarser grids; the refinement's bound is the ``optimize`` method's)."""
+        return {"model": None, "refinement_steps": 0, "refine_similarity": "mind", "diffeomorphic": None,
+                "max_voxels": 4_000_000, "refinement_max_voxels": 2_000_000}
+
+    def models(self) -> list:
+        """Shipped and user models of this method (see :func:`mmreg.models.list_models`)."""
+        return list_models(self.name)
+
+    def card(self, options: dict) -> ModelCard:
+        """The model card of the chosen model (read from disk; no weights loaded)."""
+        return self._card_in(resolve_model(self.name, options.get("model")))
+
+    @staticmethod
+    def _card_in(folder) -> ModelCard:
+        return ModelCard.from_dict(json.loads((folder / CARD_FILE).read_text()), str(folder / CARD_FILE))
+
+    def model_info(self, options: dict) -> dict:
+        """Name, folder, weights sha256, network spacing (mm) and diffeomorphic of the chosen model."""
+        folder = resolve_model(self.name, options.get("model"))
+        card = self._card_in(folder)
+        return {"name": card.name, "path": str(folder),
+                "sha256": card.sha256, "spacing_mm": card.spacing_mm, "diffeomorphic": card.diffeomorphic}
+
+    def grid_for(self, fixed, options: dict) -> NetworkGrid:
+        """The model's grid (its spacing in mm and size multiple) over the fixed image's extent; with
+        refinement, a grid :data:`REFINEMENT_GRID_FACTOR` times finer whose coarsening is a network grid."""
+        card = self.card(options)
+        if int(options.get("refinement_steps") or 0) > 0:
+            factor = REFINEMENT_GRID_FACTOR
+            return NetworkGrid.for_image(fixed, spacing=float(card.spacing_mm) / factor,
+                                         multiple=int(card.multiple) * factor,
+                                         max_voxels=options.get("refinement_max_voxels"))
+        return NetworkGrid.for_image(fixed, spacing=float(card.spacing_mm), multiple=int(card.multiple),
+                                     max_voxels=options.get("max_voxels"))
+
+    def run_network(self, network: torch.nn.Module, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The network's output field for ``fixed``/``moving`` ``(1, 1, *spatial)`` on its grid (voxel units;
+        a velocity for diffeomorphic models). Subclasses may keep more in ``self`` for :meth:`extra_outputs`."""
+        return network(torch.cat([fixed, moving], dim=1))
+
+    def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
+        """One forward pass (then the optional refinement); voxel-unit displacement on ``inputs.grid``."""
+        self._extra = {}
+        network, card = load_model(self.name, options.get("model"), self.build_network, inputs.device)
+        if inputs.fixed.dim() - 2 != int(card.architecture.get("spatial_dims", 3)):
+            raise InputError(f"Model '{card.name}' is a {card.architecture.get('spatial_dims')}-D network; this pair "
+                             f"is {inputs.fixed.dim() - 2}-D on the network grid.")
+        wanted = options.get("diffeomorphic")
+        if wanted is not None and bool(wanted) != bool(card.diffeomorphic):
+            raise InputError(f"Model '{card.name}' predicts a {'velocity (diffeomorphic)' if card.diffeomorphic else 'displacement'}"
+                             f"; diffeomorphic={wanted} needs a model trained that way (leave the option unset).")
+        steps = int(options.get("refinement_steps") or 0)
+        if steps < 0:
+            raise InputError(f"refinement_steps must be >= 0, got {steps}.")
+        factor = REFINEMENT_GRID_FACTOR if steps else 1
+        progress(0.0, "network")
+        with torch.inference_mode():
+            fixed, moving = downsample_image(inputs.fixed, factor), downsample_image(inputs.moving, factor)
+            field = self.run_network(network, fixed, moving)
+            ddf = integrate_velocity(field, int(card.integration_steps)) if card.diffeomorphic else field
+            ddf = upsample_field(ddf, factor)
+            # scalar maps to the refinement's finer grid (upsample_field scales vectors by the factor: undo it)
+            self._extra = {k: upsample_field(v, factor) / factor for k, v in self._extra.items()}
+        ddf = ddf.clone()  # leave inference mode: the refinement differentiates through a warp of it
+        progress(0.3 if steps else 1.0, "network done")
+        if steps:
+            ddf = instance_optimise(inputs, init_ddf=ddf, similarity=options.get("refine_similarity", "mind"),
+                                    levels=1, iterations=[steps], finest_factor=factor,
+                                    diffeomorphic=bool(card.diffeomorphic), progress=progress.sub(0.3, 1.0))
+        return ddf
+
+    def extra_outputs(self) -> dict:
+        """Scalar maps of the last :meth:`predict` on its grid, ``{name: (1, 1, *spatial) tensor}`` (see
+        :meth:`RegistrationMethod.extra_outputs`)."""
+        return dict(getattr(self, "_extra", {}))
