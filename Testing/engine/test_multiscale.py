@@ -82,7 +82,7 @@ def test_fmirnet_is_the_identity_at_init_with_attention_in_0_1_and_the_scales_as
 
 
 def test_coarse_fields_are_upsampled_with_their_vectors_scaled_to_full_grid_voxels():
-    net = fmirnet(dict(SMALL, scales=3))
+    net = fmirnet(dict(SMALL, scales=3, max_displacement_voxels=0))  # no bound: the plain scaling
     with torch.no_grad():
         for k, head in enumerate(net.heads):  # each head outputs a constant 0.5 voxel (of its own grid) along x
             head.conv.weight.zero_()
@@ -93,6 +93,24 @@ def test_coarse_fields_are_upsampled_with_their_vectors_scaled_to_full_grid_voxe
     assert means == pytest.approx([0.5, 1.0, 2.0], abs=1e-5)  # full, 1/2 (x2), 1/4 (x4), in full-grid voxels
     assert float(d["field"][0, 2].mean()) == pytest.approx(3.5, abs=1e-4)
     assert float(d["field"][0, :2].abs().max()) < 1e-6
+
+
+def test_scale_fields_are_bounded_so_attention_cannot_hide_an_exploding_field():
+    net = fmirnet(dict(SMALL, scales=3, max_displacement_voxels=10.0))
+    with torch.no_grad():
+        for head in net.heads:  # heads gone wild: 1000 voxels each
+            head.conv.weight.zero_()
+            head.conv.bias.fill_(1000.0)
+        net.attention.conv.bias.fill_(50.0)
+    d = net.forward_details(torch.rand(1, 2, 32, 32, 32))
+    assert [float(f.max()) for f in d["scale_fields"]] == pytest.approx([10.0, 10.0, 10.0], abs=1e-3)
+    assert float(d["field"].max()) == pytest.approx(30.0, abs=1e-2)
+    small = fmirnet(dict(SMALL, scales=1, max_displacement_voxels=10.0))
+    with torch.no_grad():
+        small.heads[0].conv.weight.zero_()
+        small.heads[0].conv.bias.fill_(0.5)
+    assert float(small.forward_details(torch.rand(1, 2, 16, 16, 16))["scale_fields"][0].mean()) == pytest.approx(
+        0.4996, abs=1e-4)  # 10 tanh(0.05): nearly linear for the fields a registration needs
 
 
 def test_loss_is_lowest_at_the_true_displacement():
