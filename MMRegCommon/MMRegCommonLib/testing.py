@@ -177,6 +177,12 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
     #: Used instead when the module's own method cannot run here (few steps: a few seconds).
     fallback_method = "optimize"
     fallback_options = {"levels": 1, "iterations": [25]}
+    #: Thresholds of :meth:`test_Registration`: whole-phantom Dice, each segment's Dice, and the largest error (mm, per
+    #: coordinate) of fixed points mapped through the transform. A module whose shipped network was trained on
+    #: other images than this phantom (e.g. brains) sets looser ones, with the numbers measured in its docstring.
+    registration_dice = 0.93
+    segment_dice = 0.85
+    point_tolerance_mm = 1.5
 
     def setUp(self):
         """Start from an empty scene (with the subject hierarchy, which Slicer's scene always has)."""
@@ -259,17 +265,21 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
         warped_labels, _ = bridge.segmentation_to_labelmap_image(outcome.segmentation_node, case["fixed"])
         dice_after = dice(sitk.GetArrayFromImage(warped_labels) > 0, fixed_labels > 0)
         self.assertLess(dice_before, 0.85)
-        self.assertGreater(dice_after, 0.93)
+        self.assertGreater(dice_after, self.registration_dice)
         summary = outcome.summary()
         self.assertEqual({name for name, _, _ in summary["dice"]}, {"Body", "Core"})
-        self.assertTrue(all(after > 0.85 for _, _, after in summary["dice"]), summary["dice"])
+        self.assertTrue(all(after > self.segment_dice for _, _, after in summary["dice"]), summary["dice"])
         self.assertLess(summary["folding_percent"], 0.5)
 
         # Direction: FromParent maps a fixed RAS point p to the moving point p + T (RAS).
+        errors = []
         for point_lps in (BODY_CENTER, CORE_CENTER, BODY_CENTER + np.array([-15.0, 10.0, 5.0])):
             mapped = np.array(outcome.transform_node.GetTransformFromParent().TransformPoint(list(F @ point_lps)))
-            np.testing.assert_allclose(mapped, F @ (point_lps + TRANSLATION_LPS), atol=1.5)
-        self.delayDisplay(f"Registration ({method}): Dice {dice_before:.3f} -> {dice_after:.3f}")
+            np.testing.assert_allclose(mapped, F @ (point_lps + TRANSLATION_LPS), atol=self.point_tolerance_mm)
+            errors.append(float(np.abs(mapped - F @ (point_lps + TRANSLATION_LPS)).max()))
+        self.delayDisplay(f"Registration ({method}): Dice {dice_before:.3f} -> {dice_after:.3f} ("
+                          + ", ".join(f"{name} {after:.3f}" for name, _, after in summary["dice"])
+                          + f"); points within {max(errors):.2f} mm")
 
     def test_Cancel(self):
         """Cancel during the run: CancelledError, the scene and the inputs exactly as before."""
