@@ -4,9 +4,9 @@ The engine method ``multiscale`` runs FMIRNet: a residual U-Net whose displaceme
 1/2 and 1/4 resolution are fused with a spatial attention map. Its trained models differ in how
 many of those scales they use (``architecture.scales`` in the model card: the paper's FMIRNet-1,
 -2 and -3), so the model selector names each model with its number of scales ("multiscale_brain
-(3 scales)"). When no model is chosen the module runs :data:`DEFAULT_MODEL` (the engine's
-``DEFAULT_MODEL`` if it names one), which the panel writes into the parameter node so that it
-shows what Apply runs. The refinement similarity (engine ``refine_similarity``) is used only with
+(3 scales)"). When no model is chosen the module runs the engine method's ``default_model``
+(``multiscale_brain``; :data:`DEFAULT_MODEL` for an engine that does not name one), which the panel
+writes into the parameter node so that it shows what Apply runs. The refinement similarity (engine ``refine_similarity``) is used only with
 refinement steps > 0.
 
 Plain Python, tested headless; the engine is imported only when used.
@@ -18,7 +18,7 @@ from pathlib import Path
 
 from MMRegCommonLib.methodoptions import MethodOptions, OptionControl
 
-#: The model used when none is chosen, unless the engine's ``multiscale`` method names another one.
+#: The model used when none is chosen, unless the engine's ``multiscale`` method names another (its ``default_model``).
 DEFAULT_MODEL = "multiscale_brain"
 #: Similarities of the refinement (instance optimisation, the engine's ``optimize.SIMILARITIES``): (value,
 #: label, tooltip). Mono-modal pairs: LNCC (the method's default) or MSE; MIND and MI also work across contrasts.
@@ -88,13 +88,14 @@ def model_items(status) -> list:
 
 
 def engine_default_model() -> str:
-    """The model the module runs when none is chosen: the engine's ``multiscale.DEFAULT_MODEL`` when it names one,
-    else :data:`DEFAULT_MODEL`."""
+    """The model the module runs when none is chosen: the engine ``multiscale`` method's ``default_model`` when it
+    names one, else :data:`DEFAULT_MODEL`."""
     try:
-        from mmreg.methods import multiscale
-    except ImportError:
+        import mmreg
+        method = mmreg.get_method("multiscale")
+    except Exception:  # noqa: BLE001 - engine not loadable or without the method: the module's own choice
         return DEFAULT_MODEL
-    return getattr(multiscale, "DEFAULT_MODEL", None) or DEFAULT_MODEL
+    return getattr(method, "default_model", None) or DEFAULT_MODEL
 
 
 def default_model(status) -> str:

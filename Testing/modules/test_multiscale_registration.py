@@ -267,12 +267,12 @@ def test_failure_while_making_the_attention_volume_removes_every_output(module, 
 
 @needs_multiscale
 def test_run_with_parameters_default_model_and_attention_output(module, models, scene, case):
-    """From the parameter node: "" runs the default model (the engine alone would refuse: three models, none named
-    'default'), refinement with the chosen similarity, the attention volume written back into the parameter."""
-    from mmreg.errors import WeightsError
+    """From the parameter node: "" runs the default model (the engine's own default among three installed models),
+    refinement with the chosen similarity, the attention volume written back into the parameter."""
+    from MultiscaleRegistrationLib.options import engine_default_model
     noise = sitk.GetImageFromArray(np.random.default_rng(1).random((16, 16, 16)).astype(np.float32))
-    with pytest.raises(WeightsError, match="needs a model name"):  # why the module picks its default itself
-        mmreg.register(noise, noise, "multiscale", affine=False)
+    engine_alone = mmreg.register(noise, noise, "multiscale", affine=False)  # the module and the engine agree
+    assert engine_alone.report["model_card"]["name"] == engine_default_model() == "multiscale_brain"
     logic = module.MultiscaleRegistrationLogic()
     p = logic.getParameterNode()
     p.fixedVolume, p.movingVolume, p.affine = case["fixed"], case["moving"], False
