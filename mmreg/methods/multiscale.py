@@ -90,6 +90,7 @@ class MultiscaleRegistration(NetworkRegistration):
                    "with spatial attention; MSE + SSIM training; mono-modal; optional instance-optimisation "
                    "refinement; the attention weights are an extra output.")
     modalities = "mono"
+    default_model = "multiscale_brain"
 
     def default_options(self) -> dict:
         """As :meth:`NetworkRegistration.default_options`, refinement by LNCC (a mono-modal similarity)."""
