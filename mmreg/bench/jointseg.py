@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -36,6 +37,7 @@ def main(argv=None) -> int:
     parser.add_argument("--option", "-O", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--data", default=None)
     parser.add_argument("--output", default="docs")
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
     from ..cli import _options  # noqa: PLC0415
     from ..segmentation import joint_segmentation_experiment  # noqa: PLC0415
@@ -52,7 +54,7 @@ def main(argv=None) -> int:
         spacing_mm=args.spacing, steps=args.steps, threads=args.threads,
         register_options=dict(_options(args.option), threads=args.threads), unannotated_truth=truth, log=print)
     res.pop("networks")
-    res.update({"command": "python -m mmreg.bench.jointseg " + " ".join(argv or []),
+    res.update({"command": " ".join(["python -m mmreg.bench.jointseg", *argv]),
                 "annotated_subjects": [sid for sid, _, _ in rest[:args.annotated]],
                 "unannotated_subjects": [sid for sid, _, _ in rest[args.annotated:]], "test_subjects": list(HELD_OUT),
                 "method": args.method, "model": args.model, "options": args.option, "wall_s": time.perf_counter() - t0,
