@@ -15,6 +15,7 @@ attention weights of ``multiscale``, returned by :meth:`extra_outputs`).
 """
 from __future__ import annotations
 
+import abc
 import json
 
 import torch
@@ -39,9 +40,9 @@ class NetworkRegistration(RegistrationMethod):
     default_model: str | None = None
 
     @staticmethod
-    def build_network(architecture: dict) -> torch.nn.Module:  # pragma: no cover - abstract
-        """The untrained network a model card's ``architecture`` describes."""
-        raise NotImplementedError
+    @abc.abstractmethod
+    def build_network(architecture: dict) -> torch.nn.Module:
+        """The untrained network a model card's ``architecture`` describes (each subclass names its own)."""
 
     def default_options(self) -> dict:
         """``model``: a model name or folder (None: "default" or the only one); ``refinement_steps``:
