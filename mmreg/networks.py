@@ -24,15 +24,16 @@ def size_multiple(architecture: dict) -> int:
     return 2 ** (len(architecture["channels"]) // 2)
 
 
-def registration_unet(architecture: dict | None = None) -> nn.Module:
-    """Build the network described by ``architecture`` (see :data:`DEFAULT_ARCHITECTURE`)."""
+def registration_unet(architecture: dict | None = None, in_channels: int = 2) -> nn.Module:
+    """Build the network described by ``architecture`` (see :data:`DEFAULT_ARCHITECTURE`) reading
+    ``in_channels`` input channels (2: fixed and moving image; ``grad``'s branches read 2 or 4)."""
     from monai.networks.nets import VoxelMorphUNet  # noqa: PLC0415
 
     arch = dict(DEFAULT_ARCHITECTURE, **(architecture or {}))
     if arch.get("kind") != "voxelmorph_unet":
         raise ValueError(f"Unknown network kind '{arch.get('kind')}'; this version builds 'voxelmorph_unet'.")
     dims = int(arch["spatial_dims"])
-    net = VoxelMorphUNet(spatial_dims=dims, in_channels=2, unet_out_channels=int(arch["final_conv_channels"][0]),
+    net = VoxelMorphUNet(spatial_dims=dims, in_channels=int(in_channels), unet_out_channels=int(arch["final_conv_channels"][0]),
                          channels=tuple(int(c) for c in arch["channels"]),
                          final_conv_channels=tuple(int(c) for c in arch["final_conv_channels"]),
                          use_maxpool=False)
@@ -172,3 +173,148 @@ def fmirnet_size_multiple(architecture: dict) -> int:
 def fmirnet(architecture: dict | None = None) -> nn.Module:
     """Build the FMIRNet described by ``architecture`` (see :data:`DEFAULT_MULTISCALE_ARCHITECTURE`)."""
     return FMIRNet(architecture)
+
+
+# ----------------------------------------------------------------------------- dual-branch gradient network (method ``grad``)
+
+#: The variants of the ``grad`` network: "gated" (image and gradient branches, gated fusion), "average"
+#: (the two fields averaged), "vm" (the image branch alone: VoxelMorph, 2-channel input) and "vm_concat"
+#: (one VoxelMorph reading the images and their gradient maps, 4 channels).
+GRAD_VARIANTS = ("gated", "average", "vm", "vm_concat")
+
+#: Default architecture of the ``grad`` network: each branch is the VoxelMorph U-Net of ``mi`` (four
+#: stride-2 convolutions 16-32-32-32, a 32-filter decoder with four upsamplings and skips, then
+#: convolutions at full resolution), ``variant`` one of :data:`GRAD_VARIANTS`.
+DEFAULT_GRAD_ARCHITECTURE = {"kind": "gradnet", "spatial_dims": 3, "variant": "gated",
+                             "channels": [16, 32, 32, 32, 32, 32, 32, 32], "final_conv_channels": [16, 16]}
+
+#: Largest number of voxels read to find a gradient map's 99th percentile (a strided subset above it).
+_PERCENTILE_VOXELS = 1_000_000
+
+
+def gradient_magnitude(image: torch.Tensor, normalise: bool = True) -> torch.Tensor:
+    """Gradient-magnitude map of ``image`` ``(B, C, *spatial)`` (2-D or 3-D) by a fixed finite-difference
+    convolution: per voxel, ``sqrt(sum_k ((I(x + e_k) - I(x - e_k)) / 2) ** 2)``, intensity per VOXEL of
+    the grid (central differences, replicate borders). ``normalise``: each map divided by its own 99th
+    percentile and clipped to [0, 1], so maps of different modalities (CT edges are stronger than MR's)
+    share one range. Not trainable; differentiable."""
+    dims = image.dim() - 2
+    if dims not in (2, 3):
+        raise ValueError(f"gradient_magnitude needs a (B, C, *spatial) tensor with 2 or 3 spatial dims, got {tuple(image.shape)}.")
+    pad = torch.nn.functional.pad(image, [1] * (2 * dims), mode="replicate")
+    squares = 0.0
+    for axis in range(dims):  # tensor axis 2 + axis
+        n = image.shape[2 + axis]
+        ahead = pad.narrow(2 + axis, 2, n)
+        behind = pad.narrow(2 + axis, 0, n)
+        rest = [a for a in range(dims) if a != axis]
+        for a in rest:  # drop the padding of the other axes
+            ahead = ahead.narrow(2 + a, 1, image.shape[2 + a])
+            behind = behind.narrow(2 + a, 1, image.shape[2 + a])
+        squares = squares + ((ahead - behind) * 0.5) ** 2
+    grad = torch.sqrt(squares + 1e-12)
+    if not normalise:
+        return grad
+    flat = grad.detach().flatten(1)
+    step = max(1, flat.shape[1] // _PERCENTILE_VOXELS)
+    scale = torch.quantile(flat[:, ::step], 0.99, dim=1).clamp_min(1e-6)
+    return (grad / scale.reshape(-1, *([1] * (grad.dim() - 1)))).clamp(0.0, 1.0)
+
+
+class GradNet(nn.Module):
+    """The ``grad`` network: image and gradient-map registration with gated fusion.
+
+    Input ``(B, 2, *spatial)`` = fixed and moving image (intensities in [0, 1], sizes multiples of
+    :func:`gradnet_size_multiple`). Their gradient-magnitude maps (:func:`gradient_magnitude`, fixed)
+    outline organ boundaries. Variant (``architecture["variant"]``, :data:`GRAD_VARIANTS`):
+
+    - "gated": an image branch (VoxelMorph U-Net on the two images) predicts ``phi_i``, a gradient
+      branch (the same architecture on the two gradient maps) predicts ``phi_g``; a 3x3x3 convolution
+      of ``cat(phi_i, phi_g)`` to ``2 ndim`` channels and a sigmoid give two ``ndim``-channel gate maps,
+      each multiplies its field, and a 1x1x1 convolution of the two products gives ``phi_ig``. The gate
+      convolution starts at zero (gates 0.5) and the 1x1x1 one at ``[I, I]``: an untrained network
+      averages the two fields.
+    - "average": ``phi_ig = (phi_i + phi_g) / 2``.
+    - "vm": the image branch alone (``phi_ig = phi_i``); "vm_concat": one branch reading the images and
+      both gradient maps (4 channels).
+
+    Fields are in VOXEL units of the input grid, channel k along tensor dimension k + 2 (a displacement,
+    or a velocity when the model is diffeomorphic). ``forward`` returns ``phi_ig`` for "vm" and
+    "vm_concat" and ``cat(phi_ig, phi_g)`` (``2 ndim`` channels: the training loss also warps the
+    moving gradient map with ``phi_g``) for the two-branch variants; :meth:`forward_details` returns a
+    dict (``field``, ``image_field``, ``gradient_field``, ``image_gate``, ``gradient_gate``, the gradient maps).
+    """
+
+    def __init__(self, architecture: dict | None = None):
+        super().__init__()
+        arch = dict(DEFAULT_GRAD_ARCHITECTURE, **(architecture or {}))
+        if arch.get("kind") != "gradnet":
+            raise ValueError(f"Unknown network kind '{arch.get('kind')}'; the grad method builds 'gradnet'.")
+        if arch.get("variant") not in GRAD_VARIANTS:
+            raise ValueError(f"GradNet variant must be one of {', '.join(GRAD_VARIANTS)}, got {arch.get('variant')!r}.")
+        self.architecture = arch
+        self.variant = arch["variant"]
+        dims = self.dims = int(arch["spatial_dims"])
+        unet = {"kind": "voxelmorph_unet", "spatial_dims": dims, "channels": list(arch["channels"]),
+                "final_conv_channels": list(arch["final_conv_channels"])}
+        self.image_branch = registration_unet(unet, in_channels=4 if self.variant == "vm_concat" else 2)
+        self.dual = self.variant in ("gated", "average")
+        if self.dual:
+            self.gradient_branch = registration_unet(unet, in_channels=2)
+        if self.variant == "gated":
+            conv = nn.Conv3d if dims == 3 else nn.Conv2d
+            self.gate = conv(2 * dims, 2 * dims, kernel_size=3, padding=1)
+            self.fuse = conv(2 * dims, dims, kernel_size=1)
+            with torch.no_grad():
+                nn.init.zeros_(self.gate.weight)
+                nn.init.zeros_(self.gate.bias)
+                eye = torch.eye(dims).reshape(dims, dims, *([1] * dims))
+                self.fuse.weight.copy_(torch.cat([eye, eye], dim=1))
+                nn.init.zeros_(self.fuse.bias)
+
+    @property
+    def output_channels(self) -> int:
+        """Channels of :meth:`forward`'s output: ``2 ndim`` for the two-branch variants, else ``ndim``."""
+        return 2 * self.dims if self.dual else self.dims
+
+    def forward_details(self, x: torch.Tensor) -> dict:
+        """Every intermediate of one pass: ``field`` (phi_ig), ``image_field`` (phi_i), ``gradient_field``
+        (phi_g, None for the single-branch variants), ``image_gate`` / ``gradient_gate`` (``(B, ndim, *spatial)``
+        in (0, 1), "gated" only, else None), ``fixed_gradient`` / ``moving_gradient`` (the gradient maps)."""
+        if x.shape[1] != 2:
+            raise ValueError(f"GradNet reads 2 channels (fixed, moving), got {x.shape[1]}.")
+        gf, gm = gradient_magnitude(x[:, :1]), gradient_magnitude(x[:, 1:2])
+        out = {"fixed_gradient": gf, "moving_gradient": gm, "gradient_field": None, "image_gate": None,
+               "gradient_gate": None}
+        if self.variant == "vm_concat":
+            phi_i = self.image_branch(torch.cat([x, gf, gm], dim=1))
+        else:
+            phi_i = self.image_branch(x)
+        out["image_field"] = phi_i
+        if not self.dual:
+            out["field"] = phi_i
+            return out
+        phi_g = self.gradient_branch(torch.cat([gf, gm], dim=1))
+        out["gradient_field"] = phi_g
+        if self.variant == "average":
+            out["field"] = 0.5 * (phi_i + phi_g)
+            return out
+        gates = torch.sigmoid(self.gate(torch.cat([phi_i, phi_g], dim=1)))
+        gi, gg = gates[:, :self.dims], gates[:, self.dims:]
+        out["image_gate"], out["gradient_gate"] = gi, gg
+        out["field"] = self.fuse(torch.cat([gi * phi_i, gg * phi_g], dim=1))
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.forward_details(x)
+        return torch.cat([d["field"], d["gradient_field"]], dim=1) if self.dual else d["field"]
+
+
+def gradnet_size_multiple(architecture: dict) -> int:
+    """Spatial sizes GradNet accepts are multiples of this (its VoxelMorph branches' multiple)."""
+    return size_multiple(dict(DEFAULT_GRAD_ARCHITECTURE, **(architecture or {})))
+
+
+def gradnet(architecture: dict | None = None) -> nn.Module:
+    """Build the GradNet described by ``architecture`` (see :data:`DEFAULT_GRAD_ARCHITECTURE`)."""
+    return GradNet(architecture)

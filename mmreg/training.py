@@ -7,7 +7,8 @@ template first (:func:`mmreg.affine.affine_prealign`), the avg152 T2/PD template
 the template grid. Each step samples a pair per the data weights
 
 * ``t1_t1``: IXI T1 (fixed) vs another training subject's T1 (moving), mono-modal;
-* ``t1_template``: IXI T1 (fixed) vs avg152 T2 or PD (moving), real multi-modal;
+* ``t1_template``: IXI T1 (fixed) vs avg152 T2 or PD (moving), real multi-modal (or the CT template,
+  ``data.template_modalities``); ``template_t1``: the same with the template fixed and the T1 moving;
 * ``t1_synth``: IXI T1 (fixed) vs a contrast synthesised from a subject's DLMUSE labels
   (random intensity per label, blur; SynthMorph-like),
 * ``t1_t1_remap``: as ``t1_t1`` with the moving T1 through a random intensity curve
@@ -51,7 +52,9 @@ from .grid import NetworkGrid
 from .progress import Progress, ProgressCallback
 
 #: Data sources a pair can be drawn from (see the module doc).
-SOURCES = ("t1_t1", "t1_t1_remap", "t1_template", "t1_synth", "t1_self")
+SOURCES = ("t1_t1", "t1_t1_remap", "t1_template", "template_t1", "t1_synth", "t1_self")
+#: Templates the ``t1_template`` / ``template_t1`` sources can use (avg152 T1/T2/PD; "CT": the scct_cormack head CT).
+TEMPLATE_MODALITIES = ("T1", "T2", "PD", "CT")
 #: Bump when the prepared-data layout or recipe changes (invalidates the cache).
 PREP_VERSION = 1
 CHECKPOINT_DIR = "training"
@@ -64,8 +67,12 @@ class DataConfig:
     """``[data]`` of the config: where the images come from and how pairs are drawn.
 
     ``root``: the shared data folder (None: ``$MMREG_DATA`` or ``<repo>/../shared/data``).
-    ``sources``: relative weights of the pair kinds (:data:`SOURCES`). ``template_modalities``:
-    which avg152 templates ``t1_template`` uses ("T2", "PD"). ``validation_subjects``: held-out
+    ``sources``: relative weights of the pair kinds (:data:`SOURCES`): "t1_t1" (an IXI T1 fixed, another
+    subject's T1 moving), "t1_t1_remap" (the moving T1 through a random intensity curve), "t1_template"
+    (IXI T1 fixed, a template moving), "template_t1" (a template fixed, an IXI T1 moving), "t1_synth" (a
+    contrast synthesised from labels moving), "t1_self" (a subject against itself). ``template_modalities``:
+    which templates the template sources use (:data:`TEMPLATE_MODALITIES`: avg152 "T1", "T2", "PD", and
+    "CT", the scct_cormack head CT template on the same grid, percentile-normalised). ``validation_subjects``: held-out
     IXI ids (never trained on). ``training_subjects``: ids to train on (empty: every other one).
     ``cache_dir``: where prepared volumes are cached (None: ``$MMREG_CACHE/train`` or
     ``~/.cache/mmreg/train``).
@@ -179,7 +186,9 @@ class TrainConfig:
     optimiser steps; ``batch_size``: pairs per step; ``learning_rate``: Adam. ``smoothness``,
     ``diffeomorphic``, ``integration_steps``, ``mi_bins``, ``mi_max_voxels``, ``mi_blur_voxels``: the loss and the
     field (see :func:`mmreg.methods.mi.training_loss`); ``ssim_weight`` (beta) and ``ssim_window`` (voxels):
-    the SSIM term of ``multiscale`` (:func:`mmreg.methods.multiscale.training_loss`, where ``smoothness`` is alpha). ``validation_every`` /
+    the SSIM term of ``multiscale`` (:func:`mmreg.methods.multiscale.training_loss`, where ``smoothness`` is alpha);
+    ``gradient_weight`` (alpha) and ``gradient_smoothness`` (gamma): the gradient-branch terms of ``grad``
+    (:func:`mmreg.methods.grad.training_loss`, where ``smoothness`` is beta). ``validation_every`` /
     ``checkpoint_every``: in steps (0: only at the end). ``final_model``: "best" (by validation
     Dice; by validation loss when the validation pairs have no labels) or "last". ``threads``: CPU threads (None: all cores); ``device``: auto/cpu/cuda/mps.
     ``architecture``: overrides of :data:`mmreg.networks.DEFAULT_ARCHITECTURE`. ``base_model``:
@@ -206,6 +215,8 @@ class TrainConfig:
     mi_blur_voxels: float = 0.0
     ssim_weight: float = 0.5
     ssim_window: int = 7
+    gradient_weight: float = 0.5
+    gradient_smoothness: float = 0.5
     validation_every: int = 100
     checkpoint_every: int = 100
     final_model: str = "best"
@@ -368,6 +379,8 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.mi_bins >= 2, f"mi_bins must be >= 2, got {cfg.mi_bins}.")
     need(cfg.mi_max_voxels >= 100, f"mi_max_voxels must be >= 100, got {cfg.mi_max_voxels}.")
     need(cfg.mi_blur_voxels >= 0, f"mi_blur_voxels must be >= 0 (0: no smoothing), got {cfg.mi_blur_voxels}.")
+    need(cfg.gradient_weight >= 0 and cfg.gradient_smoothness >= 0, "gradient_weight and gradient_smoothness must be "
+         f">= 0, got {cfg.gradient_weight} and {cfg.gradient_smoothness}.")
     need(cfg.ssim_weight >= 0, f"ssim_weight must be >= 0, got {cfg.ssim_weight}.")
     need(cfg.ssim_window >= 1 and cfg.ssim_window % 2 == 1, f"ssim_window must be an odd number of voxels >= 1, "
          f"got {cfg.ssim_window}.")
@@ -400,8 +413,8 @@ def validate_config(cfg: TrainConfig) -> None:
     need(not unknown, f"data.sources has unknown source(s) {', '.join(unknown)}; known: {', '.join(SOURCES)}.")
     need(all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in src.values())
          and sum(src.values()) > 0, f"data.sources weights must be numbers >= 0 with a positive sum, got {src}.")
-    bad = [m for m in cfg.data.template_modalities if m not in ("T2", "PD")]
-    need(not bad, f"data.template_modalities may hold \"T2\" and \"PD\", got {cfg.data.template_modalities}.")
+    bad = [m for m in cfg.data.template_modalities if m not in TEMPLATE_MODALITIES]
+    need(not bad, f"data.template_modalities may hold {', '.join(TEMPLATE_MODALITIES)}, got {cfg.data.template_modalities}.")
     overlap = set(cfg.data.validation_subjects) & set(cfg.data.training_subjects)
     need(not overlap, f"subject(s) {', '.join(sorted(overlap))} are in both data.training_subjects and "
                       "data.validation_subjects; validation must use held-out subjects.")
@@ -592,8 +605,9 @@ class TrainingData:
         for key in ("t1_t1", "t1_t1_remap"):
             if key in weights and len(self.training) < 2:
                 raise InputError(f"data.sources.{key} needs at least 2 training subjects.")
-        if "t1_template" in weights and not self.templates:
-            raise InputError("data.sources.t1_template needs the avg152 T2/PD templates (none were prepared).")
+        for key in ("t1_template", "template_t1"):
+            if key in weights and not self.templates:
+                raise InputError(f"data.sources.{key} needs templates (data.template_modalities is empty).")
         if "t1_synth" in weights and not any(s.labels is not None for s in self.training):
             raise InputError("data.sources.t1_synth needs label maps of the training subjects.")
         total = sum(weights.values())
@@ -654,7 +668,7 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     ``cfg.data``; the affine of each subject is recorded in ``info``.
     """
     from .affine import affine_prealign  # noqa: PLC0415
-    from .bench.cases import SPM_DIR, data_dir, ixi_subjects  # noqa: PLC0415
+    from .bench.cases import CT_DIR, SPM_DIR, data_dir, ixi_subjects  # noqa: PLC0415
     from .intensity import normalize_intensity  # noqa: PLC0415
 
     prog = Progress(progress)
@@ -688,14 +702,14 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
             "grid": {"size": list(grid.size), "spacing_mm": list(grid.spacing)}, "affine_mattes_mi": {}}
     templates = {}
     for mod in cfg.data.template_modalities:
-        p = root / SPM_DIR / f"canonical_avg152{mod}.nii.gz"
+        p = root / CT_DIR / "scct_cormack.nii.gz" if mod == "CT" else root / SPM_DIR / f"canonical_avg152{mod}.nii.gz"
         if not p.is_file():
             raise InputError(f"Template '{p}' is missing; drop {mod} from data.template_modalities or fix the data folder.")
 
-        def make_template(p=p):
+        def make_template(p=p):  # the CT template is in Cormack units, not HU: percentile-normalised as MR
             img, _ = normalize_intensity(sitk.ReadImage(str(p), sitk.sitkFloat32), "MR")
             return {"image": to_grid(img).astype(np.float32)}
-        templates[mod] = cached(f"avg152{mod}", [p], make_template)["image"]
+        templates[mod] = cached("scct_cormack" if mod == "CT" else f"avg152{mod}", [p], make_template)["image"]
 
     train, val = [], []
     for k, (sid, t1_path, lab_path) in enumerate(wanted):
@@ -1000,9 +1014,10 @@ class PairSampler:
             moving = self._tensor(subjects[j].image)
             if source == "t1_t1_remap":
                 moving = remap_intensities(moving, rng)
-        elif source == "t1_template":
+        elif source in ("t1_template", "template_t1"):
             names = sorted(self.data.templates)
-            moving = self._tensor(self.data.templates[names[int(rng.integers(len(names)))]])
+            template = self._tensor(self.data.templates[names[int(rng.integers(len(names)))]])
+            fixed, moving = (fixed, template) if source == "t1_template" else (template, fixed)
         elif source == "t1_self":
             moving = fixed
             if rng.uniform() < 0.5:

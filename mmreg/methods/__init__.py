@@ -16,9 +16,10 @@ _METHODS = {
     "mi": "mmreg.methods.mi:MIRegistration",
     "metric": "mmreg.methods.metric:LearnedMetricRegistration",
     "multiscale": "mmreg.methods.multiscale:MultiscaleRegistration",
+    "grad": "mmreg.methods.grad:GradRegistration",
 }
 #: Names reserved for methods that later releases add (shown in error messages).
-PLANNED = ("grad", "disentangled")
+PLANNED = ("disentangled",)
 
 
 def method_names() -> list:
