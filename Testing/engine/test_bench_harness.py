@@ -204,6 +204,28 @@ def test_bench_command_on_the_spinal_cord(shared_data, tmp_path):
     assert "| spine T2<-T1 | spinal cord T2<-T1 | mmreg optimize |" in out.read_text()
 
 
+def test_grad_variants_pick_the_ct_model_on_ct_cases_when_installed(tmp_path, monkeypatch):
+    import torch
+    from mmreg.models import ModelCard, save_model
+    from mmreg.networks import DEFAULT_GRAD_ARCHITECTURE, gradnet
+    monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "user"))
+    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))
+    small = dict(DEFAULT_GRAD_ARCHITECTURE, channels=[4] * 8, final_conv_channels=[4])
+    for name in ("grad_mr_gated", "grad_ctmr_gated", "grad_mr_vm"):
+        arch = dict(small, variant="vm" if name.endswith("vm") else "gated")
+        torch.manual_seed(0)
+        save_model(tmp_path / "user" / "grad" / name, gradnet(arch),
+                   ModelCard(name=name, method="grad", architecture=arch, spacing_mm=4.0, multiple=16, diffeomorphic=False))
+    assert harness.grad_model_for("gated", "template CT<-T1 (known)") == "grad_ctmr_gated"
+    assert harness.grad_model_for("gated", "abdomen MR<-CT") == "grad_ctmr_gated"
+    assert harness.grad_model_for("gated", "template T1<-T2 (known)") == "grad_mr_gated"
+    assert harness.grad_model_for("vm", "template CT<-T1 (known)") == "grad_mr_vm"  # no CT-MR VM model: the MR one
+    refined = harness.resolve_method("grad-vmconcat+refine20")
+    assert (refined.label, refined.kind) == ("mmreg grad, VM(concat) baseline + 20 refinement steps", "mmreg")
+    assert harness.resolve_method("grad").label == "mmreg grad, gated fusion"
+    assert {"grad", "grad+refine"} <= set(harness.default_methods())
+
+
 def test_default_methods_skip_learned_methods_without_a_model(tmp_path, monkeypatch):
     monkeypatch.setenv("MMREG_MODELS", str(tmp_path / "user"))
     monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(tmp_path / "shipped"))

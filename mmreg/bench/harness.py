@@ -197,6 +197,35 @@ MULTISCALE_VARIANTS = {"multiscale-1": ("mmreg multiscale, 1 scale (FMIRNet-1)",
                        "multiscale-2": ("mmreg multiscale, 2 scales (FMIRNet-2)", {"model": "multiscale_brain_2scales"})}
 
 
+#: Benchmark variants of ``grad``: the paper's ablation, one shipped model per fusion (name -> label, the
+#: variant in the model names). Cases whose group names a CT use the CT-MR model of the variant when one is
+#: installed (``grad_ctmr_<variant>``), else its MR-MR model (``grad_mr_<variant>``); the settings record
+#: which. ``NAME+refine[STEPS]`` works for each.
+GRAD_VARIANTS = {"grad": ("mmreg grad, gated fusion", "gated"),
+                 "grad-average": ("mmreg grad, average fusion", "average"),
+                 "grad-vm": ("mmreg grad, VM baseline", "vm"),
+                 "grad-vmconcat": ("mmreg grad, VM(concat) baseline", "vmconcat")}
+
+
+def grad_model_for(variant: str, group: str) -> str:
+    """The ``grad`` model a benchmark case uses: ``grad_ctmr_<variant>`` for a case group naming a CT when
+    it is installed, else ``grad_mr_<variant>``."""
+    from ..methods import get_method  # noqa: PLC0415
+    installed = {m if isinstance(m, str) else m.get("name") for m in get_method("grad").models()}
+    ct = f"grad_ctmr_{variant}"
+    return ct if "CT" in group and ct in installed else f"grad_mr_{variant}"
+
+
+def _run_grad(variant: str, options: dict | None = None):
+    engine = _run_engine("grad", options)
+
+    def run(ctx: MethodContext) -> PeerResult:
+        if "model" not in ctx.options:
+            ctx = dataclasses.replace(ctx, options=dict(ctx.options, model=grad_model_for(variant, ctx.case.group)))
+        return engine(ctx)
+    return run
+
+
 def _run_metric(options: dict):
     engine = _run_engine("metric", options)
 
@@ -231,6 +260,9 @@ def resolve_method(name: str) -> BenchMethod:
     if name in MULTISCALE_VARIANTS and "multiscale" in method_names():
         label, options = MULTISCALE_VARIANTS[name]
         return BenchMethod(name, label, "mmreg", _run_engine("multiscale", options))
+    if name in GRAD_VARIANTS and "grad" in method_names():
+        label, variant = GRAD_VARIANTS[name]
+        return BenchMethod(name, label, "mmreg", _run_grad(variant))
     if name in method_names():
         return BenchMethod(name, f"mmreg {name}" + (" (3 scales)" if name == "multiscale" else ""), "mmreg",
                            _run_engine(name))
@@ -240,6 +272,11 @@ def resolve_method(name: str) -> BenchMethod:
         steps = int(refined["steps"] or DEFAULT_REFINEMENT_STEPS)
         return BenchMethod(name, f"{label} + {steps} refinement steps", "mmreg",
                            _run_engine("multiscale", dict(options, refinement_steps=steps)))
+    if refined and refined["base"] in GRAD_VARIANTS and "grad" in method_names():
+        label, variant = GRAD_VARIANTS[refined["base"]]
+        steps = int(refined["steps"] or DEFAULT_REFINEMENT_STEPS)
+        return BenchMethod(name, f"{label} + {steps} refinement steps", "mmreg",
+                           _run_grad(variant, {"refinement_steps": steps}))
     if refined and refined["base"] in method_names():
         from ..methods import get_method  # noqa: PLC0415
         if "refinement_steps" not in get_method(refined["base"]).default_options():
