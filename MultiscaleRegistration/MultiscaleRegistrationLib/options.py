@@ -9,14 +9,14 @@ many of those scales they use (``architecture.scales`` in the model card: the pa
 writes into the parameter node so that it shows what Apply runs. The refinement similarity (engine ``refine_similarity``) is used only with
 refinement steps > 0.
 
-Plain Python, tested headless; the engine is imported only when used.
+The selector, the default model and the refinement similarity are the framework's
+(:class:`MMRegCommonLib.networkoptions.NetworkModelOptions`); this file adds what is FMIRNet's. Plain Python,
+tested headless; the engine is imported only when used.
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-from MMRegCommonLib.methodoptions import MethodOptions, OptionControl
+from MMRegCommonLib import networkoptions
+from MMRegCommonLib.networkoptions import NetworkModelOptions, first_sentence, is_fine_tuned, model_card
 
 #: The model used when none is chosen, unless the engine's ``multiscale`` method names another (its ``default_model``).
 DEFAULT_MODEL = "multiscale_brain"
@@ -34,19 +34,6 @@ REFINE_SIMILARITIES = (
      "Statistical dependence of the intensities: works even when the contrasts differ."),
 )
 _SCALE_NAMES = {1: "full resolution", 2: "full and 1/2 resolution", 3: "full, 1/2 and 1/4 resolution"}
-_NO_REFINEMENT = "Used only with refinement steps > 0 (Options)."
-
-
-def model_card(choice) -> dict:
-    """The model card (``model.json``) of a model of the selector (a :class:`MMRegCommonLib.panel.ModelChoice`
-    whose engine listing has its folder ``path``); {} when it cannot be read."""
-    path = (choice.info or {}).get("path")
-    if not path:
-        return {}
-    try:
-        return json.loads((Path(path) / "model.json").read_text())
-    except (OSError, ValueError):
-        return {}
 
 
 def model_scales(choice) -> int | None:
@@ -71,102 +58,50 @@ def model_label(choice) -> str:
     """"multiscale_brain (3 scales)"; a fine-tuned (user) model is marked; "name" alone when the card says nothing."""
     scales = model_scales(choice)
     label = choice.value if scales is None else f"{choice.value} ({scales} scale{'s' if scales != 1 else ''})"
-    if str((choice.info or {}).get("source", "")).lower() in ("user", "fine-tuned", "finetuned"):
-        label += " (fine-tuned)"
-    return label
+    return label + (" (fine-tuned)" if is_fine_tuned(choice) else "")
 
 
 def model_items(status) -> list:
     """``[(model name, label, tooltip)]`` of the model selector: every installed ``multiscale`` model with its
     number of scales (the default model first, then the others as the engine lists them)."""
-    if not status.available:
-        return [("", "Not available", status.reason)]
-    default = default_model(status)
-    ordered = sorted(status.models, key=lambda m: m.value != default)
-    return [(m.value, model_label(m) + (" — default" if m.value == default else ""), m.tooltip or m.label)
-            for m in ordered]
+    return METHOD_OPTIONS.model_items(status)
 
 
 def engine_default_model() -> str:
     """The model the module runs when none is chosen: the engine ``multiscale`` method's ``default_model`` when it
     names one, else :data:`DEFAULT_MODEL`."""
-    try:
-        import mmreg
-        method = mmreg.get_method("multiscale")
-    except Exception:  # noqa: BLE001 - engine not loadable or without the method: the module's own choice
-        return DEFAULT_MODEL
-    return getattr(method, "default_model", None) or DEFAULT_MODEL
+    return networkoptions.engine_default_model("multiscale", DEFAULT_MODEL)
 
 
 def default_model(status) -> str:
     """The installed model used when none is chosen: :func:`engine_default_model` when installed, else the engine's
     generic choice ("default" or the only one), else the first shipped, else the first listed; "" when none."""
-    if not status.models:
-        return ""
-    names = [m.value for m in status.models]
-    preferred = engine_default_model()
-    if preferred in names:
-        return preferred
-    from mmreg.models import default_model_name
-    generic = default_model_name(names)
-    if generic is not None:
-        return generic
-    shipped = [m.value for m in status.models if str((m.info or {}).get("source", "")) == "shipped"]
-    return (shipped or names)[0]
+    return networkoptions.default_model(status, engine_default_model())
 
 
-def _first_sentence(text: str, limit: int = 200) -> str:
-    text = " ".join(str(text or "").split())
-    end = text.find(". ")
-    text = text[:end + 1] if 0 <= end < limit else text
-    return text if len(text) <= limit else text[:limit - 1].rstrip() + "…"
-
-
-class MultiscaleOptions(MethodOptions):
+class MultiscaleOptions(NetworkModelOptions):
     """The ``multiscale`` method's controls: the model (with its number of scales) and the refinement similarity
-    (which applies only with refinement steps > 0, the shared ``refinementSteps``)."""
+    (which applies only with refinement steps > 0, the shared ``refinementSteps``); the common part is
+    :class:`MMRegCommonLib.networkoptions.NetworkModelOptions`."""
 
-    controls = (
-        OptionControl("model", "model", convert=lambda value: value or None),
-        OptionControl("refineSimilarity", "refine_similarity", unused_tip=_NO_REFINEMENT),
-    )
-    combo_bindings = ("model", "refineSimilarity")
-    context_parameters = ("refinementSteps",)
+    method = "multiscale"
+    fallback_model = DEFAULT_MODEL
+    refine_similarities = REFINE_SIMILARITIES
 
-    def applies(self, control: OptionControl, values: dict) -> bool:
-        """The refinement similarity is used only when refinement steps > 0."""
-        if control.parameter == "refineSimilarity":
-            return int(values.get("refinementSteps") or 0) > 0
-        return MethodOptions.applies(self, control, values)
+    def engine_default_model(self) -> str:
+        """:func:`engine_default_model`."""
+        return engine_default_model()
 
-    def combo_items(self, status) -> dict:
-        """The model selector (:func:`model_items`) and the refinement similarities."""
-        return {"model": model_items(status), "refineSimilarity": list(REFINE_SIMILARITIES)}
-
-    def resolve(self, values: dict, status) -> dict:
-        """A model left empty, or no longer installed, becomes the default model (:func:`default_model`); a model
-        given as a folder path stays."""
-        values = dict(values)
-        model = values.get("model") or ""
-        if model not in [m.value for m in status.models] and not (model and Path(model).expanduser().is_dir()):
-            values["model"] = default_model(status)
-        return values
-
-    def problem(self, values: dict, status) -> str | None:
-        """An unknown refinement similarity (a scripted or stale value)."""
-        known = [value for value, _, _ in REFINE_SIMILARITIES]
-        if values.get("refineSimilarity") not in known:
-            return (f"Unknown refinement similarity '{values.get('refineSimilarity')}': choose one of "
-                    f"{', '.join(known)}.")
-        return None
+    def model_label(self, choice) -> str:
+        """:func:`model_label` (the number of scales)."""
+        return model_label(choice)
 
     def info_text(self, values: dict, status) -> str:
         """What the chosen model is: its scales, network grid, field type and description."""
         if not status.available:
             return ""
         values = self.resolve(values, status)
-        by_name = {m.value: m for m in status.models}
-        choice = by_name.get(values.get("model"))
+        choice = self.chosen_model(values, status)
         if choice is None:
             return f"Model from the folder {values.get('model')}." if values.get("model") else ""
         card = model_card(choice)
@@ -177,7 +112,7 @@ class MultiscaleOptions(MethodOptions):
             parts.append(f"network grid {float(card['spacing_mm']):g} mm")
         if card.get("diffeomorphic") is not None:
             parts.append("predicts a velocity (diffeomorphic)" if card["diffeomorphic"] else "predicts a displacement")
-        description = _first_sentence(card.get("description") or choice.tooltip)
+        description = first_sentence(card.get("description") or choice.tooltip)
         return f"'{choice.value}': {', '.join(parts)}." + (f" {description}" if description else "")
 
 
