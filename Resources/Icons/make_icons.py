@@ -5,14 +5,16 @@
 Writes ``Resources/Icons/MultiModalRegistration.png`` (the extension),
 ``MIRegistration/Resources/Icons/MIRegistration.png``,
 ``RegistrationTraining/Resources/Icons/RegistrationTraining.png``,
-``LearnedMetric/Resources/Icons/LearnedMetric.png`` and
-``MultiscaleRegistration/Resources/Icons/MultiscaleRegistration.png`` (the modules). The motif: a
+``LearnedMetric/Resources/Icons/LearnedMetric.png``,
+``MultiscaleRegistration/Resources/Icons/MultiscaleRegistration.png`` and
+``GradRegistration/Resources/Icons/GradRegistration.png`` (the modules). The motif: a
 fixed image (grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a
 deformed grid, i.e. a deformable multi-modal registration; the training module's icon adds a
 falling loss curve, the learned-metric module's the B-spline control points and a metric
 converging level by level, the multiscale module's two images of the same contrast under an
 attention glow (Viridis colours) with the three scales of displacement (1/4, 1/2, full) as
-nested grids.
+nested grids, the gradient module's CT-like and MR-like images with their gradient-magnitude map (bright
+edges) and the two branches meeting at a gate.
 """
 from __future__ import annotations
 
@@ -123,6 +125,23 @@ def _scale_grids(draw):
                       width=width * s)
 
 
+def _gradient_branches(draw):
+    """Upper right: the gradient-magnitude map of a blob (bright edges on black) and, below it, the image branch
+    (grey) and the gradient branch (cyan) meeting at a gate (a yellow node)."""
+    s = SCALE
+    draw.rounded_rectangle([s * 70, s * 6, s * 122, s * 58], radius=6 * s, fill=(10, 14, 22, 240))
+    angles = np.linspace(0, 2 * np.pi, 90)
+    r = 1 + 0.08 * np.sin(3 * angles) + 0.05 * np.cos(5 * angles)
+    for radii, colour, width in (((18, 14), (120, 230, 255, 255), 3), ((9, 7), (255, 255, 255, 220), 2)):
+        pts = [(s * (96 + radii[0] * r[i] * np.cos(a)), s * (30 + radii[1] * r[i] * np.sin(a)))
+               for i, a in enumerate(angles)]
+        draw.line(pts + pts[:1], fill=colour, width=width * s, joint="curve")
+    draw.line([(s * 74, s * 66), (s * 100, s * 78)], fill=(200, 200, 205, 255), width=4 * s)   # image branch
+    draw.line([(s * 96, s * 56), (s * 100, s * 78)], fill=(120, 230, 255, 255), width=4 * s)   # gradient branch
+    draw.line([(s * 100, s * 78), (s * 120, s * 84)], fill=(255, 210, 80, 255), width=4 * s)  # fused field
+    draw.ellipse([s * 95, s * 73, s * 105, s * 83], fill=(255, 210, 80, 255))                   # the gate
+
+
 def _finish(image, path: Path, label: str | None = None, font_size: int = 30):
     if label:
         draw = ImageDraw.Draw(image)
@@ -173,6 +192,13 @@ def main():
     draw = ImageDraw.Draw(image)
     _scale_grids(draw)
     _finish(image, REPO / "MultiscaleRegistration" / "Resources" / "Icons" / "MultiscaleRegistration.png", label="FMIR",
+            font_size=24)
+
+    image, draw = _canvas()
+    _blob(draw, (46, 66), (32, 28), fill=(200, 200, 205, 225))                                  # fixed (MR-like)
+    _blob(draw, (56, 72), (30, 26), fill=(240, 140, 50, 140), outline=(255, 190, 90, 255), width=3)  # moving (CT-like)
+    _gradient_branches(draw)
+    _finish(image, REPO / "GradRegistration" / "Resources" / "Icons" / "GradRegistration.png", label="Grad",
             font_size=24)
 
 
