@@ -93,8 +93,8 @@ def ui(request):
 
 
 def test_there_are_ui_files():
-    assert {"MIRegistration", "RegistrationTraining", "LearnedMetric", "MultiscaleRegistration"} <= {
-        p.stem for p in UI_FILES}
+    assert {"MIRegistration", "RegistrationTraining", "LearnedMetric", "MultiscaleRegistration",
+            "GradRegistration"} <= {p.stem for p in UI_FILES}
 
 
 def test_required_widgets_are_found_in_the_code():
@@ -106,6 +106,8 @@ def test_required_widgets_are_found_in_the_code():
     assert {"propagateButton", "targetVolumesSelector", "showAttentionButton"} <= _required_widgets(
         "MultiscaleRegistration")
     assert "propagateButton" not in _required_widgets("LearnedMetric")
+    assert "showGateButton" in _required_widgets("GradRegistration") and "propagateButton" not in _required_widgets(
+        "GradRegistration")
 
 
 def test_custom_widgets_declared_and_names_unique(ui):
