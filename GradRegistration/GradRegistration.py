@@ -399,7 +399,8 @@ class GradRegistrationTest(RegistrationModuleTest):
                 self.assertEqual(sorted(outcome.extra_nodes), sorted(GATE_MAP_NAMES))
                 for node in outcome.extra_nodes.values():
                     array = slicer.util.arrayFromVolume(node)
-                    self.assertTrue(0.0 < float(array.min()) and float(array.max()) < 1.0)
+                    # (sigmoid gates; a saturated one is exactly 0 or 1 in float32)
+                    self.assertTrue(0.0 <= float(array.min()) and float(array.max()) <= 1.0, (array.min(), array.max()))
             else:
                 self.assertEqual(outcome.extra_nodes, {})
                 self.assertTrue(any("only available for gated models" in n for n in outcome.notes))

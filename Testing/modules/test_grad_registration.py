@@ -139,6 +139,24 @@ def test_self_test_runs_headless(module, scene, tmp_path, monkeypatch):
     assert any("so no gate volumes were made" in m for m in messages), messages
 
 
+@needs_grad
+def test_self_test_model_checks_with_shipped_models(module, models, scene):
+    """The self-test's shipped-model check (skipped above while no grad model is shipped) on the five constant-field
+    models installed as shipped: each listed with its variant and modality, run by name, gate maps exactly for the
+    gated ones."""
+    messages = []
+    test = module.GradRegistrationTest()
+    test.delayDisplay = messages.append
+    test.setUp()
+    test.test_Models()
+    (line,) = messages
+    for label in ("grad_mr_gated (gated fusion, MR-MR) — default", "grad_ctmr_gated (gated fusion, CT-MR)",
+                  "grad_mr_average (average fusion, MR-MR)", "grad_mr_vm (VM, MR-MR)",
+                  "grad_mr_vmconcat (VM(concat), MR-MR)"):
+        assert label + ": phantom Dice" in line, line
+    assert "gradient gate mean 0.000" in line and "gradient gate mean 0.500" in line, line
+
+
 def test_module_description(module):
     parent = SimpleNamespace()
     module.GradRegistration(parent)
