@@ -244,14 +244,15 @@ class GradRegistrationTest(RegistrationModuleTest):
     volumes ~1 and ~0: :meth:`test_KnownShiftModel`) and a VM one (no gate volumes, the note:
     :meth:`test_NoGatesModel`); every shipped model with its variant and modality pair (:meth:`test_Models`).
 
-    The phantom thresholds for a shipped model (trained on brain MR/CT-MR, not on this two-blob phantom) are
-    the multiscale module's looser ones (:attr:`segment_dice`, :attr:`point_tolerance_mm`); not yet measured
-    with the shipped ``grad`` models (none were installed when this test was written)."""
+    The phantom thresholds for the shipped model (trained on brain MR/CT-MR, not on this two-blob phantom;
+    :attr:`segment_dice`, :attr:`point_tolerance_mm`) leave a margin over what was measured headless with
+    ``grad_mr_gated`` after the affine pre-alignment: Dice 0.735 -> 0.966 (Body 0.961, Core 0.946), points
+    within 0.52 mm."""
 
     logicClass = GradRegistrationLogic
     test_options = {}
-    segment_dice = 0.75
-    point_tolerance_mm = 3.0
+    segment_dice = 0.9
+    point_tolerance_mm = 1.5
     #: The known-shift model's transform versus the phantom's translation (mm, per coordinate).
     known_shift_tolerance_mm = 0.05
 
