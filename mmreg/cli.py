@@ -14,6 +14,7 @@
     mmreg models list|rename|delete|install
     mmreg propagate ATLAS ATLAS_LABELS TARGET... --output-dir DIR [--method multiscale] [-O refinement_steps=50]
     mmreg joint-seg --annotated IMG:LAB... --unannotated IMG... [--test IMG:LAB... --compare] --output DIR
+                    [--progress-file P.jsonl] [--stop-file STOP]
     mmreg segment MODEL_DIR IMAGE --output LABELS.nii.gz
     mmreg bench [--quick] [--cases ...] [--methods affine,ants,elastix,optimize] [--threads 2] [--repeats N]
 
@@ -301,6 +302,28 @@ def _cmd_propagate(args) -> int:
     return 0
 
 
+class _ProgressFile:
+    """The progress callback of ``joint-seg --progress-file``: JSON lines ``{"fraction", "message"}`` (at most
+    about 5 a second, plus the last), for a GUI that follows the run from another process; returns False (the
+    engine then stops with CancelledError, exit 130) once ``stop_file`` exists."""
+
+    def __init__(self, path, stop_file=None):
+        import time
+        self.path, self.stop_file, self._time, self._last = path, stop_file, time.monotonic, -1.0
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            Path(path).write_text("")
+
+    def __call__(self, fraction: float, message: str = ""):
+        if self.path and (fraction >= 1.0 or self._time() - self._last >= 0.2):
+            self._last = self._time()
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"fraction": round(float(fraction), 5), "message": message}) + "\n")
+        if self.stop_file and Path(self.stop_file).exists():
+            return False
+        return None
+
+
 def _cmd_joint_seg(args) -> int:
     from .segmentation import joint_segmentation_experiment, save_segmenter, train_joint_segmenter
     annotated = _pairs(args.annotated, "--annotated")
@@ -308,6 +331,8 @@ def _cmd_joint_seg(args) -> int:
     labels = args.labels if not args.labels or not args.labels[0].isdigit() else [int(v) for v in args.labels.split(",")]
     common = dict(labels=labels, method=args.method, model=args.model, spacing_mm=args.spacing, steps=args.steps,
                   seed=args.seed, threads=args.threads, register_options=_options(args.option), log=print)
+    if args.progress_file or args.stop_file:
+        common["progress"] = _ProgressFile(args.progress_file, args.stop_file)
     out = Path(args.output)
     if args.compare:
         if not test:
@@ -329,6 +354,11 @@ def _cmd_joint_seg(args) -> int:
         print(f"held-out mean Dice {ev['mean_dice']:.3f}")
     print(f"segmentation model written to {out}; use it: mmreg segment {out} IMAGE -o LABELS.nii.gz")
     return 0
+
+
+def _cmd_joint_seg_interruptible(args) -> int:
+    with _terminate_as_interrupt():  # `kill`'s SIGTERM stops like Ctrl-C (exit 130); the model is written last
+        return _cmd_joint_seg(args)
 
 
 def _cmd_segment(args) -> int:
@@ -472,7 +502,10 @@ def build_parser() -> argparse.ArgumentParser:
     js.add_argument("--seed", type=int, default=0)
     js.add_argument("--threads", type=int, default=None)
     js.add_argument("--option", "-O", action="append", metavar="KEY=VALUE", help="registration method option")
-    js.set_defaults(func=_cmd_joint_seg)
+    js.add_argument("--progress-file", default=None, help="append progress as JSON lines (fraction, message) to this "
+                    "file (for a GUI following the run)")
+    js.add_argument("--stop-file", default=None, help="stop (exit 130, nothing written) once this file exists")
+    js.set_defaults(func=_cmd_joint_seg_interruptible)
 
     sg = sub.add_parser("segment", help="segment an image with a model from `mmreg joint-seg`")
     sg.add_argument("model", help="segmentation model folder")
