@@ -17,6 +17,20 @@ From the Slicer Python console, without the panel::
     logic.rename_model("mi", "my_model", "liver_ct_mr"); logic.delete_model("mi", "liver_ct_mr")
 
 (``ScenePair`` is in this module: ``from RegistrationTraining import ScenePair``.)
+
+Joint registration-segmentation (the FMIRNet paper's label propagation; panel section "Joint
+registration-segmentation"): a few annotated volumes (each with a segmentation or labelmap) and many
+unannotated ones; the registration method (default ``multiscale``) propagates every annotated volume's labels
+to every unannotated one, and a segmentation U-Net is trained on the annotated plus the propagated labels, by
+``mmreg joint-seg`` in a separate process (progress, Stop: nothing is written)::
+
+    run = logic.start_joint_segmentation([(volume1, segmentation1), (volume2, labelmap2)], [volume3, volume4],
+                                         "my_segmenter", steps=400)   # method="multiscale", spacing=3.0
+    run.wait(on_events=print)          # or logic.poll_joint() from a timer; logic.stop_joint()
+    segmentation = logic.segment_volume(newVolume, "my_segmenter")   # a new segmentation node, segments by name
+
+In a shell: ``mmreg joint-seg --annotated IMG:LAB ... --unannotated IMG ... -o DIR`` and
+``mmreg segment DIR IMAGE -o LABELS``.
 """
 from __future__ import annotations
 
@@ -42,12 +56,16 @@ from MMRegCommonLib.module import configure_module
 from RegistrationTrainingLib import panelstate
 from RegistrationTrainingLib.runner import EXIT_DONE, EXIT_STOPPED, TrainingChoices, TrainingRun, child_environment
 from RegistrationTrainingLib.runner import train_command
+from RegistrationTrainingLib.jointseg import SEGMENT_NAMES, JointSegmentationRun, joint_seg_command
 
 #: Combo boxes the Widget fills at run time (bound by MMRegCommonLib.combos, not by parameterNodeWrapper).
 COMBO_PARAMETERS = ("method", "dataSource", "baseModel", "device")
 #: Parameter-node entries (outside the wrapper's fields) that hold the scene pairs.
 _PAIR_COUNT = "trainingPairCount"
 _PAIR_KEYS = ("fixed", "moving", "fixed_labels", "moving_labels")
+#: Parameter-node entries (outside the wrapper's fields) that hold the annotated volumes of the joint segmentation.
+_ANNOTATED_COUNT = "jointAnnotatedCount"
+_ANNOTATED_KEYS = ("volume", "labels")
 
 
 class RegistrationTraining(ScriptedLoadableModule):
@@ -59,7 +77,8 @@ class RegistrationTraining(ScriptedLoadableModule):
             self.parent, "RegistrationTraining", "Registration Training", "",
             "Fine-tune a learned registration method (e.g. the MI CNN) on your own image pairs, then use the new "
             "model from the method's module. Training runs in a separate process: Slicer stays usable, and a "
-            "stopped or interrupted run resumes from its last checkpoint.",
+            "stopped or interrupted run resumes from its last checkpoint. It also trains a segmentation network from "
+            "a few annotated volumes plus labels propagated by registration (joint registration-segmentation).",
             usage=(
                 "<p><b>Data</b>: add pairs of volumes from the scene (fixed, moving, and optionally a segmentation "
                 "or labelmap of each, which gives the validation Dice; segments are matched by name across pairs), "
@@ -76,7 +95,16 @@ class RegistrationTraining(ScriptedLoadableModule):
                 "method module's model selector; rename or delete it under <b>Trained models</b>.</p>"
                 "<p><b>Python console</b>: <code>logic = slicer.util.getModuleLogic('RegistrationTraining'); "
                 "run = logic.start('mi', 'manifest.csv', 'my_model', iterations=500); run.wait()</code>. "
-                "In a shell: <code>mmreg train --method mi --data manifest.csv --name my_model</code>.</p>"))
+                "In a shell: <code>mmreg train --method mi --data manifest.csv --name my_model</code>.</p>"
+                "<p><b>Joint registration-segmentation</b> (collapsed section): add a few annotated volumes with their "
+                "segmentation or labelmap and check the unannotated volumes; Start propagates the labels to the "
+                "unannotated volumes by registration (default method <code>multiscale</code>) and trains a "
+                "segmentation U-Net on the annotated and propagated labels, in a separate process (Stop writes "
+                "nothing). <b>Segment volume</b> then segments any volume with that segmenter into a new "
+                "segmentation node, segments named as in the annotations. Console: "
+                "<code>logic.start_joint_segmentation([(vol, seg)], [vol2, vol3], 'my_segmenter')</code>, "
+                "<code>logic.segment_volume(vol4, 'my_segmenter')</code>; shell: <code>mmreg joint-seg</code>, "
+                "<code>mmreg segment</code>.</p>"))
 
 
 @parameterNodeWrapper
@@ -106,6 +134,26 @@ class RegistrationTrainingParameterNode:
     smoothness: Annotated[float, WithinRange(0.0, 100.0)] = 1.0
     device: str = "auto"
     threads: Annotated[int, WithinRange(0, 256)] = 0
+    # Joint registration-segmentation (the annotated volumes and their labels are node references kept like the
+    # training pairs, see RegistrationTrainingLogic.joint_annotated).
+    jointUnannotatedVolumes: list[slicer.vtkMRMLScalarVolumeNode]
+    jointMethod: str = "multiscale"
+    jointModel: str = ""
+    jointSteps: Annotated[int, WithinRange(1, 1000000)] = 400
+    jointSpacing: Annotated[float, WithinRange(0.5, 20.0)] = 3.0
+    jointSegmenterName: str = "my_segmenter"
+    jointOutputFolder: str = ""
+    segmentVolume: slicer.vtkMRMLScalarVolumeNode
+    segmenterPath: str = ""
+
+
+@dataclass
+class AnnotatedVolume:
+    """An annotated volume of the joint registration-segmentation: a scalar ``volume`` and its ``labels``
+    (a segmentation or a labelmap volume node on it)."""
+
+    volume: object
+    labels: object
 
 
 @dataclass
@@ -144,6 +192,7 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
         ScriptedLoadableModuleLogic.__init__(self)
         self.run = None
         self._curves = {}
+        self.joint_run = None
 
     def getParameterNode(self):
         """The module's parameter node, wrapped in :class:`RegistrationTrainingParameterNode`."""
@@ -267,6 +316,41 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
                 if str(getattr(pair, key)).lower() not in ("auto", "mr", "ct"):
                     raise InputError(f"Pair {i}: {key.replace('_', ' ')} must be auto, MR or CT.")
 
+    @staticmethod
+    def label_image(node, volume, names: dict):
+        """The labels of ``node`` (a labelmap volume, resampled nearest-neighbour onto ``volume``'s grid when its
+        grid differs, values kept; or a segmentation, exported on ``volume``'s grid) as a SimpleITK image.
+
+        Segments are numbered by name: ``names`` (lower-case name -> (value, name)) is shared by all the label
+        maps of one export and grows with each new name, so the same name gets the same value everywhere.
+        """
+        import SimpleITK as sitk
+        from mmreg_slicer import bridge
+        if node.IsA("vtkMRMLLabelMapVolumeNode"):
+            image = bridge.image_from_volume_node(node)
+            reference = bridge.image_from_volume_node(volume)
+            if (image.GetSize() != reference.GetSize()
+                    or not np.allclose(image.GetOrigin(), reference.GetOrigin(), atol=1e-4)
+                    or not np.allclose(image.GetSpacing(), reference.GetSpacing(), atol=1e-6)
+                    or not np.allclose(image.GetDirection(), reference.GetDirection(), atol=1e-6)):
+                image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
+                                      image.GetPixelID())
+            return image
+        image, info = bridge.segmentation_to_labelmap_image(node, volume)
+        mapping = {}
+        for value, segment in info.items():
+            key = str(segment["name"]).strip().lower()
+            if key not in names:
+                names[key] = (len(names) + 1, str(segment["name"]))
+            mapping[int(value)] = names[key][0]
+        lut = np.zeros(max(list(mapping) + [0]) + 1, dtype=np.uint16)
+        for old, new in mapping.items():
+            lut[old] = new
+        array = lut[np.clip(sitk.GetArrayFromImage(image).astype(np.int64), 0, len(lut) - 1)]
+        remapped = sitk.GetImageFromArray(array)
+        remapped.CopyInformation(image)
+        return remapped
+
     def export_scene_pairs(self, pairs, folder, manifest_name: str = "manifest.csv") -> Path:
         """Write the pairs' images (NRRD, LPS, the nodes' own coordinates: parent transforms are not
         applied) and a manifest listing them into ``folder``; returns the manifest's path.
@@ -285,28 +369,7 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
         names = {}  # lower-case segment name -> (value, name)
 
         def labels_file(node, volume, path):
-            if node.IsA("vtkMRMLLabelMapVolumeNode"):
-                image = bridge.image_from_volume_node(node)
-                if image.GetSize() != bridge.image_from_volume_node(volume).GetSize():
-                    reference = bridge.image_from_volume_node(volume)
-                    image = sitk.Resample(image, reference, sitk.Transform(), sitk.sitkNearestNeighbor, 0,
-                                          image.GetPixelID())
-            else:
-                image, info = bridge.segmentation_to_labelmap_image(node, volume)
-                mapping = {}
-                for value, segment in info.items():
-                    key = str(segment["name"]).strip().lower()
-                    if key not in names:
-                        names[key] = (len(names) + 1, str(segment["name"]))
-                    mapping[int(value)] = names[key][0]
-                lut = np.zeros(max(list(mapping) + [0]) + 1, dtype=np.uint16)
-                for old, new in mapping.items():
-                    lut[old] = new
-                array = lut[np.clip(sitk.GetArrayFromImage(image).astype(np.int64), 0, len(lut) - 1)]
-                remapped = sitk.GetImageFromArray(array)
-                remapped.CopyInformation(image)
-                image = remapped
-            sitk.WriteImage(image, str(path), useCompression=True)
+            sitk.WriteImage(self.label_image(node, volume, names), str(path), useCompression=True)
             return str(path)
 
         rows = []
@@ -536,6 +599,236 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
                                          ["step", "mean Dice", "mean loss"])
         return nodes
 
+    # ------------------------------------------------------------------ joint registration-segmentation
+    @property
+    def joint_running(self) -> bool:
+        """True while this Logic's last joint-segmentation run has not ended (as of the last poll)."""
+        return self.joint_run is not None and self.joint_run.running
+
+    @staticmethod
+    def segmenter_folder(name: str, output=None) -> Path:
+        """Where the segmenter ``name`` is written: ``output/name`` when an output folder is given, else
+        ``<user models>/segmenters/<name>``."""
+        if output:
+            return Path(output).expanduser() / name
+        from mmreg.models import user_model_root
+        return Path(user_model_root()) / "segmenters" / name
+
+    def joint_annotated(self, parameters) -> list:
+        """The annotated volumes kept in the parameter node (left out: entries whose volume or labels were deleted)."""
+        node = _raw_node(parameters)
+        out = []
+        for i in range(int(node.GetParameter(_ANNOTATED_COUNT) or 0)):
+            nodes = {key: node.GetNodeReference(f"jointAnnotated{i}_{key}") for key in _ANNOTATED_KEYS}
+            if nodes["volume"] is not None and nodes["labels"] is not None:
+                out.append(AnnotatedVolume(**nodes))
+        return out
+
+    def set_joint_annotated(self, parameters, annotated) -> None:
+        """Keep ``annotated`` (:class:`AnnotatedVolume`) in the parameter node as node references."""
+        node = _raw_node(parameters)
+        wasModifying = node.StartModify()
+        try:
+            for i in range(int(node.GetParameter(_ANNOTATED_COUNT) or 0)):
+                for key in _ANNOTATED_KEYS:
+                    node.RemoveNodeReferenceIDs(f"jointAnnotated{i}_{key}")
+            for i, entry in enumerate(annotated):
+                for key in _ANNOTATED_KEYS:
+                    node.SetNodeReferenceID(f"jointAnnotated{i}_{key}", getattr(entry, key).GetID())
+            node.SetParameter(_ANNOTATED_COUNT, str(len(annotated)))
+        finally:
+            node.EndModify(wasModifying)
+
+    def add_joint_annotated(self, parameters, volume, labels) -> list:
+        """Check an annotated volume and append it to the parameter node's list; returns the list."""
+        entry = AnnotatedVolume(volume, labels)
+        self.check_joint_inputs([entry], [], check_labels=False)
+        entries = self.joint_annotated(parameters) + [entry]
+        self.set_joint_annotated(parameters, entries)
+        return entries
+
+    def remove_joint_annotated(self, parameters, index: int) -> list:
+        """Remove annotated volume number ``index`` (0-based) from the list; returns the rest."""
+        entries = self.joint_annotated(parameters)
+        if 0 <= index < len(entries):
+            del entries[index]
+            self.set_joint_annotated(parameters, entries)
+        return entries
+
+    @staticmethod
+    def _annotated_entries(annotated) -> list:
+        return [entry if isinstance(entry, AnnotatedVolume) else AnnotatedVolume(*entry) for entry in annotated or []]
+
+    def check_joint_inputs(self, annotated, unannotated, check_labels: bool = True) -> list:
+        """``mmreg.InputError`` naming the first unusable input; returns the annotated label images (SimpleITK,
+        on their volumes' grids) and fills nothing in the scene. ``annotated``: :class:`AnnotatedVolume` or
+        ``(volume, labels)``; ``check_labels``: also export the labels and refuse a label map with no label
+        inside its volume (a segmentation of another image, or an empty one)."""
+        from mmreg import InputError
+        annotated = self._annotated_entries(annotated)
+        if not annotated:
+            raise InputError("No annotated volume: add at least one volume with its segmentation (or labelmap).")
+
+        def scalar(node, what):
+            if node is None:
+                raise InputError(f"{what}: select the volume.")
+            if not node.IsA("vtkMRMLScalarVolumeNode") or node.IsA("vtkMRMLLabelMapVolumeNode"):
+                raise InputError(f"{what}: '{node.GetName()}' must be a scalar volume, not a {node.GetClassName()}.")
+
+        seen = set()
+        for i, entry in enumerate(annotated, start=1):
+            scalar(entry.volume, f"Annotated volume {i}")
+            if entry.labels is None:
+                raise InputError(f"Annotated volume {i} ('{entry.volume.GetName()}'): select its segmentation or "
+                                 "labelmap.")
+            if not (entry.labels.IsA("vtkMRMLSegmentationNode") or entry.labels.IsA("vtkMRMLLabelMapVolumeNode")):
+                raise InputError(f"Annotated volume {i}: the labels '{entry.labels.GetName()}' must be a segmentation "
+                                 f"or a labelmap volume, not a {entry.labels.GetClassName()}.")
+            seen.add(entry.volume.GetID())
+        for i, volume in enumerate(unannotated or [], start=1):
+            scalar(volume, f"Unannotated volume {i}")
+            if volume.GetID() in seen:
+                raise InputError(f"'{volume.GetName()}' is both an annotated and an unannotated volume.")
+        if not check_labels:
+            return []
+        import SimpleITK as sitk
+        from mmreg import MMRegError
+        names, images = {}, []
+        for i, entry in enumerate(annotated, start=1):
+            problem = (f"Annotated volume {i}: '{entry.labels.GetName()}' has no label inside the volume "
+                       f"'{entry.volume.GetName()}' (empty, or the segmentation of another image)")
+            try:
+                image = self.label_image(entry.labels, entry.volume, names)
+            except MMRegError as exc:  # e.g. a segmentation that does not overlap the volume at all
+                raise InputError(f"{problem}: {exc}") from None
+            if not np.any(sitk.GetArrayViewFromImage(image)):
+                raise InputError(problem + ".")
+            images.append(image)
+        self._joint_names = {value: name for value, name in names.values()}
+        return images
+
+    def start_joint_segmentation(self, annotated, unannotated, name: str, *, output=None, method: str = "multiscale",
+                                 model: str | None = None, steps: int = 400, spacing: float = 3.0,
+                                 threads: int | None = None, test=(), options: dict | None = None
+                                 ) -> JointSegmentationRun:
+        """Train a segmenter on the ``annotated`` volumes (:class:`AnnotatedVolume` or ``(volume, labels)``)
+        plus the ``unannotated`` volumes with the labels that ``method`` (default ``multiscale``; ``model`` its
+        model) propagates to them: ``mmreg joint-seg`` in a separate process, on the nodes exported to
+        temporary files (the nodes' own coordinates; segments numbered by name, as for the training pairs).
+
+        ``steps``: segmentation training steps; ``spacing``: segmentation grid (mm); ``test``: held-out
+        ``(volume, labels)`` scored at the end (``run.held_out_dice``); ``options``: registration method
+        options (e.g. ``{"refinement_steps": 0}``). The segmenter goes to :meth:`segmenter_folder` (only when
+        the run succeeds). Returns the running
+        :class:`~RegistrationTrainingLib.jointseg.JointSegmentationRun` (also :attr:`joint_run`); bad input
+        raises ``mmreg.InputError`` before anything is written or started.
+        """
+        import SimpleITK as sitk
+        from mmreg import InputError
+        from mmreg_slicer import bridge
+        if self.joint_running:
+            raise InputError(f"The joint segmentation '{self.joint_run.name}' is still running; stop it or wait.")
+        problem = panelstate.name_problem(name)
+        if problem:
+            raise InputError(problem.replace("model", "segmenter"))
+        if not str(method or "").strip():
+            raise InputError("Choose the registration method that propagates the labels (e.g. multiscale).")
+        for value, what, low in ((steps, "steps", 1), (spacing, "spacing", 1e-6)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            if not number or not math.isfinite(value) or value < low:
+                raise InputError(f"The segmentation {what} must be a number >= {low:g}, got {value!r}.")
+        unannotated = [v for v in (unannotated or []) if v is not None]
+        if not unannotated:
+            raise InputError("No unannotated volume: the labels are propagated to unannotated volumes; add one or "
+                             "more.")
+        annotated = self._annotated_entries(annotated)
+        test = self._annotated_entries(test)
+        label_images = self.check_joint_inputs(annotated + test, unannotated)
+        names = dict(self._joint_names)
+        out = self.segmenter_folder(name, output)
+        if out.exists():
+            raise InputError(f"A segmenter named '{name}' already exists ({out}): choose another name or delete it.")
+        work = Path(tempfile.mkdtemp(prefix=f"mmreg-jointseg-{name}-"))
+        data = work / "data"
+        data.mkdir()
+        files = []
+        for i, (entry, labels) in enumerate(zip(annotated + test, label_images), start=1):
+            image_path, labels_path = data / f"annotated{i:03d}.nrrd", data / f"annotated{i:03d}_labels.nrrd"
+            sitk.WriteImage(bridge.image_from_volume_node(entry.volume), str(image_path), useCompression=True)
+            sitk.WriteImage(labels, str(labels_path), useCompression=True)
+            files.append((str(image_path), str(labels_path)))
+        unannotated_files = []
+        for i, volume in enumerate(unannotated, start=1):
+            path = data / f"unannotated{i:03d}.nrrd"
+            sitk.WriteImage(bridge.image_from_volume_node(volume), str(path), useCompression=True)
+            unannotated_files.append(str(path))
+        label_ids = sorted(names) if names else "all"  # segmentations: every named segment; labelmaps: their ids
+        out.parent.mkdir(parents=True, exist_ok=True)
+
+        def command_for(partial, progress_file, stop_file):
+            return joint_seg_command(files[:len(annotated)], unannotated_files, partial, method=method,
+                                     model=model or None,
+                                     steps=int(steps), spacing=float(spacing), labels=label_ids, threads=threads,
+                                     test=files[len(annotated):], options=options, progress_file=progress_file,
+                                     stop_file=stop_file)
+
+        self.joint_run = JointSegmentationRun(command_for, name, out, work, segment_names=names,
+                                              env=self._environment())
+        logging.info("RegistrationTraining: %s", " ".join(self.joint_run.command))
+        return self.joint_run
+
+    def start_joint_with_parameters(self, parameters) -> JointSegmentationRun:
+        """Start the joint segmentation from the panel's parameter node (what its Start button does)."""
+        p = parameters
+        return self.start_joint_segmentation(
+            self.joint_annotated(p), [v for v in p.jointUnannotatedVolumes if v is not None], p.jointSegmenterName,
+            output=p.jointOutputFolder or None, method=p.jointMethod, model=p.jointModel or None, steps=p.jointSteps,
+            spacing=p.jointSpacing, threads=p.threads or None)
+
+    def poll_joint(self, run: JointSegmentationRun | None = None) -> list:
+        """New progress reports of the joint-segmentation run (default :attr:`joint_run`)."""
+        run = run or self.joint_run
+        return run.poll() if run is not None else []
+
+    def stop_joint(self, run: JointSegmentationRun | None = None) -> None:
+        """Ask the joint-segmentation run to stop at its next progress report (nothing is written)."""
+        run = run or self.joint_run
+        if run is not None:
+            run.stop()
+
+    def segment_volume(self, volume, segmenter, name: str | None = None):
+        """Segment ``volume`` with a segmenter of :meth:`start_joint_segmentation` (its folder, or its name in
+        the user segmenters); returns a NEW segmentation node named ``"<volume> segmentation"`` (or ``name``)
+        with one segment per label id, named as the segments it was trained on (``"Label <id>"`` when the names
+        are unknown). Runs in this process: one volume takes seconds. ``volume`` is not modified."""
+        import json
+        from mmreg import InputError
+        from mmreg.segmentation import load_segmenter, segment
+        from mmreg_slicer import bridge
+        if volume is None:
+            raise InputError("Choose the volume to segment.")
+        if not volume.IsA("vtkMRMLScalarVolumeNode") or volume.IsA("vtkMRMLLabelMapVolumeNode"):
+            raise InputError(f"'{volume.GetName()}' must be a scalar volume, not a {volume.GetClassName()}.")
+        if not str(segmenter or "").strip():
+            raise InputError("Choose the segmenter (a folder written by the joint segmentation, or its name).")
+        folder = Path(str(segmenter)).expanduser()
+        if not folder.is_dir():
+            if panelstate.name_problem(str(segmenter)) is None and self.segmenter_folder(str(segmenter)).is_dir():
+                folder = self.segmenter_folder(str(segmenter))
+            else:
+                raise InputError(f"Segmenter '{segmenter}' is neither a folder nor the name of a trained segmenter.")
+        network, card = load_segmenter(folder)
+        try:
+            names = {int(k): v for k, v in json.loads((folder / SEGMENT_NAMES).read_text()).items()}
+        except (OSError, ValueError):
+            names = {}
+        labels = segment(network, bridge.image_from_volume_node(volume), card["label_ids"], card["spacing_mm"],
+                         card.get("architecture"))
+        info = {int(v): {"name": names.get(int(v), f"Label {int(v)}"), "color": bridge._default_color(int(v))}
+                for v in card["label_ids"]}
+        return bridge.segmentation_node_from_labelmap_image(labels, slicer.mrmlScene,
+                                                            name or f"{volume.GetName()} segmentation", info)
+
     # ------------------------------------------------------------------ models
     def rename_model(self, method: str, name: str, new_name: str) -> None:
         """Rename the user model ``name`` of ``method`` (its exported training data follows)."""
@@ -580,11 +873,13 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._engine_missing = False
         self._methods = []
         self._timer = None
+        self._jointTimer = None
+        self._nodeLists = None
 
     def setup(self):
         """Load the .ui file, connect the controls, fill the run-time lists."""
         import qt
-        from MMRegCommonLib.combos import ParameterCombos
+        from MMRegCommonLib.combos import NodeListCombos, ParameterCombos
         ScriptedLoadableModuleWidget.setup(self)
         uiWidget = slicer.util.loadUI(self.resourcePath(f"UI/{self.moduleName}.ui"))
         self.layout.addWidget(uiWidget)
@@ -592,6 +887,7 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         uiWidget.setMRMLScene(slicer.mrmlScene)
         self.logic = RegistrationTrainingLogic()
         self._combos = ParameterCombos(self.ui.__dict__.values(), on_change=self._onComboChanged)
+        self._nodeLists = NodeListCombos(self.ui.__dict__.values(), on_change=lambda name: self._updateJointButtons())
 
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
         self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
@@ -601,7 +897,11 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
                              (self.ui.startButton, self.onStart), (self.ui.stopButton, self.onStop),
                              (self.ui.resumeButton, self.onResume), (self.ui.showLossButton, self.onShowLoss),
                              (self.ui.showDiceButton, self.onShowDice), (self.ui.renameButton, self.onRename),
-                             (self.ui.deleteButton, self.onDelete)):
+                             (self.ui.deleteButton, self.onDelete),
+                             (self.ui.jointAddAnnotatedButton, self.onJointAddAnnotated),
+                             (self.ui.jointRemoveAnnotatedButton, self.onJointRemoveAnnotated),
+                             (self.ui.jointStartButton, self.onJointStart), (self.ui.jointStopButton, self.onJointStop),
+                             (self.ui.segmentButton, self.onSegment)):
             button.connect("clicked(bool)", lambda checked=False, s=slot: s())
         self.ui.pairsTableWidget.setColumnCount(4)
         self.ui.pairsTableWidget.setHorizontalHeaderLabels(["Fixed", "Moving", "Fixed labels", "Moving labels"])
@@ -610,16 +910,26 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         self._timer = qt.QTimer()
         self._timer.setInterval(1000)
         self._timer.connect("timeout()", self._onTimer)
+        self.ui.jointAnnotatedTableWidget.setColumnCount(2)
+        self.ui.jointAnnotatedTableWidget.setHorizontalHeaderLabels(["Annotated volume", "Labels"])
+        self.ui.jointAnnotatedTableWidget.horizontalHeader().setSectionResizeMode(qt.QHeaderView.Stretch)
+        self.ui.jointProgressBar.value = 0
+        self._jointTimer = qt.QTimer()
+        self._jointTimer.setInterval(500)
+        self._jointTimer.connect("timeout()", self._onJointTimer)
         self.refreshChoices()
         self.initializeParameterNode()
 
     # ------------------------------------------------------------------ module life
     def cleanup(self):
         """Slicer closes: ask a running training to stop (it keeps a checkpoint; Resume continues it later)."""
-        if self._timer is not None:
-            self._timer.stop()
+        for timer in (self._timer, self._jointTimer):
+            if timer is not None:
+                timer.stop()
         if self.logic is not None and self.logic.is_running:
             self.logic.stop()
+        if self.logic is not None and self.logic.joint_running:
+            self.logic.stop_joint()  # it writes nothing: a half-trained segmenter is never left behind
         self.removeObservers()
 
     def enter(self):
@@ -656,6 +966,7 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
             self._parameterNodeGuiTag = parameterNode.connectGui(self.ui)
             self.addObserver(parameterNode.parameterNode, vtk.vtkCommand.ModifiedEvent, self._onParameterNodeModified)
         self._combos.set_parameter_node(parameterNode)
+        self._nodeLists.set_parameter_node(parameterNode)
         if parameterNode is not None:
             self._refreshModels()
             self._onParameterNodeModified()
@@ -707,8 +1018,11 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def _onParameterNodeModified(self, caller=None, event=None):
         self._combos.update()
+        self._nodeLists.update()
         self._updatePairsTable()
         self._updateButtons()
+        self._updateJointTable()
+        self._updateJointButtons()
 
     def _updatePairsTable(self):
         import qt
@@ -899,6 +1213,116 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
     def onShowDice(self):
         """Show the validation Dice curve in the view layout."""
         self._showChart("dice_chart")
+
+    # ------------------------------------------------------------------ joint registration-segmentation
+    def _updateJointTable(self):
+        import qt
+        p = self._parameterNode
+        entries = self.logic.joint_annotated(p) if p is not None else []
+        table = self.ui.jointAnnotatedTableWidget
+        table.setRowCount(len(entries))
+        for row, entry in enumerate(entries):
+            table.setItem(row, 0, qt.QTableWidgetItem(entry.volume.GetName()))
+            table.setItem(row, 1, qt.QTableWidgetItem(entry.labels.GetName()))
+
+    def _updateJointButtons(self):
+        p = self._parameterNode
+        if p is None:
+            return
+        running = self.logic.joint_running
+        annotated = len(self.logic.joint_annotated(p))
+        unannotated = len([v for v in p.jointUnannotatedVolumes if v is not None])
+        if running:
+            enabled, reason = False, "A joint segmentation runs; Stop ends it (nothing is written)."
+        elif not annotated:
+            enabled, reason = False, "Add at least one annotated volume with its segmentation or labelmap."
+        elif not unannotated:
+            enabled, reason = False, "Check at least one unannotated volume (it receives propagated labels)."
+        else:
+            problem = panelstate.name_problem(p.jointSegmenterName)
+            try:
+                where = f"; the segmenter goes to {self.logic.segmenter_folder(p.jointSegmenterName, p.jointOutputFolder or None)}"
+            except Exception:  # noqa: BLE001 - engine not loaded yet: Start installs it
+                where = ""
+            enabled, reason = (False, problem) if problem else (
+                True, f"Ready: {annotated} annotated and {unannotated} unannotated volume(s){where}.")
+        self.ui.jointStartButton.enabled, self.ui.jointStartButton.toolTip = enabled, reason
+        self.ui.jointStopButton.enabled = running
+        self.ui.segmentButton.enabled = not running and p.segmentVolume is not None
+        if not running and (self.logic.joint_run is None or self.logic.joint_run.state == "running"):
+            self.ui.jointStatusLabel.text = reason
+
+    def onJointAddAnnotated(self):
+        """Add the volume and labels chosen in the two selectors to the annotated volumes."""
+        self._guarded(lambda: self.logic.add_joint_annotated(
+            self._parameterNode, self.ui.jointAnnotatedVolumeSelector.currentNode(),
+            self.ui.jointAnnotatedLabelsSelector.currentNode()))
+
+    def onJointRemoveAnnotated(self):
+        """Remove the selected annotated volumes from the list (the nodes stay in the scene)."""
+        rows = sorted({index.row() for index in self.ui.jointAnnotatedTableWidget.selectedIndexes()}, reverse=True)
+        for row in rows:
+            self.logic.remove_joint_annotated(self._parameterNode, row)
+
+    def onJointStart(self):
+        """Export the volumes and labels and start ``mmreg joint-seg`` in a separate process."""
+        from MMRegCommonLib.dependencies import ensure_dependencies
+        ok, message = ensure_dependencies()
+        if not ok:
+            self._log(message)
+            slicer.util.warningDisplay(message)
+            return
+        run = self._guarded(lambda: self.logic.start_joint_with_parameters(self._parameterNode))
+        if run is None:
+            return
+        self._log(f"--- Joint registration-segmentation '{run.name}' (propagation: {self._parameterNode.jointMethod}; "
+                  f"segmenter to {run.output})")
+        self.ui.jointProgressBar.value = 0
+        self._jointTimer.start()
+        self._onJointTimer()
+
+    def onJointStop(self):
+        """Stop the joint segmentation at its next step; nothing is written."""
+        self.logic.stop_joint()
+        self._log("Stopping the joint segmentation (no segmenter is written)...")
+
+    def _onJointTimer(self):
+        run = self.logic.joint_run
+        if run is None:
+            self._jointTimer.stop()
+            return
+        try:
+            self.logic.poll_joint(run)
+        except Exception as exc:  # noqa: BLE001 - keep the GUI alive
+            self._log(f"Could not read the joint segmentation's progress: {exc}")
+        self.ui.jointProgressBar.value = int(round(100 * run.fraction))
+        self.ui.jointStatusLabel.text = run.status_text()
+        if run.running:
+            self._updateJointButtons()
+            return
+        self._jointTimer.stop()
+        if run.state == "done":
+            self._log(run.status_text() + f"; segment a volume with it below (segmenter '{run.name}').")
+            if self._parameterNode is not None and not self._parameterNode.segmenterPath:
+                self._parameterNode.segmenterPath = str(run.output)
+        elif run.state == "stopped":
+            self._log("Joint segmentation stopped; nothing was written.")
+        else:
+            self._log("Error: " + run.message)
+            slicer.util.errorDisplay(f"Joint segmentation '{run.name}' failed: {run.message}",
+                                     detailedText=run.console_text())
+        self._updateJointButtons()
+        self.ui.jointStatusLabel.text = run.status_text()
+
+    def onSegment(self):
+        """Segment the chosen volume with the segmenter into a new segmentation node."""
+        p = self._parameterNode
+        segmenter = p.segmenterPath.strip() or p.jointSegmenterName
+        node = self._guarded(lambda: self.logic.segment_volume(p.segmentVolume, segmenter))
+        if node is not None:
+            self._log(f"Segmented '{p.segmentVolume.GetName()}' with '{segmenter}': new segmentation "
+                      f"'{node.GetName()}' "
+                      f"({node.GetSegmentation().GetNumberOfSegments()} segments).")
 
     # ------------------------------------------------------------------ trained models
     def onRename(self):

@@ -100,6 +100,9 @@ def test_there_are_ui_files():
 def test_required_widgets_are_found_in_the_code():
     # The source scan sees the training panel's own widgets, and the shared ones for a method module.
     assert {"startButton", "pairsTableWidget", "statusLog"} <= _required_widgets("RegistrationTraining")
+    # and its joint registration-segmentation section
+    assert {"jointStartButton", "jointStopButton", "jointAnnotatedTableWidget", "jointProgressBar",
+            "segmentButton"} <= _required_widgets("RegistrationTraining")
     assert FRAMEWORK_WIDGETS <= _required_widgets("MIRegistration")
     assert "convergenceLog" in _required_widgets("LearnedMetric") and "convergenceLog" not in _required_widgets(
         "MIRegistration")
