@@ -84,6 +84,7 @@ class JointSegmentationRun:
         self.command = list(command_for(self.partial, self.progress_file, self.stop_file))
         self.state, self.fraction, self.message, self.returncode = "running", 0.0, "starting", None
         self.held_out_dice = None
+        self._terminated = False
         self.started = time.time()
         self.seconds = None
         self._offset = 0
@@ -155,7 +156,7 @@ class JointSegmentationRun:
             self.message = f"segmenter '{self.name}' written to {self.output}"
             return
         shutil.rmtree(self.partial, ignore_errors=True)
-        if code == EXIT_STOPPED or self.stop_file.exists():
+        if code == EXIT_STOPPED or self.stop_file.exists() or self._terminated:  # also killed before its handler
             self.state, self.message = "stopped", "stopped; nothing was written"
         else:
             self.state, self.message = "error", self.error_message()
@@ -169,6 +170,7 @@ class JointSegmentationRun:
     def terminate(self) -> None:
         """End the process now (SIGTERM: it stops as for :meth:`stop`)."""
         if self.returncode is None and self.process.poll() is None:
+            self._terminated = True
             self.process.terminate()
 
     def wait(self, timeout: float | None = None, interval: float = 0.2, on_events=None) -> int:
