@@ -1241,7 +1241,8 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
         else:
             problem = panelstate.name_problem(p.jointSegmenterName)
             try:
-                where = f"; the segmenter goes to {self.logic.segmenter_folder(p.jointSegmenterName, p.jointOutputFolder or None)}"
+                folder = self.logic.segmenter_folder(p.jointSegmenterName, p.jointOutputFolder or None)
+                where = f"; the segmenter goes to {folder}"
             except Exception:  # noqa: BLE001 - engine not loaded yet: Start installs it
                 where = ""
             enabled, reason = (False, problem) if problem else (
@@ -1316,9 +1317,19 @@ class RegistrationTrainingWidget(ScriptedLoadableModuleWidget, VTKObservationMix
 
     def onSegment(self):
         """Segment the chosen volume with the segmenter into a new segmentation node."""
+        import qt
         p = self._parameterNode
-        segmenter = p.segmenterPath.strip() or p.jointSegmenterName
-        node = self._guarded(lambda: self.logic.segment_volume(p.segmentVolume, segmenter))
+        segmenter = p.segmenterPath.strip()
+        if not segmenter:  # the segmenter named in the section above, where Start writes it
+            segmenter = self._guarded(lambda: str(self.logic.segmenter_folder(p.jointSegmenterName,
+                                                                              p.jointOutputFolder or None)))
+            if segmenter is None:
+                return
+        qt.QApplication.setOverrideCursor(qt.Qt.WaitCursor)  # seconds: one volume, in this process
+        try:
+            node = self._guarded(lambda: self.logic.segment_volume(p.segmentVolume, segmenter))
+        finally:
+            qt.QApplication.restoreOverrideCursor()
         if node is not None:
             self._log(f"Segmented '{p.segmentVolume.GetName()}' with '{segmenter}': new segmentation "
                       f"'{node.GetName()}' "
