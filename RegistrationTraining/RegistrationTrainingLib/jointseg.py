@@ -134,6 +134,7 @@ class JointSegmentationRun:
         return events
 
     def _finish(self, code: int) -> None:
+        shutil.rmtree(self.work_folder / "data", ignore_errors=True)  # the exported copies; the console output stays
         if code == EXIT_DONE and (self.partial / "segmenter.json").is_file():
             try:
                 (self.partial / SEGMENT_NAMES).write_text(json.dumps(

@@ -130,6 +130,7 @@ def test_a_stopped_run_writes_no_segmenter_and_says_stopped(module, scene):
     assert run.wait(timeout=300, interval=0.1, on_events=stop_in_training) == 130, run.console_text()
     assert run.state == "stopped" and "nothing was written" in run.status_text()
     assert not logic.joint_running
+    assert not (run.work_folder / "data").exists() and run.console_path.is_file()  # exported copies removed
     folder = logic.segmenter_folder("stopped_segmenter")
     assert not folder.exists()
     assert not [p for p in folder.parent.iterdir() if ".partial-" in p.name]
