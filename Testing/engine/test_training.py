@@ -65,7 +65,7 @@ def tiny(tmp_path, **kw) -> dict:
     ({"steps": "many"}, "steps must be an integer"),
     ({"learning_rate": -1}, "learning_rate must be > 0"),
     ({"diffeomorphic": 1}, "true or false"),
-    ({"method": "grad"}, "cannot be trained"),
+    ({"method": "optimize"}, "cannot be trained"),
     ({"grid_size": [30, 32, 32]}, "multiples of 16"),
     ({"data": {"sources": {"t1_t1": 0, "t1_template": 0, "t1_synth": 0}}}, "positive sum"),
     ({"data": {"validation_subjects": ["IXI012"], "training_subjects": ["IXI012", "IXI013"]}}, "held-out"),
@@ -308,7 +308,7 @@ def test_missing_sources_are_input_errors(tmp_path):
     data = TrainingData(grid(), [blob("a")], [], {})
     with pytest.raises(InputError, match="t1_t1 needs at least 2"):
         train(config_from_dict(tiny(tmp_path, data={"sources": {"t1_t1": 1.0}})), data)
-    with pytest.raises(InputError, match="T2/PD templates"):
+    with pytest.raises(InputError, match="t1_template needs templates"):
         train(config_from_dict(tiny(tmp_path, data={"sources": {"t1_template": 1.0}})), data)
 
 
