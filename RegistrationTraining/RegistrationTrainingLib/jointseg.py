@@ -18,7 +18,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .runner import EXIT_DONE, EXIT_STOPPED, python_executable
+from .runner import EXIT_DONE, EXIT_STOPPED, python_executable, wait_for
 
 #: Names of the segments, written beside the segmenter (``{"1": "Body", ...}``; label id -> segment name).
 SEGMENT_NAMES = "labels.json"
@@ -177,16 +177,7 @@ class JointSegmentationRun:
     def wait(self, timeout: float | None = None, interval: float = 0.2, on_events=None) -> int:
         """Poll until the process ends; returns its exit code (``on_events(events)`` for each non-empty batch).
         :class:`TimeoutError` after ``timeout`` seconds (the run goes on)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            events = self.poll()
-            if events and on_events is not None:
-                on_events(events)
-            if self.returncode is not None:
-                return self.returncode
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"Joint segmentation '{self.name}' still runs after {timeout:.0f} s.")
-            time.sleep(interval)
+        return wait_for(self, f"Joint segmentation '{self.name}'", timeout, interval, on_events)
 
     def status_text(self) -> str:
         """One line for the panel's status label."""

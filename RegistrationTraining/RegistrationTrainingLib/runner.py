@@ -30,6 +30,23 @@ EXIT_DONE, EXIT_BAD_INPUT, EXIT_STOPPED = 0, 2, 130
 _DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
+def wait_for(run, what: str, timeout: float | None = None, interval: float = 0.2, on_events=None) -> int:
+    """Poll ``run`` (anything with ``poll() -> events`` and ``returncode``: a training or joint-segmentation
+    run) every ``interval`` seconds until its process ends; returns the exit code. ``on_events(events)`` is
+    called with each non-empty batch. :class:`TimeoutError` naming ``what`` after ``timeout`` seconds (the
+    run goes on)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        events = run.poll()
+        if events and on_events is not None:
+            on_events(events)
+        if run.returncode is not None:
+            return run.returncode
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"{what} still runs after {timeout:.0f} s.")
+        time.sleep(interval)
+
+
 def python_executable(executable: str | None = None, which=shutil.which) -> str:
     """The Python interpreter for the training process.
 
@@ -235,16 +252,7 @@ class TrainingRun:
     def wait(self, timeout: float | None = None, interval: float = 0.2, on_events=None) -> int:
         """Poll until the process ends; returns its exit code. ``on_events(events)`` is called with
         each non-empty batch. :class:`TimeoutError` after ``timeout`` seconds (the run goes on)."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while True:
-            events = self.poll()
-            if events and on_events is not None:
-                on_events(events)
-            if self.returncode is not None:
-                return self.returncode
-            if deadline is not None and time.monotonic() > deadline:
-                raise TimeoutError(f"Training '{self.name}' still runs after {timeout:.0f} s.")
-            time.sleep(interval)
+        return wait_for(self, f"Training '{self.name}'", timeout, interval, on_events)
 
     def console_text(self, max_chars: int = 20000) -> str:
         """The end of the process's console output (its errors and warnings)."""
