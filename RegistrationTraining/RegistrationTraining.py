@@ -172,6 +172,37 @@ class ScenePair:
     split: str = ""
 
 
+def _read_reference_list(parameters, prefix: str, count_key: str, keys, required) -> list:
+    """A list kept in the parameter node as node references ``<prefix><i>_<key>`` (its length in ``count_key``):
+    one ``{key: node or None}`` per entry, leaving out entries where a ``required`` node was deleted."""
+    node = _raw_node(parameters)
+    out = []
+    for i in range(int(node.GetParameter(count_key) or 0)):
+        refs = {key: node.GetNodeReference(f"{prefix}{i}_{key}") for key in keys}
+        if all(refs[key] is not None for key in required):
+            out.append(refs)
+    return out
+
+
+def _write_reference_list(parameters, prefix: str, count_key: str, keys, entries) -> None:
+    """Keep ``entries`` (objects with attributes ``keys``, each a node or None) in the parameter node as node
+    references (saved and restored with the scene), replacing the list there; one Modified event in all."""
+    node = _raw_node(parameters)
+    wasModifying = node.StartModify()  # one Modified event for the whole list (the panel redraws once)
+    try:
+        for i in range(int(node.GetParameter(count_key) or 0)):
+            for key in keys:
+                node.RemoveNodeReferenceIDs(f"{prefix}{i}_{key}")
+        for i, entry in enumerate(entries):
+            for key in keys:
+                value = getattr(entry, key)
+                if value is not None:
+                    node.SetNodeReferenceID(f"{prefix}{i}_{key}", value.GetID())
+        node.SetParameter(count_key, str(len(entries)))
+    finally:
+        node.EndModify(wasModifying)
+
+
 def _raw_node(parameters):
     """The ``vtkMRMLScriptedModuleNode`` behind a parameterNodeWrapper (or the node itself)."""
     return getattr(parameters, "parameterNode", parameters)
@@ -248,31 +279,12 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
     # ------------------------------------------------------------------ scene pairs
     def scene_pairs(self, parameters) -> list:
         """The pairs kept in the parameter node (pairs whose fixed or moving volume was deleted are left out)."""
-        node = _raw_node(parameters)
-        count = int(node.GetParameter(_PAIR_COUNT) or 0)
-        pairs = []
-        for i in range(count):
-            nodes = {key: node.GetNodeReference(f"trainingPair{i}_{key}") for key in _PAIR_KEYS}
-            if nodes["fixed"] is not None and nodes["moving"] is not None:
-                pairs.append(ScenePair(**nodes))
-        return pairs
+        return [ScenePair(**refs) for refs in _read_reference_list(parameters, "trainingPair", _PAIR_COUNT, _PAIR_KEYS,
+                                                                   required=("fixed", "moving"))]
 
     def set_scene_pairs(self, parameters, pairs) -> None:
         """Keep ``pairs`` in the parameter node as node references (saved and restored with the scene)."""
-        node = _raw_node(parameters)
-        wasModifying = node.StartModify()  # one Modified event for the whole list (the panel redraws once)
-        try:
-            for i in range(int(node.GetParameter(_PAIR_COUNT) or 0)):
-                for key in _PAIR_KEYS:
-                    node.RemoveNodeReferenceIDs(f"trainingPair{i}_{key}")
-            for i, pair in enumerate(pairs):
-                for key in _PAIR_KEYS:
-                    value = getattr(pair, key)
-                    if value is not None:
-                        node.SetNodeReferenceID(f"trainingPair{i}_{key}", value.GetID())
-            node.SetParameter(_PAIR_COUNT, str(len(pairs)))
-        finally:
-            node.EndModify(wasModifying)
+        _write_reference_list(parameters, "trainingPair", _PAIR_COUNT, _PAIR_KEYS, pairs)
 
     def add_scene_pair(self, parameters, pair: ScenePair) -> list:
         """Check ``pair`` and append it to the parameter node's pairs; returns all pairs."""
@@ -616,28 +628,12 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
 
     def joint_annotated(self, parameters) -> list:
         """The annotated volumes kept in the parameter node (left out: entries whose volume or labels were deleted)."""
-        node = _raw_node(parameters)
-        out = []
-        for i in range(int(node.GetParameter(_ANNOTATED_COUNT) or 0)):
-            nodes = {key: node.GetNodeReference(f"jointAnnotated{i}_{key}") for key in _ANNOTATED_KEYS}
-            if nodes["volume"] is not None and nodes["labels"] is not None:
-                out.append(AnnotatedVolume(**nodes))
-        return out
+        return [AnnotatedVolume(**refs) for refs in _read_reference_list(
+            parameters, "jointAnnotated", _ANNOTATED_COUNT, _ANNOTATED_KEYS, required=_ANNOTATED_KEYS)]
 
     def set_joint_annotated(self, parameters, annotated) -> None:
         """Keep ``annotated`` (:class:`AnnotatedVolume`) in the parameter node as node references."""
-        node = _raw_node(parameters)
-        wasModifying = node.StartModify()
-        try:
-            for i in range(int(node.GetParameter(_ANNOTATED_COUNT) or 0)):
-                for key in _ANNOTATED_KEYS:
-                    node.RemoveNodeReferenceIDs(f"jointAnnotated{i}_{key}")
-            for i, entry in enumerate(annotated):
-                for key in _ANNOTATED_KEYS:
-                    node.SetNodeReferenceID(f"jointAnnotated{i}_{key}", getattr(entry, key).GetID())
-            node.SetParameter(_ANNOTATED_COUNT, str(len(annotated)))
-        finally:
-            node.EndModify(wasModifying)
+        _write_reference_list(parameters, "jointAnnotated", _ANNOTATED_COUNT, _ANNOTATED_KEYS, annotated)
 
     def add_joint_annotated(self, parameters, volume, labels) -> list:
         """Check an annotated volume and append it to the parameter node's list; returns the list."""
