@@ -173,6 +173,33 @@ class MetricTrainConfig:
 
 
 @dataclass
+class DisentangledTrainConfig:
+    """``[disentangled]`` of the config: the two training stages of method ``disentangled``.
+
+    ``stage``: "rdm" (the representation disentangling model: unpaired images of the two domains,
+    :func:`mmreg.rdm.rdm_losses`) or "registration" (the registration network with the RDM of
+    ``rdm_model`` frozen, :func:`mmreg.methods.disentangled.training_loss`). Domain a is the fixed
+    image of every training pair (an IXI T1), domain b the moving one (the template of
+    ``data.template_modalities``); ``architecture.domains`` names them. ``rdm_model``: a
+    ``disentangled`` model name or folder (its RDM is used), or a ``.pt`` file of its weights.
+    ``reconstruction_weight``, ``latent_weight``, ``cycle_weight``, ``adversarial_weight``: the RDM
+    losses (the paper: 10, 1, 10, 1); ``crop_voxels``: the RDM trains on random cubes of this size
+    (voxels of the training grid; 0: whole volumes). ``content_weight``, ``msd_weight``: the
+    registration stage (the paper: 1, 5; ``smoothness`` weighs each field's regulariser).
+    """
+
+    stage: str = "registration"
+    rdm_model: str | None = None
+    reconstruction_weight: float = 10.0
+    latent_weight: float = 1.0
+    cycle_weight: float = 10.0
+    adversarial_weight: float = 1.0
+    crop_voxels: int = 32
+    content_weight: float = 1.0
+    msd_weight: float = 5.0
+
+
+@dataclass
 class TrainConfig:
     """A training run (read from TOML with :func:`load_config`; every field has a default).
 
@@ -228,6 +255,7 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     metric: MetricTrainConfig = field(default_factory=MetricTrainConfig)
+    disentangled: DisentangledTrainConfig = field(default_factory=DisentangledTrainConfig)
 
     def to_dict(self) -> dict:
         """JSON/TOML-friendly dict (nested sections as dicts)."""
@@ -278,7 +306,7 @@ def config_of_run(output: str | os.PathLike, **overrides) -> TrainConfig:
                          "start one with --data MANIFEST or a config.")
     saved = load_checkpoint(path)["config"]
     table = {k: v for k, v in saved.items() if v is not None and not isinstance(v, dict)}  # None = the default
-    for section in ("data", "augment", "architecture", "metric"):
+    for section in ("data", "augment", "architecture", "metric", "disentangled"):
         table[section] = {k: v for k, v in (saved.get(section) or {}).items() if v is not None}
     bad = sorted(k for k, v in overrides.items() if v is not None and k not in _RESUMABLE)
     if bad:
@@ -329,7 +357,7 @@ def _fill(cls, table: dict, where: str):
     defaults = cls()
     values = {}
     for key, value in table.items():
-        if key in ("data", "augment", "metric") and cls is TrainConfig:
+        if key in ("data", "augment", "metric", "disentangled") and cls is TrainConfig:
             continue
         values[key] = _check_type(where, key, value, getattr(defaults, key))
     return values
@@ -340,12 +368,14 @@ def config_from_dict(table: dict) -> TrainConfig:
     if not isinstance(table, dict):
         raise InputError("The training config must be a TOML table.")
     top = _fill(TrainConfig, table, "")
-    for section in ("data", "augment", "metric"):
+    for section in ("data", "augment", "metric", "disentangled"):
         if section in table and not isinstance(table[section], dict):
             raise InputError(f"[{section}] must be a table in the training config.")
     data = DataConfig(**_fill(DataConfig, table.get("data", {}), "data."))
     augment = AugmentConfig(**_fill(AugmentConfig, table.get("augment", {}), "augment."))
     metric = MetricTrainConfig(**_fill(MetricTrainConfig, table.get("metric", {}), "metric."))
+    disentangled = DisentangledTrainConfig(**_fill(DisentangledTrainConfig, table.get("disentangled", {}),
+                                                   "disentangled."))
     method = top.get("method", TrainConfig.method)
     try:
         defaults = training_spec(method).default_settings or {}
@@ -353,7 +383,7 @@ def config_from_dict(table: dict) -> TrainConfig:
         defaults = {}  # an unknown method: validate_config names it
     for key, value in defaults.items():  # the method's own defaults where the config is silent
         top.setdefault(key, value)
-    cfg = TrainConfig(**top, data=data, augment=augment, metric=metric)
+    cfg = TrainConfig(**top, data=data, augment=augment, metric=metric, disentangled=disentangled)
     validate_config(cfg)
     return cfg
 
@@ -404,6 +434,8 @@ def validate_config(cfg: TrainConfig) -> None:
         fc = arch.get("final_conv_channels")
         need(isinstance(fc, list) and len(fc) >= 1 and all(isinstance(c, int) and c > 0 for c in fc),
              f"architecture.final_conv_channels must be a non-empty list of positive integers, got {fc!r}.")
+    if spec.check_config is not None:
+        spec.check_config(cfg)
     multiple = network_multiple(cfg.method, arch)
     if cfg.grid_size:
         need(len(cfg.grid_size) == 3 and all(isinstance(s, int) and s > 0 and s % multiple == 0 for s in cfg.grid_size),
@@ -1145,6 +1177,11 @@ def validation_score(v: dict) -> float:
     return v["mean_dice"] if v.get("mean_dice") is not None else -v["mean_loss"]
 
 
+def _network_argument(spec, network) -> dict:
+    """``{"network": network}`` for a loss that reads parts of the network (``spec.loss_needs_network``), else {}."""
+    return {"network": network} if spec.loss_needs_network else {}
+
+
 def validate(network, pairs: list, cfg: TrainConfig, device, with_identity: bool = False) -> dict:
     """Validation numbers of ``network`` over ``pairs`` (from :func:`validation_pairs`).
 
@@ -1167,12 +1204,14 @@ def validate(network, pairs: list, cfg: TrainConfig, device, with_identity: bool
             fixed, moving = p["fixed"].to(device), p["moving"].to(device)
             output = network(torch.cat([fixed, moving], dim=1))
             ddf = spec.displacement(output, cfg)
-            loss, _ = spec.loss(fixed, moving, output, cfg, torch.Generator().manual_seed(0))
+            loss, _ = spec.loss(fixed, moving, output, cfg, torch.Generator().manual_seed(0),
+                                **_network_argument(spec, network))
             losses.append(float(loss))
             folds.append(_folding_percent(ddf))
             entry = {"dice": None, "loss": losses[-1], "folding_percent": folds[-1]}
             if with_identity:
-                loss0, _ = spec.loss(fixed, moving, torch.zeros_like(output), cfg, torch.Generator().manual_seed(0))
+                loss0, _ = spec.loss(fixed, moving, torch.zeros_like(output), cfg, torch.Generator().manual_seed(0),
+                                     **_network_argument(spec, network))
                 entry["loss_identity"] = float(loss0)
                 losses_before.append(float(loss0))
             if p.get("fixed_labels") is not None and p.get("moving_labels") is not None:
@@ -1279,6 +1318,7 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
     now["data"].pop("root", None), saved["data"].pop("root", None)
     now["data"].pop("cache_dir", None), saved["data"].pop("cache_dir", None)
     saved.setdefault("metric", now["metric"] if now["method"] != "metric" else None)  # older runs had no [metric]
+    saved.setdefault("disentangled", now["disentangled"] if now["method"] != "disentangled" else None)
     for d in (now["data"], saved["data"]):  # keys added later: absent in older checkpoints = their defaults
         d.setdefault("manifest", None), d.setdefault("validation_fraction", 0.2), d.setdefault("prealign", "affine")
     diff = sorted(k for k in set(now) | set(saved) if k not in _RESUMABLE and now.get(k) != saved.get(k))
@@ -1450,7 +1490,8 @@ def train(cfg: TrainConfig, data: TrainingData | None = None, *, resume: bool = 
     t_start = time.perf_counter()
     validate_config(cfg)
     spec = training_spec(cfg.method)
-    if spec.trainer is not None:  # a method with its own training procedure (the learned metric)
+    if spec.trainer is not None and (spec.use_trainer is None or spec.use_trainer(cfg)):
+        # a method (or stage) with its own training procedure: the learned metric, the RDM of ``disentangled``
         return spec.trainer(cfg, data, resume=resume, progress=progress, log=log)
     rank, world, dist_here = _distributed_setup(cfg.device)
     main = rank == 0
@@ -1516,7 +1557,9 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
     network = spec.build_network(arch).to(device)
     network.train()
     base_description = start_from_base_model(network, cfg, device, say) if not resume else None
-    optimizer = torch.optim.Adam(network.parameters(), lr=cfg.learning_rate)
+    if spec.prepare_network is not None:  # e.g. load and freeze the parts another stage trained
+        spec.prepare_network(network, cfg, device, say)
+    optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=cfg.learning_rate)
     history = {"loss": [], "source": [], "seconds_per_step": [], "validation": [], "best": None, "wall_seconds": 0.0,
                "base_model": base_description, "skipped_steps": 0}
     step = 0
@@ -1651,7 +1694,7 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
             parts_sum: dict = {}
             for k, index in enumerate(indices):  # per pair: its loss randomness does not depend on the batch
                 item_loss, parts = spec.loss(fixed[k:k + 1], moving[k:k + 1], output[k:k + 1], cfg,
-                                             loss_generator(cfg.seed, step, index))
+                                             loss_generator(cfg.seed, step, index), **_network_argument(spec, network))
                 loss = loss + item_loss / local
                 for key, value in parts.items():
                     parts_sum[key] = parts_sum.get(key, 0.0) + value / local

@@ -17,9 +17,10 @@ _METHODS = {
     "metric": "mmreg.methods.metric:LearnedMetricRegistration",
     "multiscale": "mmreg.methods.multiscale:MultiscaleRegistration",
     "grad": "mmreg.methods.grad:GradRegistration",
+    "disentangled": "mmreg.methods.disentangled:DisentangledRegistration",
 }
 #: Names reserved for methods that later releases add (shown in error messages).
-PLANNED = ("disentangled",)
+PLANNED: tuple = ()
 
 
 def method_names() -> list:

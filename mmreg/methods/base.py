@@ -67,7 +67,13 @@ class TrainingSpec:
     ``displacement`` may be None), ``check_architecture(architecture)`` (raises InputError) and
     ``size_multiple(architecture) -> int``. ``default_settings``: top-level config values of this
     method that differ from :class:`mmreg.training.TrainConfig`'s defaults (e.g. its optimiser's
-    learning rate and batch size), used where a config does not set them.
+    learning rate and batch size), used where a config does not set them. ``use_trainer(cfg) -> bool``:
+    whether ``trainer`` trains this config (None: always), e.g. only the first of two stages.
+    ``prepare_network(network, cfg, device, say)``: called after the network is built (and any base
+    model loaded), e.g. to load and freeze the parts an earlier stage trained (frozen parameters are
+    not optimised). ``loss_needs_network``: ``loss`` is also given ``network=`` (the unwrapped
+    network), for objectives that read its frozen parts. ``check_config(cfg)``: raises InputError
+    for settings this method cannot train with (called by :func:`mmreg.training.validate_config`).
     """
 
     build_network: object
@@ -80,6 +86,10 @@ class TrainingSpec:
     check_architecture: object = None
     size_multiple: object = None
     default_settings: dict | None = None
+    use_trainer: object = None
+    prepare_network: object = None
+    loss_needs_network: bool = False
+    check_config: object = None
 
 
 class RegistrationMethod(abc.ABC):
