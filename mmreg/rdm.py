@@ -192,7 +192,7 @@ def lsgan(prediction: torch.Tensor, real: bool) -> torch.Tensor:
 
 
 def rdm_losses(rdm: RepresentationModel, discriminators: nn.ModuleList, x_a: torch.Tensor, x_b: torch.Tensor,
-               weights: dict) -> tuple:
+               weights: dict, aligned: bool = False) -> tuple:
     """The RDM objectives for a batch of unpaired images ``x_a`` (domain a) and ``x_b`` (domain b), ``(B, 1, *spatial)``.
 
     Returns ``(generator_loss, discriminator_loss, parts)``. Generator (encoders + generators):
@@ -201,6 +201,9 @@ def rdm_losses(rdm: RepresentationModel, discriminators: nn.ModuleList, x_a: tor
     then ``x_aba = G_a(E_c_b(x_ab), E_s_a(x_ba))``) + ``adversarial * LSGAN(D(x_ab), D(x_ba) as real)``, the
     discriminators' parameters not receiving that term's gradient. Discriminator: LSGAN of real images vs the
     (detached) translations. ``weights``: "reconstruction", "latent", "cycle", "adversarial" (the paper: 10, 1, 10, 1).
+    ``aligned``: ``x_a`` and ``x_b`` show the same anatomy at the same place (e.g. the avg152 T1 and T2
+    templates): then ``weights["paired"] * (|x_ab - x_b| + |x_ba - x_a|)`` is added (supervised translation; not
+    in the paper, whose RDM is unpaired; see :class:`mmreg.training.DisentangledTrainConfig`).
     ``parts``: floats for the log (L1 terms are mean absolute differences of [0, 1] images).
     """
     c_a, s_a = rdm.encode(x_a, 0)
@@ -218,9 +221,15 @@ def rdm_losses(rdm: RepresentationModel, discriminators: nn.ModuleList, x_a: tor
            + lsgan(torch.func.functional_call(discriminators[0], frozen[0], (x_ba,)), True))
     g_loss = (weights["reconstruction"] * rec + weights["latent"] * latent + weights["cycle"] * cycle
               + weights["adversarial"] * adv)
+    paired = None
+    if aligned and weights.get("paired", 0.0) > 0:
+        paired = (x_ab - x_b).abs().mean() + (x_ba - x_a).abs().mean()
+        g_loss = g_loss + weights["paired"] * paired
     d_loss = (lsgan(discriminators[0](x_a), True) + lsgan(discriminators[0](x_ba.detach()), False)
               + lsgan(discriminators[1](x_b), True) + lsgan(discriminators[1](x_ab.detach()), False))
     parts = {"reconstruction": float(rec.detach()) / 2, "latent": float(latent.detach()) / 4,
              "cycle": float(cycle.detach()) / 2, "adversarial": float(adv.detach()) / 2,
              "discriminator": float(d_loss.detach()) / 4}
+    if paired is not None:
+        parts["paired"] = float(paired.detach()) / 2
     return g_loss, d_loss, parts

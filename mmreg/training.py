@@ -186,6 +186,10 @@ class DisentangledTrainConfig:
     losses (the paper: 10, 1, 10, 1); ``crop_voxels``: the RDM trains on random cubes of this size
     (voxels of the training grid; 0: whole volumes). ``content_weight``, ``msd_weight``: the
     registration stage (the paper: 1, 5; ``smoothness`` weighs each field's regulariser).
+    ``paired_weight`` and ``paired_fraction``: not in the paper (its RDM is unpaired): that share of
+    the RDM's steps draws an ALIGNED pair instead (the avg152 T1 template and the domain-b template,
+    the same augmentation and crop for both) and adds ``paired_weight`` x the L1 difference between
+    each translation and the real image of the other modality (0: unpaired only, as the paper).
     """
 
     stage: str = "registration"
@@ -195,6 +199,8 @@ class DisentangledTrainConfig:
     cycle_weight: float = 10.0
     adversarial_weight: float = 1.0
     crop_voxels: int = 32
+    paired_weight: float = 0.0
+    paired_fraction: float = 0.5
     content_weight: float = 1.0
     msd_weight: float = 5.0
 

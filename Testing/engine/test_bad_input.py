@@ -165,8 +165,6 @@ def test_label_map_same_size_other_origin(fixed, moving, which):
 def test_unknown_method(fixed, moving):
     expect_input_error("unknown registration method", "'nosuch'", "optimize", fixed=fixed, moving=moving,
                        method="nosuch")
-    # A planned method name says it is planned.
-    expect_input_error("planned", fixed=fixed, moving=moving, method="disentangled")
 
 
 def test_unknown_option(fixed, moving):

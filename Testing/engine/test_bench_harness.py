@@ -276,3 +276,14 @@ def test_learned_method_and_refinement_are_recorded_in_the_model_card(case, iden
     # the report says which cases contain the model's training subjects
     text = (tmp_path / "b.md").read_text()
     assert f"the cases {case.name} contain training subjects" in text
+
+
+def test_swapped_cases_exchange_images_labels_and_modalities(shared_data):
+    from mmreg.bench.cases import build_cases, swapped_case
+    (plain,) = build_cases("ixi-template:T2", shared_data)
+    assert [c.name for c in build_cases("swap:ixi-template:T2", shared_data)] == [plain.name + "~swapped"]
+    swapped = swapped_case(plain)
+    assert swapped.name == plain.name + "~swapped" and swapped.info["swapped"] is True
+    assert swapped.fixed is plain.moving and swapped.moving is plain.fixed
+    assert swapped.fixed_labels is plain.moving_labels and swapped.moving_labels is plain.fixed_labels
+    assert swapped.true_displacement is None and swapped.scored_labels() == plain.scored_labels()

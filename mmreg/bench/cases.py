@@ -524,8 +524,20 @@ CASE_SETS = {
 
 SPEC_HELP = ("case specs: ixi[:N] (first N IXI T1-T1 pairs, default 5), template:T2|PD[:SEED] (known deformation), "
              "ct[:SEED] (CT template <- warped avg152T1), ixi-template:T2|PD (IXI012 <- avg152T2/PD), spine (spinal cord "
-             "T2 <- T1), abdomen (abdominal MR <- CT), or a set: "
+             "T2 <- T1), abdomen (abdominal MR <- CT), swap:SPEC (the same pairs the other way round), or a set: "
              + ", ".join(f"{k} = {' '.join(v)}" for k, v in CASE_SETS.items()))
+
+
+def swapped_case(case: Case) -> Case:
+    """The same pair the other way round: the moving image (and labels) fixed, the fixed one moving.
+
+    For the methods that register either direction (``disentangled``: T2 fixed, T1 moving). No ground-truth
+    displacement (the original's lies on the other grid); scored by the labels only."""
+    return Case(name=f"{case.name}~swapped", group=f"{case.group} (swapped)", fixed=case.moving, moving=case.fixed,
+                fixed_labels=case.moving_labels, moving_labels=case.fixed_labels, label_ids=case.label_ids,
+                mono_modal=case.mono_modal, label_names=case.label_names, true_displacement=None, fixed_mask=None,
+                fixed_modality=case.moving_modality, moving_modality=case.fixed_modality,
+                notes=f"swapped: {case.notes}", info=dict(case.info, swapped=True))
 
 
 def build_cases(specs, root: str | os.PathLike | None = None) -> list:
@@ -537,6 +549,9 @@ def build_cases(specs, root: str | os.PathLike | None = None) -> list:
     for tok in tokens:
         if tok in CASE_SETS:
             out.extend(build_cases(CASE_SETS[tok], root))
+            continue
+        if tok.lower().startswith("swap:") and len(tok) > 5:
+            out.extend(swapped_case(c) for c in build_cases(tok[5:], root))
             continue
         parts = tok.split(":")
         kind = parts[0].lower()

@@ -133,9 +133,14 @@ def check_config(cfg) -> None:
         raise InputError("Training config: the registration stage needs the trained RDM: set disentangled.rdm_model to "
                          "the model of the \"rdm\" stage (name, folder or .pt), or base_model to a full model.")
     for key in ("reconstruction_weight", "latent_weight", "cycle_weight", "adversarial_weight", "content_weight",
-                "msd_weight"):
+                "msd_weight", "paired_weight"):
         if getattr(d, key) < 0:
             raise InputError(f"Training config: disentangled.{key} must be >= 0, got {getattr(d, key)}.")
+    if not 0.0 <= d.paired_fraction <= 1.0:
+        raise InputError(f"Training config: disentangled.paired_fraction must be in [0, 1], got {d.paired_fraction}.")
+    if d.paired_weight > 0 and cfg.data.manifest:
+        raise InputError("Training config: disentangled.paired_weight needs the aligned avg152 templates; a manifest's "
+                         "pairs are not aligned voxel by voxel. Set paired_weight = 0 to train the RDM unpaired on them.")
     if d.crop_voxels < 0:
         raise InputError(f"Training config: disentangled.crop_voxels must be >= 0 (0: whole volumes), got {d.crop_voxels}.")
     if not cfg.data.manifest:
@@ -309,14 +314,12 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
     from ..networks import parameter_count  # noqa: PLC0415
     from ..progress import Progress  # noqa: PLC0415
     from ..training import (PairSampler, RunFiles, TrainResult, _check_resume, _set_rng_state,  # noqa: PLC0415
-                            load_checkpoint, pair_rng, prepare_ixi, run_paths, save_checkpoint)
+                            load_checkpoint, pair_rng, prepare_ixi, prepare_manifest, run_paths,
+                            save_checkpoint)
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise InputError("The RDM stage trains in one process; run it without torchrun.")
-    if cfg.data.manifest:
-        raise InputError("The RDM stage trains from the shared data (IXI T1 and a template modality); a manifest is "
-                         "used by the registration stage only.")
     device = choose_device(cfg.device)
     threads = set_threads(cfg.threads)
     prog = Progress(progress)
@@ -329,16 +332,25 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
             log(line)
 
     try:
-        if data is None:
+        if data is None and cfg.data.manifest:  # a user's pairs: fixed images = domain a, moving = domain b
+            data = prepare_manifest(cfg, prog.sub(0.0, 0.05), say)
+        elif data is None:
             # with the avg152 T1 template too (aligned with the domain-b template): the translation-quality check
             modalities = sorted(set(cfg.data.template_modalities) | {"T1"})
             data = prepare_ixi(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, template_modalities=modalities)),
                                prog.sub(0.0, 0.05))
         arch = cfg.full_architecture()
-        domain_b = cfg.data.template_modalities[0]
-        train_data = type(data)(grid=data.grid, training=data.training, validation=data.validation,
-                                templates={domain_b: data.templates[domain_b]} if domain_b in data.templates else {},
-                                info=data.info)
+        if data.train_pairs:
+            train_data = data
+            val_images = [(p.fixed, p.moving) for p in (data.val_pairs or data.train_pairs[:1])]
+            what = f"{len(data.train_pairs)} pairs of {Path(str(data.info.get('manifest', 'a manifest'))).name}"
+        else:
+            domain_b = cfg.data.template_modalities[0]
+            train_data = type(data)(grid=data.grid, training=data.training, validation=data.validation,
+                                    templates={domain_b: data.templates[domain_b]} if domain_b in data.templates else {},
+                                    info=data.info)
+            val_images = [(s.image, train_data.templates[domain_b]) for s in (data.validation[:2] or data.training[:1])]
+            what = f"IXI T1 ({len(data.training)} subjects) and avg152 {domain_b}"
         weights = train_data.check(cfg)
         torch.manual_seed(cfg.seed)
         module = RDMTraining(arch).to(device)
@@ -348,7 +360,12 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
         opt_d = torch.optim.Adam(discs.parameters(), lr=cfg.learning_rate, betas=(0.5, 0.999))
         d = cfg.disentangled
         loss_weights = {"reconstruction": d.reconstruction_weight, "latent": d.latent_weight, "cycle": d.cycle_weight,
-                        "adversarial": d.adversarial_weight}
+                        "adversarial": d.adversarial_weight, "paired": d.paired_weight}
+        aligned_pair = None  # the avg152 T1 and domain-b templates (same grid): the paired steps
+        if d.paired_weight > 0 and not data.train_pairs:
+            if "T1" not in data.templates:
+                raise InputError("disentangled.paired_weight > 0 needs the avg152 T1 template (not prepared).")
+            aligned_pair = (sampler._tensor(data.templates["T1"]), sampler._tensor(data.templates[domain_b]))
         history = {"loss": [], "seconds_per_step": [], "validation": [], "best": None, "wall_seconds": 0.0}
         step = 0
         if resume:
@@ -361,18 +378,18 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
             history, step = ck["history"], int(ck["step"])
             say(f"resumed from {last_path} at step {step}")
         wall_before = float(history.get("wall_seconds", 0.0))
-        # fixed validation crops: held-out subjects (domain a) against the domain-b template
+        # fixed validation crops: held-out images of each domain (held-out subjects / validation pairs)
         vrng = np.random.default_rng(cfg.seed + 99)
-        val_batches = []
-        for s in data.validation[:2] or data.training[:1]:
-            a = torch.from_numpy(np.ascontiguousarray(s.image, dtype=np.float32))[None, None].to(device)
-            b = torch.from_numpy(np.ascontiguousarray(train_data.templates[domain_b], dtype=np.float32))[None, None].to(device)
-            val_batches.append((random_crop(a, d.crop_voxels, vrng), random_crop(b, d.crop_voxels, vrng)))
+
+        def tensor(arr):
+            return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None].to(device)
+        val_batches = [(random_crop(tensor(a), d.crop_voxels, vrng), random_crop(tensor(b), d.crop_voxels, vrng))
+                       for a, b in val_images]
         aligned = _rdm_validation_images(data, device)
         files.event("start", method=cfg.method, name=cfg.name, steps=cfg.steps, start_step=step, output=str(out_dir),
-                    processes=1, pairs={"training": len(train_data.training), "validation": len(val_batches)}, skipped=[])
-        say(f"RDM stage: domains {arch['domains'][0]} (IXI T1, {len(train_data.training)} subjects) and "
-            f"{arch['domains'][1]} (avg152 {domain_b}); crops of {d.crop_voxels or 'whole'} voxels on a "
+                    processes=1, pairs={"training": len(data.train_pairs) or len(data.training),
+                                        "validation": len(val_batches)}, skipped=data.info.get("skipped", []))
+        say(f"RDM stage: domains {arch['domains'][0]} and {arch['domains'][1]} from {what}; crops of {d.crop_voxels or 'whole'} voxels on a "
             f"{'x'.join(map(str, data.grid.spatial_shape))} grid; {parameter_count(rdm)} RDM parameters, "
             f"{parameter_count(discs)} discriminator parameters; Adam lr {cfg.learning_rate}")
 
@@ -467,10 +484,17 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
             while step < cfg.steps:
                 t0 = time.perf_counter()
                 rng = pair_rng(cfg.seed, step, 0)
-                fixed, moving, _ = sampler.raw_pair(rng)
-                fixed, moving = sampler.augment(fixed, moving, rng)
-                x_a, x_b = random_crop(fixed, d.crop_voxels, rng), random_crop(moving, d.crop_voxels, rng)
-                g_loss, d_loss, parts = rdm_losses(rdm, discs, x_a, x_b, loss_weights)
+                paired = aligned_pair is not None and rng.uniform() < d.paired_fraction
+                if paired:  # the same augmentation and crop for both images of the aligned pair
+                    state = rng.bit_generator.state
+                    x_a = random_crop(sampler.augment(aligned_pair[0], aligned_pair[0], rng)[1], d.crop_voxels, rng)
+                    rng.bit_generator.state = state
+                    x_b = random_crop(sampler.augment(aligned_pair[1], aligned_pair[1], rng)[1], d.crop_voxels, rng)
+                else:
+                    fixed, moving, _ = sampler.raw_pair(rng)
+                    fixed, moving = sampler.augment(fixed, moving, rng)
+                    x_a, x_b = random_crop(fixed, d.crop_voxels, rng), random_crop(moving, d.crop_voxels, rng)
+                g_loss, d_loss, parts = rdm_losses(rdm, discs, x_a, x_b, loss_weights, aligned=paired)
                 opt_g.zero_grad(set_to_none=True)
                 opt_d.zero_grad(set_to_none=True)
                 if torch.isfinite(g_loss) and torch.isfinite(d_loss):
