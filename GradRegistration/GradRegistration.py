@@ -32,7 +32,7 @@ from MMRegCommonLib.logic import ExtraImageOutput, RegistrationLogic
 from MMRegCommonLib.module import configure_module
 from MMRegCommonLib.parameters import COMBO_PARAMETERS as SHARED_COMBO_PARAMETERS
 from MMRegCommonLib.parameters import RegistrationParameters
-from MMRegCommonLib.testing import RegistrationModuleTest
+from MMRegCommonLib.testing import RegistrationModuleTest, set_constant_output, user_models
 from MMRegCommonLib.widget import RegistrationWidget
 
 #: The engine method this module runs (``mmreg register --method grad``).
@@ -205,12 +205,10 @@ def save_constant_model(folder, shift_voxels, variant: str = "gated", gradient_g
     from mmreg.networks import DEFAULT_GRAD_ARCHITECTURE, gradnet
     architecture = dict(DEFAULT_GRAD_ARCHITECTURE, **TEST_ARCHITECTURE, variant=variant)
     net = gradnet(architecture)
+    set_constant_output(net.image_branch, shift_voxels)
+    if net.dual:
+        set_constant_output(net.gradient_branch, (0.0, 0.0, 0.0))
     with torch.no_grad():
-        branches = [net.image_branch] + ([net.gradient_branch] if net.dual else [])
-        for k, branch in enumerate(branches):
-            last = [m for m in branch.modules() if isinstance(m, torch.nn.Conv3d)][-1]
-            last.weight.zero_()
-            last.bias.copy_(torch.tensor([float(v) for v in shift_voxels] if k == 0 else [0.0, 0.0, 0.0]))
         if variant == "gated":
             net.gate.bias.copy_(torch.tensor([30.0] * 3 + [float(gradient_gate_bias)] * 3))
     folder = Path(folder)
@@ -219,20 +217,6 @@ def save_constant_model(folder, shift_voxels, variant: str = "gated", gradient_g
                      description=description or f"Constant-field GradNet ({variant}) for the self-test.")
     save_model(folder, net, card)
     return folder
-
-
-@contextlib.contextmanager
-def user_models(folder):
-    """Within the block the engine's user model folder (``$MMREG_MODELS``) is ``folder``; restored afterwards."""
-    before = os.environ.get("MMREG_MODELS")
-    os.environ["MMREG_MODELS"] = str(folder)
-    try:
-        yield folder
-    finally:
-        if before is None:
-            os.environ.pop("MMREG_MODELS", None)
-        else:
-            os.environ["MMREG_MODELS"] = before
 
 
 class GradRegistrationTest(RegistrationModuleTest):

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import re
 
-from MMRegCommonLib.networkoptions import NetworkModelOptions, first_sentence, is_fine_tuned, model_card
+from MMRegCommonLib.networkoptions import (NetworkModelOptions, first_sentence, is_fine_tuned, model_card,
+                                          multimodal_refine_similarities)
 
 #: The model used when none is chosen, unless the engine's ``grad`` method names another (its ``default_model``).
 DEFAULT_MODEL = "grad_mr_gated"
@@ -43,18 +44,8 @@ GATE_MAP_NAMES = ("image_gate", "gradient_gate")
 GATE_PARAMETERS = ("makeGateMaps", "outputImageGate", "outputGradientGate")
 #: Similarities of the refinement (instance optimisation, the engine's ``optimize.SIMILARITIES``): (value,
 #: label, tooltip). The pairs are multi-modal (CT-MR, T1-T2/PD): MIND (the method's default, the training
-#: loss) or mutual information; LNCC and MSE only for images of the same kind.
-REFINE_SIMILARITIES = (
-    ("mind", "MIND descriptors",
-     "Modality-independent neighbourhood descriptors: compares local structure, not intensities, so it works "
-     "across CT and MR or T1 and T2; the method's default and its training loss."),
-    ("mi", "Mutual information",
-     "Statistical dependence of the intensities: works even when the contrasts differ."),
-    ("lncc", "Local cross-correlation (LNCC)",
-     "Local normalised cross-correlation in small windows: only for scans of the same kind (T1-T1, CT-CT)."),
-    ("mse", "Mean squared difference",
-     "Squared intensity difference: only for scans with the same intensities (same scanner and protocol)."),
-)
+#: loss) or mutual information; LNCC and MSE only for images of the same kind (the framework's list).
+REFINE_SIMILARITIES = multimodal_refine_similarities("the method's default and its training loss")
 #: Tooltip of the gate-map outputs while "Gate maps" is off.
 GATES_OFF = "Check 'Gate maps' to make the gate volumes."
 

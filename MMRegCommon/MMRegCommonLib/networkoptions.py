@@ -25,6 +25,24 @@ from .methodoptions import MethodOptions, OptionControl
 NO_REFINEMENT = "Used only with refinement steps > 0 (Options)."
 
 
+def multimodal_refine_similarities(mind_note: str = "the default for scans of different kinds") -> tuple:
+    """``(value, label, tooltip)`` of the refinement similarities of a multi-modal network method (CT-MR, T1-T2/PD;
+    the engine's ``optimize.SIMILARITIES``), MIND first: MIND descriptors (``mind_note`` ends its tooltip, e.g.
+    "the method's default and its training loss") or mutual information; LNCC and MSE only for images of the same
+    kind. Shared by the modules of the multi-modal methods (``grad``, ``disentangled``)."""
+    return (
+        ("mind", "MIND descriptors",
+         "Modality-independent neighbourhood descriptors: compares local structure, not intensities, so it works "
+         f"across CT and MR or T1 and T2; {mind_note}."),
+        ("mi", "Mutual information",
+         "Statistical dependence of the intensities: works even when the contrasts differ."),
+        ("lncc", "Local cross-correlation (LNCC)",
+         "Local normalised cross-correlation in small windows: only for scans of the same kind (T1-T1, CT-CT)."),
+        ("mse", "Mean squared difference",
+         "Squared intensity difference: only for scans with the same intensities (same scanner and protocol)."),
+    )
+
+
 def model_card(choice) -> dict:
     """The model card (``model.json``) of a model of the selector (a :class:`MMRegCommonLib.panel.ModelChoice`
     whose engine listing has its folder ``path``); {} when it cannot be read."""

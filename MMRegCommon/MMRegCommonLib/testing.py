@@ -12,6 +12,9 @@ moving point the known translation predicts.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+
 import numpy as np
 import SimpleITK as sitk
 import slicer
@@ -133,6 +136,32 @@ def load_brain_sample(scene) -> dict | None:
                                                                    "Sample Colin27 tissues", SAMPLE_SEGMENTS),
         "fixed_labels": read["fixed_labels"], "moving_labels": read["moving_labels"],
     }
+
+
+@contextlib.contextmanager
+def user_models(folder):
+    """Within the block the engine's user model folder (``$MMREG_MODELS``) is ``folder`` (a self-test's own test
+    models, the user's models hidden meanwhile); restored afterwards."""
+    before = os.environ.get("MMREG_MODELS")
+    os.environ["MMREG_MODELS"] = str(folder)
+    try:
+        yield folder
+    finally:
+        if before is None:
+            os.environ.pop("MMREG_MODELS", None)
+        else:
+            os.environ["MMREG_MODELS"] = before
+
+
+def set_constant_output(network, values) -> None:
+    """Make ``network`` (a torch module whose LAST convolution makes its output, e.g. a registration U-Net or an
+    image generator) output the constant ``values`` per channel, whatever its input: that convolution's weights
+    become 0 and its bias ``values``. For test models with exactly known outputs (no training)."""
+    import torch
+    last = [m for m in network.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Conv3d))][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor([float(v) for v in values], dtype=last.bias.dtype))
 
 
 def reload_module_node(scene, module_name: str):
