@@ -47,7 +47,8 @@ IMAGE_GATE = ExtraImageOutput("image_gate", "image gate", value_range=(0.0, 1.0)
                               enable_parameter="makeGateMaps")
 GRADIENT_GATE = ExtraImageOutput("gradient_gate", "gradient gate", value_range=(0.0, 1.0),
                                  color_node_id="vtkMRMLColorTableNodeFileViridis.txt",
-                                 output_parameter="outputGradientGate", enable_parameter="makeGateMaps")
+                                 output_parameter="outputGradientGate", enable_parameter="makeGateMaps",
+                                 show_button="showGateButton")
 GATE_MAPS = (IMAGE_GATE, GRADIENT_GATE)
 
 USAGE = (
@@ -153,34 +154,15 @@ class GradRegistrationLogic(RegistrationLogic):
 
     def show_gate(self, outcome, fixed_volume, name: str = "gradient_gate") -> None:
         """Slice views: the fixed volume as background, the gate volume ``name`` over it (50 %)."""
-        node = outcome.extra_nodes.get(name)
-        if node is None:
-            return
-        slicer.util.setSliceViewerLayers(background=fixed_volume, foreground=node, foregroundOpacity=0.5, fit=True)
+        self.show_extra_image(outcome, fixed_volume, name)
 
 
 class GradRegistrationWidget(RegistrationWidget):
     """The shared panel with the model selector (variant, modality pair), refinement similarity, the gate-map
-    outputs and a 'Show gradient gate' button (Resources/UI/GradRegistration.ui)."""
+    outputs and a 'Show gradient gate' button (Resources/UI/GradRegistration.ui; the framework connects it, as
+    :data:`GRADIENT_GATE` names it, and logs the notes of a run, e.g. that a model has no gates)."""
 
     logicClass = GradRegistrationLogic
-
-    def setup(self):
-        """The shared panel, plus the 'Show gradient gate' button (enabled once a run made the gate volumes)."""
-        RegistrationWidget.setup(self)
-        self.ui.showGateButton.connect("clicked(bool)", self.onShowGateButton)
-        self.ui.showGateButton.enabled = False
-
-    def onOutcome(self, outcome):
-        """After Apply: the gate button works when the run made the gate volumes; a note (e.g. no gates) is logged."""
-        self.ui.showGateButton.enabled = GRADIENT_GATE.name in outcome.extra_nodes
-        for note in outcome.notes:
-            self._log(note)
-
-    def onShowGateButton(self):
-        """Overlay the last run's gradient gate on the fixed volume."""
-        if self.lastOutcome is not None:
-            self.logic.show_gate(self.lastOutcome, self._parameterNode.fixedVolume)
 
 
 # ---------------------------------------------------------------------------- self-test

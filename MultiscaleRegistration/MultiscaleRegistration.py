@@ -37,7 +37,7 @@ COMBO_PARAMETERS = SHARED_COMBO_PARAMETERS + ("refineSimilarity",)
 #: The attention weights of FMIRNet (engine map "attention") as a volume: fixed 0..1 window, Viridis colours.
 ATTENTION = ExtraImageOutput("attention", "attention weights", value_range=(0.0, 1.0),
                              color_node_id="vtkMRMLColorTableNodeFileViridis.txt", output_parameter="outputAttention",
-                             enable_parameter="makeAttention")
+                             enable_parameter="makeAttention", show_button="showAttentionButton")
 
 USAGE = (
     "<p><b>Use</b>: choose the fixed volume (stays in place) and the moving volume (deformed onto it), scans of the "
@@ -110,32 +110,15 @@ class MultiscaleRegistrationLogic(RegistrationLogic):
 
     def show_attention(self, outcome, fixed_volume) -> None:
         """Slice views: the fixed volume as background, the attention weights volume over it (50 %)."""
-        node = outcome.extra_nodes.get(ATTENTION.name)
-        if node is None:
-            return
-        slicer.util.setSliceViewerLayers(background=fixed_volume, foreground=node, foregroundOpacity=0.5, fit=True)
+        self.show_extra_image(outcome, fixed_volume, ATTENTION.name)
 
 
 class MultiscaleRegistrationWidget(RegistrationWidget):
     """The shared panel with the model selector (scales), refinement similarity, attention output, a 'Show attention
-    weights' button and the label-propagation section (Resources/UI/MultiscaleRegistration.ui)."""
+    weights' button (connected by the framework, as :data:`ATTENTION` names it) and the label-propagation section
+    (Resources/UI/MultiscaleRegistration.ui)."""
 
     logicClass = MultiscaleRegistrationLogic
-
-    def setup(self):
-        """The shared panel, plus the 'Show attention weights' button (enabled once a run made the volume)."""
-        RegistrationWidget.setup(self)
-        self.ui.showAttentionButton.connect("clicked(bool)", self.onShowAttentionButton)
-        self.ui.showAttentionButton.enabled = False
-
-    def onOutcome(self, outcome):
-        """After Apply: the attention button works when the run made the attention volume."""
-        self.ui.showAttentionButton.enabled = ATTENTION.name in outcome.extra_nodes
-
-    def onShowAttentionButton(self):
-        """Overlay the last run's attention weights on the fixed volume."""
-        if self.lastOutcome is not None:
-            self.logic.show_attention(self.lastOutcome, self._parameterNode.fixedVolume)
 
 
 class MultiscaleRegistrationTest(RegistrationModuleTest):

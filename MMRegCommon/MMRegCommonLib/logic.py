@@ -64,7 +64,9 @@ class ExtraImageOutput:
     automatic window/level); ``color_node_id``: colour table of the display when the scene has it;
     ``output_parameter``: the parameter (a scalar volume node) of the module's output selector for it
     ("" if none: always a new node); ``enable_parameter``: a bool parameter that switches the map's
-    node on or off ("" if none: always made).
+    node on or off ("" if none: always made); ``show_button``: object name of a push button in the
+    module's ``.ui`` that overlays the last run's map on the fixed volume ("" if none; the framework's
+    Widget connects it and enables it once a run made the map).
     """
 
     name: str
@@ -73,6 +75,7 @@ class ExtraImageOutput:
     color_node_id: str | None = None
     output_parameter: str = ""
     enable_parameter: str = ""
+    show_button: str = ""
 
 
 @dataclass
@@ -415,6 +418,14 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             display = outcome.segmentation_node.GetDisplayNode()
             if display is not None:
                 display.SetVisibility(True)
+
+    def show_extra_image(self, outcome: RegistrationOutcome, fixed_volume, name: str, opacity: float = 0.5) -> None:
+        """Slice views: the fixed volume as background, the volume of the extra map ``name`` (e.g. "attention")
+        over it at ``opacity``; nothing when the run made no such volume."""
+        node = outcome.extra_nodes.get(name)
+        if node is None:
+            return
+        slicer.util.setSliceViewerLayers(background=fixed_volume, foreground=node, foregroundOpacity=opacity, fit=True)
 
     # ------------------------------------------------------------------ label propagation
     def propagate_segmentation(self, atlas_volume, atlas_segmentation, target_volumes, *, model: str | None = None,

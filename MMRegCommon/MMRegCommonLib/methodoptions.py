@@ -8,7 +8,8 @@ levels, iterations) declares them once, as a :class:`MethodOptions` with one
 
 * passes them to the engine when the module's Logic runs from its parameter node
   (:meth:`MethodOptions.engine_options`, used by ``RegistrationLogic.run_with_parameters``);
-* fills the module's run-time combo boxes (:meth:`MethodOptions.combo_items`), enables or
+* fills the module's run-time combo boxes (:meth:`MethodOptions.combo_items`, and
+  :meth:`MethodOptions.value_combo_items` for those whose items follow the current choices), enables or
   disables each control for the current choices (:meth:`MethodOptions.control_states`), shows a
   line about the current choice (:meth:`MethodOptions.info_text`) and keeps Apply disabled with
   a reason while the choices cannot run (:meth:`MethodOptions.problem`).
@@ -149,6 +150,14 @@ class MethodOptions:
     def combo_items(self, status) -> dict:
         """``{binding: [(value, label, tooltip), ...]}`` for the combo boxes of :attr:`combo_bindings` (values
         are tuples for a combo box bound to several parameters). The base class has none."""
+        return {}
+
+    def value_combo_items(self, values: dict, status) -> dict:
+        """``{binding: [(value, label, tooltip), ...]}`` of combo boxes whose items depend on the current choices
+        (e.g. the registration direction offered by the chosen model's modalities), for the resolved
+        ``values``. The Widget refills them whenever the parameters change (only when their items
+        differ); :meth:`resolve` should keep such a parameter's value among its items. The base class has
+        none."""
         return {}
 
     def problem(self, values: dict, status) -> str | None:

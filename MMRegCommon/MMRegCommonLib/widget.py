@@ -28,7 +28,14 @@ Optional parts, used when the module's ``.ui`` file and Logic have them:
   :class:`~MMRegCommonLib.parameters.PropagationParameters`): the target volumes in a checkable
   node selector, "Propagate segmentation" (the Logic's ``propagate_with_parameters``: the moving
   volume and segmentation are the atlas), its own Cancel button, progress bar and status line;
-* checkable node selectors bound to list-of-nodes parameters (:class:`~MMRegCommonLib.combos.NodeListCombos`).
+* checkable node selectors bound to list-of-nodes parameters (:class:`~MMRegCommonLib.combos.NodeListCombos`);
+* a "show" button per extra map of the Logic (:attr:`~MMRegCommonLib.logic.ExtraImageOutput.show_button`):
+  enabled once a run made that map's volume, it overlays the volume on the fixed one
+  (:meth:`~MMRegCommonLib.logic.RegistrationLogic.show_extra_image`).
+
+Combo boxes whose items follow the current choices (``methodOptions.value_combo_items``, e.g. the
+registration direction offered by the chosen model) are refilled whenever the parameters change.
+The notes of a run (e.g. why a map was not made) are written to the log.
 
 Shared option rows that the method does not have (refinement steps, diffeomorphic) are hidden
 (:func:`MMRegCommonLib.panel.shared_control_visibility`).
@@ -85,6 +92,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._convergenceChartId = None
         self._nodeLists = None
         self._progressBar = None
+        self._valueComboItems = {}
         #: The last successful registration's outcome (None before the first Apply).
         self.lastOutcome = None
 
@@ -118,8 +126,16 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if self.logic.reports_convergence:
             self.ui.showConvergenceButton.connect("clicked(bool)", self.onShowConvergenceButton)
             self.ui.showConvergenceButton.enabled = False
+        for spec in self._mapsWithButtons():
+            button = getattr(self.ui, spec.show_button)
+            button.connect("clicked(bool)", lambda checked=False, name=spec.name: self.onShowExtraImage(name))
+            button.enabled = False
         self.refreshMethod()
         self.initializeParameterNode()
+
+    def _mapsWithButtons(self) -> list:
+        """The Logic's extra maps that have a "show" button in the panel."""
+        return [spec for spec in self.logic.extra_image_outputs if spec.show_button]
 
     def _controlWidgets(self) -> list:
         """``[(widget, parameter names it sets)]`` from :meth:`_widgetsByParameter`'s ``{name: [widgets]}``."""
@@ -179,6 +195,10 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             finally:
                 node.EndModify(state)
             return
+        for binding, items in options.value_combo_items(values, self._status).items():
+            if binding in self._combos and self._valueComboItems.get(binding) != items:
+                self._valueComboItems[binding] = items
+                self._combos.fill(binding, items)
         states = options.control_states(values, self._status)
         for widget, names in self._controlWidgets():
             state = combined_state(states, names)
@@ -405,10 +425,19 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.logic.show_outcome(outcome, self._parameterNode.fixedVolume)
         summary = outcome.summary()
         self._log(f"Done in {summary['runtime_s']:.1f} s; folding {summary['folding_percent']:.3f} %.")
+        for note in outcome.notes:
+            self._log(note)
+        for spec in self._mapsWithButtons():
+            getattr(self.ui, spec.show_button).enabled = spec.name in outcome.extra_nodes
         self.onOutcome(outcome)
 
     def onOutcome(self, outcome):
         """Called after a successful Apply, once the results are shown; modules add their own views here."""
+
+    def onShowExtraImage(self, name: str):
+        """Overlay the last run's extra map ``name`` (its volume) on the fixed volume (a map's "show" button)."""
+        if self.lastOutcome is not None:
+            self.logic.show_extra_image(self.lastOutcome, self._parameterNode.fixedVolume, name)
 
     def onPropagateButton(self):
         """Propagate the moving segmentation to the checked target volumes; show the new segmentations."""

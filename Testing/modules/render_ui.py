@@ -13,7 +13,8 @@ available, the model and device lists, the Apply button's state and reason (from
 ``MMRegCommonLib.panel``, i.e. from the installed engine), the controls bound to parameters show
 the parameter node's defaults (the module is imported with the headless framework of
 ``slicer_framework``), a module's method-specific controls (``<Module>Lib/options.py``:
-``METHOD_OPTIONS``) get their lists, enabled states and info line, and shared option rows the
+``METHOD_OPTIONS``) get their lists (those that follow the current choices too, e.g. a direction built
+from the chosen model), enabled states and info line, and shared option rows the
 method lacks are hidden, and a label-propagation section shows why its button is disabled
 (``MMRegCommonLib.panel.propagation_state``); for RegistrationTraining the data
 sources, trainable methods, base models, Start/Resume state and its reason (from
@@ -122,7 +123,8 @@ def _fill_method_options(widget, options, status, defaults: dict) -> None:
     values = options.resolve({name: defaults.get(name, "") for name in options.parameters}, status)
     combos = {c.property(COMBO_PROPERTY): c for c in widget.findChildren(QtWidgets.QComboBox)
               if c.property(COMBO_PROPERTY)}
-    for binding, items in options.combo_items(status).items():
+    items_by_binding = dict(options.combo_items(status), **options.value_combo_items(values, status))
+    for binding, items in items_by_binding.items():
         combo = combos[binding]
         combo.clear()
         for value, label, tooltip in items:
