@@ -6,15 +6,18 @@ Writes ``Resources/Icons/MultiModalRegistration.png`` (the extension),
 ``MIRegistration/Resources/Icons/MIRegistration.png``,
 ``RegistrationTraining/Resources/Icons/RegistrationTraining.png``,
 ``LearnedMetric/Resources/Icons/LearnedMetric.png``,
-``MultiscaleRegistration/Resources/Icons/MultiscaleRegistration.png`` and
-``GradRegistration/Resources/Icons/GradRegistration.png`` (the modules). The motif: a
+``MultiscaleRegistration/Resources/Icons/MultiscaleRegistration.png``,
+``GradRegistration/Resources/Icons/GradRegistration.png`` and
+``DisentangledRegistration/Resources/Icons/DisentangledRegistration.png`` (the modules). The motif: a
 fixed image (grey, MR-like) and a moving image of another contrast (warm, CT-like) drawn over a
 deformed grid, i.e. a deformable multi-modal registration; the training module's icon adds a
 falling loss curve, the learned-metric module's the B-spline control points and a metric
 converging level by level, the multiscale module's two images of the same contrast under an
 attention glow (Viridis colours) with the three scales of displacement (1/4, 1/2, full) as
 nested grids, the gradient module's CT-like and MR-like images with their gradient-magnitude map (bright
-edges) and the two branches meeting at a gate.
+edges) and the two branches meeting at a gate, the disentangled module's T1-like and T2-like images (dark and bright
+fluid) each split into a shared content code (the same cyan grid) and its own style (a coloured dot), with
+arrows both ways between the two modalities.
 """
 from __future__ import annotations
 
@@ -142,6 +145,29 @@ def _gradient_branches(draw):
     draw.ellipse([s * 95, s * 73, s * 105, s * 83], fill=(255, 210, 80, 255))                   # the gate
 
 
+def _disentangled_codes(draw):
+    """Upper right: a T1-like and a T2-like thumbnail (dark and bright centre), each above the same content code (a
+    small cyan grid: the shared anatomy) and its own style dot (grey for T1, warm for T2); arrows both ways between
+    the two thumbnails (either image may be fixed)."""
+    s = SCALE
+    draw.rounded_rectangle([s * 66, s * 6, s * 122, s * 60], radius=6 * s, fill=(10, 14, 22, 240))
+    for x0, centre, style in ((70, (60, 60, 66, 255), (200, 200, 205, 255)),
+                              (98, (250, 240, 200, 255), (240, 140, 50, 255))):
+        draw.rounded_rectangle([s * x0, s * 10, s * (x0 + 20), s * 30], radius=3 * s, fill=(150, 150, 158, 255))
+        draw.ellipse([s * (x0 + 5), s * 15, s * (x0 + 15), s * 25], fill=centre)
+        for k in range(4):  # the content code: the same grid under both
+            draw.line([(s * (x0 + 2 + 4 * k), s * 36), (s * (x0 + 2 + 4 * k), s * 48)], fill=(120, 230, 255, 255),
+                      width=s)
+            draw.line([(s * (x0 + 2), s * (36 + 4 * k)), (s * (x0 + 14), s * (36 + 4 * k))],
+                      fill=(120, 230, 255, 255), width=s)
+        draw.ellipse([s * (x0 + 15), s * 39, s * (x0 + 21), s * 45], fill=style)  # its style
+    for y, (a, b) in ((16, (91, 97)), (24, (97, 91))):  # arrows both ways
+        draw.line([(s * a, s * y), (s * b, s * y)], fill=(255, 210, 80, 255), width=2 * s)
+        tip = 1 if b > a else -1
+        draw.polygon([(s * b, s * y), (s * (b - 3 * tip), s * (y - 2)), (s * (b - 3 * tip), s * (y + 2))],
+                     fill=(255, 210, 80, 255))
+
+
 def _finish(image, path: Path, label: str | None = None, font_size: int = 30):
     if label:
         draw = ImageDraw.Draw(image)
@@ -200,6 +226,13 @@ def main():
     _gradient_branches(draw)
     _finish(image, REPO / "GradRegistration" / "Resources" / "Icons" / "GradRegistration.png", label="Grad",
             font_size=24)
+
+    image, draw = _canvas()
+    _blob(draw, (46, 68), (32, 28), fill=(200, 200, 205, 225))                                  # fixed (T1-like)
+    _blob(draw, (56, 74), (30, 26), fill=(240, 140, 50, 140), outline=(255, 190, 90, 255), width=3)  # moving (T2-like)
+    _disentangled_codes(draw)
+    _finish(image, REPO / "DisentangledRegistration" / "Resources" / "Icons" / "DisentangledRegistration.png",
+            label="T1⇄T2", font_size=20)
 
 
 if __name__ == "__main__":

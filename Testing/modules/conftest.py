@@ -14,7 +14,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 #: Folders of the extension's scripted modules (each holds <Module>.py and Resources/).
 MODULE_DIRS = ("MMRegCommon", "MIRegistration", "RegistrationTraining", "LearnedMetric", "MultiscaleRegistration",
-               "GradRegistration")
+               "GradRegistration", "DisentangledRegistration")
 
 pytest.importorskip("slicer", reason="slicer-core (the Slicer MRML libraries) is not installed")
 sys.path.insert(0, str(Path(__file__).resolve().parent))

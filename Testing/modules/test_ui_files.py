@@ -11,8 +11,8 @@
   ``setMRMLScene``), without which it stays empty in Slicer;
 * the widgets the Widget code uses exist (``self.ui.<name>`` in the module's .py, and the shared
   panel's widgets for modules built on ``RegistrationWidget``, with the convergence widgets for
-  a module whose Logic reports convergence and the label-propagation widgets for a module whose
-  parameter node has the propagation targets);
+  a module whose Logic reports convergence, the label-propagation widgets for a module whose
+  parameter node has the propagation targets, and the "show" buttons its Logic's extra maps name);
 * the panel renders offscreen with PySide6 (skipped when PySide6 is missing).
 """
 from __future__ import annotations
@@ -75,6 +75,8 @@ def _required_widgets(module_name: str) -> set:
         if "targetVolumes" in _parameters(module_name):
             from MMRegCommonLib.widget import PROPAGATION_WIDGETS
             names |= set(PROPAGATION_WIDGETS)
+        logic = getattr(importlib.import_module(module_name), f"{module_name}Logic", None)
+        names |= {spec.show_button for spec in getattr(logic, "extra_image_outputs", ()) if spec.show_button}
     return names
 
 
@@ -94,7 +96,7 @@ def ui(request):
 
 def test_there_are_ui_files():
     assert {"MIRegistration", "RegistrationTraining", "LearnedMetric", "MultiscaleRegistration",
-            "GradRegistration"} <= {p.stem for p in UI_FILES}
+            "GradRegistration", "DisentangledRegistration"} <= {p.stem for p in UI_FILES}
 
 
 def test_required_widgets_are_found_in_the_code():
@@ -111,6 +113,8 @@ def test_required_widgets_are_found_in_the_code():
     assert "propagateButton" not in _required_widgets("LearnedMetric")
     assert "showGateButton" in _required_widgets("GradRegistration") and "propagateButton" not in _required_widgets(
         "GradRegistration")
+    # (the "show" buttons of the extra maps are connected by the framework: named by the Logic's ExtraImageOutput)
+    assert "showTranslatedButton" in _required_widgets("DisentangledRegistration")
 
 
 def test_custom_widgets_declared_and_names_unique(ui):
