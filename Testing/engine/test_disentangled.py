@@ -293,3 +293,20 @@ def test_bad_disentangled_configs_name_the_key():
                           "data": {"sources": {"t1_template": 1.0}, "template_modalities": ["T2"]}})
     with pytest.raises(InputError, match=r"Unknown key\(s\) disentangled.gan_weight"):
         config_from_dict({"method": "disentangled", "disentangled": {"gan_weight": 1.0}})
+
+
+def test_a_single_slice_runs_through_the_3d_model_as_a_slab(model_root):
+    """2-D inputs (single-slice volumes) with the shipped kind of model (3-D): the slice is repeated across a slab,
+    the field is read at its middle slice, and its in-plane components are kept."""
+    arr = _phantom((5, 40, 48))[2]
+    fixed = sitk.GetImageFromArray(arr * 1000.0)
+    fixed.SetSpacing([2.0, 2.0])
+    moving = sitk.GetImageFromArray((1.0 - arr) * 1000.0)
+    moving.SetSpacing([2.0, 2.0])
+    _save_constant_model(model_root, [0.7, 1.0, 1.5])  # across the slab, along y, along x (voxels)
+    r = mmreg.register(fixed, moving, method="disentangled", affine=False, threads=1)
+    u = sitk.GetArrayFromImage(r.displacement)
+    assert u.shape == (1, 40, 48, 3)  # a single-slice volume (the engine's form of a 2-D image)
+    assert np.allclose(u[0, 10:30, 10:38].reshape(-1, 3).mean(0), [3.0, 2.0, 0.0], atol=0.05)  # (x, y, z) in mm
+    translated = r.extra_images["translated_moving"]
+    assert translated.GetSize()[:2] == fixed.GetSize()

@@ -47,7 +47,7 @@ from ..networks import DEFAULT_ARCHITECTURE, registration_unet, size_multiple
 from ..rdm import DEFAULT_RDM_ARCHITECTURE, Discriminator, RepresentationModel, rdm_losses
 from ..spatial import integrate_velocity, warp
 from .base import TrainingSpec
-from .network_method import REFINEMENT_GRID_FACTOR, NetworkRegistration
+from .network_method import REFINEMENT_GRID_FACTOR, NetworkRegistration, middle_of_slab, slab
 
 #: Default architecture of a ``disentangled`` model: the RDM (:data:`mmreg.rdm.DEFAULT_RDM_ARCHITECTURE`) of
 #: two named domains and the registration network (:data:`mmreg.networks.DEFAULT_ARCHITECTURE`'s widths).
@@ -608,7 +608,13 @@ class DisentangledRegistration(NetworkRegistration):
             factor = REFINEMENT_GRID_FACTOR if int(options.get("refinement_steps") or 0) else 1
             with torch.inference_mode():
                 warped = downsample_image(warp(inputs.moving, ddf.detach()), factor)
-                translated = self._network.rdm.translate(warped, moving_domain, downsample_image(inputs.fixed, factor))
+                fixed = downsample_image(inputs.fixed, factor)
+                if warped.dim() == 4 and int(card.architecture.get("spatial_dims", 3)) == 3:  # a slice: as a slab
+                    depth = int(card.multiple)
+                    translated = middle_of_slab(self._network.rdm.translate(slab(warped, depth), moving_domain,
+                                                                            slab(fixed, depth)))
+                else:
+                    translated = self._network.rdm.translate(warped, moving_domain, fixed)
                 self._extra = {"translated_moving": upsample_field(translated, factor) / factor}
         return ddf
 

@@ -9,6 +9,11 @@ on a grid :data:`REFINEMENT_GRID_FACTOR` times finer: the network reads them ave
 own spacing (:meth:`NetworkGrid.coarsen`), its field is upsampled, and the refinement compares the
 images at the finer spacing while optimising a residual velocity at the network's spacing.
 
+Single-slice (2-D) pairs with a 3-D model run as a slab: the slice repeated ``multiple`` times
+along a new first axis (an image constant across the slab), the network's field read at the middle
+slice, its in-plane components kept (:func:`slab`, :func:`middle_of_slab`); 2-D models read them as
+they are.
+
 A subclass sets ``name``/``description``/``modalities``, :meth:`build_network` and
 :meth:`training_spec`; it may override :meth:`run_network` to keep more than the field (e.g. the
 attention weights of ``multiscale``, returned by :meth:`extra_outputs`).
@@ -30,6 +35,18 @@ from .optimize import instance_optimise
 
 #: With refinement, the registration grid is this many times finer than the network's spacing.
 REFINEMENT_GRID_FACTOR = 2
+
+
+def slab(image: torch.Tensor, depth: int) -> torch.Tensor:
+    """A 2-D ``(B, C, H, W)`` tensor as a 3-D ``(B, C, depth, H, W)`` one, the slice repeated ``depth`` times."""
+    return image.unsqueeze(2).expand(-1, -1, int(depth), *image.shape[2:]).contiguous()
+
+
+def middle_of_slab(volume: torch.Tensor, field: bool = False) -> torch.Tensor:
+    """The middle slice of a slab ``(B, C, depth, H, W)`` as ``(B, C, H, W)``; a ``field`` (C = 3) keeps its two
+    in-plane components (channels 1, 2: along H and W), dropping the one across the slab."""
+    mid = volume[:, :, volume.shape[2] // 2]
+    return mid[:, 1:] if field else mid
 
 
 class NetworkRegistration(RegistrationMethod):
@@ -104,7 +121,9 @@ class NetworkRegistration(RegistrationMethod):
         """One forward pass (then the optional refinement); voxel-unit displacement on ``inputs.grid``."""
         self._extra = {}
         network, card = load_model(self.name, self.chosen_model(options), self.build_network, inputs.device)
-        if inputs.fixed.dim() - 2 != int(card.architecture.get("spatial_dims", 3)):
+        model_dims, pair_dims = int(card.architecture.get("spatial_dims", 3)), inputs.fixed.dim() - 2
+        as_slab = pair_dims == 2 and model_dims == 3  # a single-slice pair through a 3-D model
+        if pair_dims != model_dims and not as_slab:
             raise InputError(f"Model '{card.name}' is a {card.architecture.get('spatial_dims')}-D network; this pair "
                              f"is {inputs.fixed.dim() - 2}-D on the network grid.")
         wanted = options.get("diffeomorphic")
@@ -118,7 +137,12 @@ class NetworkRegistration(RegistrationMethod):
         progress(0.0, "network")
         with torch.inference_mode():
             fixed, moving = downsample_image(inputs.fixed, factor), downsample_image(inputs.moving, factor)
-            field = self.run_network(network, fixed, moving)
+            if as_slab:
+                depth = int(card.multiple)
+                field = middle_of_slab(self.run_network(network, slab(fixed, depth), slab(moving, depth)), field=True)
+                self._extra = {k: middle_of_slab(v) for k, v in getattr(self, "_extra", {}).items()}
+            else:
+                field = self.run_network(network, fixed, moving)
             ddf = integrate_velocity(field, int(card.integration_steps)) if card.diffeomorphic else field
             ddf = upsample_field(ddf, factor)
             # scalar maps to the refinement's finer grid (upsample_field scales vectors by the factor: undo it)
