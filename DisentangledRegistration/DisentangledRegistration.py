@@ -213,12 +213,26 @@ class DisentangledRegistrationTest(RegistrationModuleTest):
     (:meth:`test_TranslationOff`), a representation-only model: the engine's message, scene and inputs unchanged
     (:meth:`test_RepresentationOnlyModel`); every shipped model (:meth:`test_Models`).
 
-    The phantom thresholds for a shipped model (:attr:`segment_dice`, :attr:`point_tolerance_mm`) are the shared
-    ones: no ``disentangled`` model was shipped when this was written (measure them with it and set them here, as
-    GradRegistrationTest did)."""
+    The shared phantom checks with the shipped model run WITH MIND refinement (:attr:`test_options`): the shipped
+    ``disentangled_t1t2`` (trained on brain T1/T2, not on this two-blob phantom) alone makes the affine start worse.
+    Measured headless (one thread) after the affine pre-alignment (mean segment Dice 0.956: Body 0.960, Core 0.953):
+    the network alone gives whole-phantom Dice 0.735 -> 0.930 (Body 0.917, Core 0.832; mean 0.874), points within
+    1.99 mm, in either direction, which would fail the shared thresholds; with 50 MIND refinement steps 0.735 -> 0.968
+    (Body 0.963, Core 0.947; mean 0.955), points within 0.88 mm, no folding (25 steps: 0.964, Core 0.927, 0.95 mm;
+    100: 0.969, Core 0.936, 0.92 mm). The thresholds (:attr:`registration_dice` 0.93, :attr:`segment_dice` 0.9,
+    :attr:`point_tolerance_mm` 1.5) leave a margin over the refined numbers; the network-alone numbers are reported
+    (not thresholded) by :meth:`test_Models`."""
 
     logicClass = DisentangledRegistrationLogic
-    test_options = {}
+    #: The shipped network alone lowers the phantom's Dice below the affine start (mean 0.956 -> 0.874, Core 0.832,
+    #: points 1.99 mm): the shared checks run it with MIND refinement, which brings it back to about the affine start
+    #: (mean 0.955, Core 0.947 vs 0.953, points 0.88 mm), not beyond: on this phantom the network adds nothing.
+    test_options = {"refinement_steps": 50}
+    #: Measured with ``disentangled_t1t2`` + 50 refinement steps: whole-phantom Dice 0.968, Body 0.963, Core 0.947,
+    #: points within 0.88 mm (see the class docstring).
+    registration_dice = 0.93
+    segment_dice = 0.9
+    point_tolerance_mm = 1.5
     #: The known-shift model's transform versus the phantom's translation (mm, per coordinate).
     known_shift_tolerance_mm = 0.05
 
@@ -397,8 +411,9 @@ class DisentangledRegistrationTest(RegistrationModuleTest):
 
     def test_Models(self):
         """Each shipped model is listed with its modalities and runs by name on the phantom in both directions: a
-        registration model makes the translated volume (values in 0..1), a representation-only one gives the
-        engine's message."""
+        registration model makes the translated volume (values in 0..1) and its Dice is reported for the network
+        alone (no refinement; not thresholded: ``disentangled_t1t2`` gives 0.956 (affine) -> 0.874 here, see the
+        class docstring), a representation-only one gives the engine's message."""
         import mmreg
 
         from DisentangledRegistrationLib.options import model_domains
@@ -428,7 +443,8 @@ class DisentangledRegistrationTest(RegistrationModuleTest):
                 self.assertTrue(0.0 <= float(values.min()) and float(values.max()) <= 1.0, (values.min(), values.max()))
                 summary = outcome.summary()
                 lines.append(f"{labels[choice.value]}, {label}: phantom Dice {summary['mean_dice_affine']:.3f} "
-                             f"(affine) -> {summary['mean_dice']:.3f}, translated mean {float(values.mean()):.3f}, "
+                             f"(affine) -> {summary['mean_dice']:.3f} (network alone), translated mean "
+                             f"{float(values.mean()):.3f}, "
                              f"{summary['runtime_s']:.1f} s")
         self.delayDisplay("Models: " + "; ".join(lines))
 

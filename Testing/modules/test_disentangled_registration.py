@@ -14,10 +14,11 @@ other way. The numbers below are therefore exact and do not depend on training: 
 voxels of the 4 mm network grid, whose axes are the fixed image's (oblique here), i.e. ``D @ (4 mm * shift in x, y,
 z)`` = a vector of length |(6, -4, 2)| mm in LPS.
 
-The self-test runs with the installed shipped models (no ``disentangled`` model is shipped when this was written: its
-registration checks then run the engine's ``optimize`` and its shipped-model check says it is skipped) and its own
-constant-output test models; the user's model folder is replaced by an empty one so that models being trained on this
-machine do not change it.
+The self-test runs with the installed shipped models and its own constant-output test models; the user's model folder
+is replaced by an empty one so that models being trained on this machine do not change it. With the shipped
+``disentangled_t1t2`` its shared phantom checks run that model with 50 MIND refinement steps (the network alone lowers
+the phantom's Dice below the affine start: see ``DisentangledRegistrationTest``); without a model that can register they
+run the engine's ``optimize`` and its shipped-model check says it is skipped.
 """
 from __future__ import annotations
 
@@ -168,6 +169,13 @@ def test_self_test_runs_headless(module, scene, tmp_path, monkeypatch):
     assert "Translation off: registered, no translated volume" in messages
     assert any(m.startswith("Representation-only model: Model 'disentangled_selftest_rdm' holds only the "
                             "representation model (stage 1 of training)") for m in messages), messages
+    method, options = test.registration_method()
+    if method == "disentangled":  # a shipped registration model: the phantom checks ran it, refined
+        assert options == {"refinement_steps": 50}
+        assert any(m.startswith("Registration (disentangled): Dice ") for m in messages), messages
+        assert any(m.startswith("Models: ") and "(network alone)" in m for m in messages), messages
+    else:
+        assert any(m.startswith(f"Registration ({method}): Dice ") for m in messages), messages
 
 
 @needs_method
@@ -205,8 +213,8 @@ def test_self_test_falls_back_when_only_a_representation_model_is_installed(modu
     assert status.available and module.METHOD_OPTIONS.default_model(status) == "disentangled_t1t2_rdm"
     assert module.DisentangledRegistrationTest().registration_method() == ("optimize", {"levels": 1,
                                                                                         "iterations": [25]})
-    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(constant_models))  # with a registration model: the method itself
-    assert module.DisentangledRegistrationTest().registration_method() == ("disentangled", {})
+    monkeypatch.setenv("MMREG_SHIPPED_MODELS", str(constant_models))  # with a registration model: the method, refined
+    assert module.DisentangledRegistrationTest().registration_method() == ("disentangled", {"refinement_steps": 50})
 
 
 def test_module_description(module):
