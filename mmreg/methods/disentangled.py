@@ -300,8 +300,10 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
     :class:`mmreg.training.TrainResult`.
 
     Each step draws a training pair (:class:`mmreg.training.PairSampler`: an IXI T1 = domain a, the
-    template of ``data.template_modalities`` = domain b, augmented independently), crops a random cube of
-    ``crop_voxels`` from each (unpaired), and takes one Adam step of the encoders/generators on the
+    template of ``data.template_modalities`` = domain b, augmented independently; with ``data.manifest``
+    the fixed image of a user's pair = domain a, its moving image = domain b), crops a random cube of
+    ``crop_voxels`` from each (unpaired), or, on a ``paired_fraction`` of the steps when ``paired_weight``
+    > 0, the aligned avg152 T1 and domain-b templates with one augmentation and crop, and takes one Adam step of the encoders/generators on the
     generator loss and one of the discriminators on theirs (:func:`mmreg.rdm.rdm_losses`), both at
     ``learning_rate``. Validation (every ``validation_every`` steps): the loss on fixed held-out crops and,
     when the avg152 T1 template is prepared with the domain-b template (aligned), the translation quality
