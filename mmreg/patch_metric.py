@@ -398,8 +398,8 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
     from .models import CARD_FILE, ModelCard, save_model  # noqa: PLC0415
     from .networks import parameter_count  # noqa: PLC0415
     from .progress import Progress  # noqa: PLC0415
-    from .training import (RunFiles, TrainResult, _check_resume, _set_rng_state, load_checkpoint,  # noqa: PLC0415
-                           pair_rng, run_paths, save_checkpoint, start_from_base_model)
+    from .training import (RunFiles, TrainResult, _check_resume, _set_rng_state, after_own_step,  # noqa: PLC0415
+                           load_checkpoint, pair_rng, run_paths, save_checkpoint, start_from_base_model)
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -537,26 +537,10 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
                 loss.backward()
                 optimizer.step()
                 step += 1
-                dt = time.perf_counter() - t0
                 history["loss"].append(float(loss.detach()))
-                history["seconds_per_step"].append(dt)
-                recent = float(np.median(history["seconds_per_step"][-20:]))
-                files.event("step", step=step, steps=cfg.steps, loss=history["loss"][-1], seconds_per_step=round(dt, 4),
-                            eta_s=round(recent * (cfg.steps - step), 1))
-                if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.steps:
-                    record(evaluate_metric(network, val_x, val_y, val_kinds))
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    checkpoint()
-                stop = False
-                try:
-                    train_prog((step - start_step) / max(cfg.steps - start_step, 1),
-                               f"step {step}/{cfg.steps} hinge loss {history['loss'][-1]:.4f} {recent:.2f} s/step")
-                except CancelledError:
-                    stop = True
-                if (stop or files.stop_requested()) and step < cfg.steps:
-                    stop_run("stopped")
-                    raise CancelledError(f"Training stopped at step {step} of {cfg.steps}; the checkpoint and the model "
-                                         f"so far are in {out_dir}; continue with --resume.")
+                after_own_step(cfg, step, start_step, time.perf_counter() - t0, history, files, train_prog, out_dir,
+                               validate=lambda: record(evaluate_metric(network, val_x, val_y, val_kinds)),
+                               checkpoint=checkpoint, stop_run=stop_run, loss_name="hinge loss")
         except KeyboardInterrupt:
             stop_run("interrupted")
             raise

@@ -1255,6 +1255,19 @@ def _set_rng_state(state: dict, device) -> None:
         torch.cuda.set_rng_state(state["cuda"], torch.device(device))
 
 
+def read_weights_file(path, what: str) -> dict:
+    """The state dict in a ``.pt`` file: plain weights, or a checkpoint's ``network``. ``what`` names the config key in
+    the :class:`InputError` for a missing or unreadable file."""
+    path = Path(str(path)).expanduser()
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise InputError(f"{what} '{path}' does not exist; give a model name, a model folder or a .pt file.") from None
+    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken file
+        raise InputError(f"{what} '{path}' cannot be read ({type(exc).__name__}: {exc}).") from None
+    return state.get("network", state) if isinstance(state, dict) else state
+
+
 def load_base_weights(cfg: TrainConfig) -> tuple:
     """``(state_dict, description)`` of ``cfg.base_model``: a ``.pt`` file (plain weights, or a
     checkpoint's ``network``) or a model of ``cfg.method`` (name or folder; checksum verified by
@@ -1262,15 +1275,7 @@ def load_base_weights(cfg: TrainConfig) -> tuple:
     from .models import load_model  # noqa: PLC0415
     ref = str(cfg.base_model)
     if ref.endswith(".pt"):
-        path = Path(ref).expanduser()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise InputError(f"base_model '{path}' does not exist; give a model name, a model folder or a .pt file.") from None
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken file
-            raise InputError(f"base_model '{path}' cannot be read ({type(exc).__name__}: {exc}).") from None
-        state = state.get("network", state) if isinstance(state, dict) else state
-        return state, str(path)
+        return read_weights_file(ref, "base_model"), str(Path(ref).expanduser())
     network, card = load_model(cfg.method, ref, training_spec(cfg.method).build_network, "cpu")
     return network.state_dict(), f"{card.name} (sha256 {card.sha256})"
 
@@ -1380,6 +1385,32 @@ class RunFiles:
     def stop_requested(self) -> bool:
         """True when someone asked the run to stop (:func:`request_stop`)."""
         return (self.folder / STOP_FILE).exists()
+
+
+def after_own_step(cfg, step: int, start_step: int, seconds: float, history: dict, files: RunFiles, progress,
+                   out_dir: Path, *, validate, checkpoint, stop_run, loss_name: str = "loss") -> None:
+    """The bookkeeping after one optimiser step of a method's own training loop (the learned metric, the RDM of
+    ``disentangled``): time per step and the step event, validation (``validate()``) and ``checkpoint()`` on
+    their schedules, the progress callback, and a stop (cancelled progress or the stop file): ``stop_run("stopped")``
+    then :class:`CancelledError`. ``history["loss"]`` must already hold this step's loss."""
+    history["seconds_per_step"].append(seconds)
+    recent = float(np.median(history["seconds_per_step"][-20:]))
+    files.event("step", step=step, steps=cfg.steps, loss=history["loss"][-1], seconds_per_step=round(seconds, 4),
+                eta_s=round(recent * (cfg.steps - step), 1))
+    if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.steps:
+        validate()
+    if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
+        checkpoint()
+    stop = False
+    try:
+        progress((step - start_step) / max(cfg.steps - start_step, 1),
+                 f"step {step}/{cfg.steps} {loss_name} {history['loss'][-1]:.4f} {recent:.2f} s/step")
+    except CancelledError:
+        stop = True
+    if (stop or files.stop_requested()) and step < cfg.steps:
+        stop_run("stopped")
+        raise CancelledError(f"Training stopped at step {step} of {cfg.steps}; the checkpoint and the model so far are "
+                             f"in {out_dir}; continue with --resume.")
 
 
 def request_stop(output: str | os.PathLike) -> Path:

@@ -207,15 +207,8 @@ def load_rdm_state(reference: str, base: Path | None = None) -> tuple:
     from ..models import load_model  # noqa: PLC0415
     ref = str(reference)
     if ref.endswith(".pt"):
-        path = Path(ref).expanduser()
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise InputError(f"disentangled.rdm_model '{path}' does not exist.") from None
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure means a broken file
-            raise InputError(f"disentangled.rdm_model '{path}' cannot be read ({type(exc).__name__}: {exc}).") from None
-        state = state.get("network", state) if isinstance(state, dict) else state
-        description = str(path)
+        from ..training import read_weights_file  # noqa: PLC0415
+        state, description = read_weights_file(ref, "disentangled.rdm_model"), str(Path(ref).expanduser())
     else:
         network, card = load_model("disentangled", ref, disentangled_network, "cpu")
         state, description = network.state_dict(), f"{card.name} (sha256 {card.sha256})"
@@ -316,7 +309,7 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
     from ..networks import parameter_count  # noqa: PLC0415
     from ..progress import Progress  # noqa: PLC0415
     from ..training import (PairSampler, RunFiles, TrainResult, _check_resume, _set_rng_state,  # noqa: PLC0415
-                            load_checkpoint, pair_rng, prepare_ixi, prepare_manifest, run_paths,
+                            after_own_step, load_checkpoint, pair_rng, prepare_ixi, prepare_manifest, run_paths,
                             save_checkpoint)
 
     t_start = time.perf_counter()
@@ -504,28 +497,11 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
                     opt_g.step()
                     opt_d.step()
                 step += 1
-                dt = time.perf_counter() - t0
                 history["loss"].append(float(g_loss.detach()))
                 for key, value in parts.items():
                     history.setdefault(key, []).append(value)
-                history["seconds_per_step"].append(dt)
-                recent = float(np.median(history["seconds_per_step"][-20:]))
-                files.event("step", step=step, steps=cfg.steps, loss=history["loss"][-1], seconds_per_step=round(dt, 4),
-                            eta_s=round(recent * (cfg.steps - step), 1))
-                if cfg.validation_every and step % cfg.validation_every == 0 and step < cfg.steps:
-                    record(evaluate())
-                if cfg.checkpoint_every and step % cfg.checkpoint_every == 0 and step < cfg.steps:
-                    checkpoint()
-                stop = False
-                try:
-                    train_prog((step - start_step) / max(cfg.steps - start_step, 1),
-                               f"step {step}/{cfg.steps} loss {history['loss'][-1]:.4f} {recent:.2f} s/step")
-                except CancelledError:
-                    stop = True
-                if (stop or files.stop_requested()) and step < cfg.steps:
-                    stop_run("stopped")
-                    raise CancelledError(f"Training stopped at step {step} of {cfg.steps}; the checkpoint and the model "
-                                         f"so far are in {out_dir}; continue with --resume.")
+                after_own_step(cfg, step, start_step, time.perf_counter() - t0, history, files, train_prog, out_dir,
+                               validate=lambda: record(evaluate()), checkpoint=checkpoint, stop_run=stop_run)
         except KeyboardInterrupt:
             stop_run("interrupted")
             raise
