@@ -145,16 +145,24 @@ def _cmd_methods(args) -> int:
 
 @contextlib.contextmanager
 def _terminate_as_interrupt():
-    """While active (main thread only), SIGTERM raises KeyboardInterrupt, so long runs stop as on Ctrl-C."""
+    """While active (main thread only), SIGTERM raises KeyboardInterrupt, so long runs stop as on Ctrl-C; also when a
+    library caught it and raised its own error instead (a SimpleITK registration callback does)."""
     if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGTERM"):
         yield
         return
 
+    received = []
+
     def handler(signum, frame):
+        received.append(signum)
         raise KeyboardInterrupt(f"signal {signum}")
     previous = signal.signal(signal.SIGTERM, handler)
     try:
         yield
+    except Exception as exc:
+        if received:  # a library turned the interrupt into its own error (SimpleITK's iteration callbacks): still a stop
+            raise KeyboardInterrupt(f"signal {received[0]}") from exc
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -109,3 +109,24 @@ def test_bad_input_exit_code_2_with_message(argv, words, capsys, tmp_path, monke
 def test_console_script_runs():
     out = subprocess.run([sys.executable, "-m", "mmreg.cli", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and "mmreg" in out.stdout
+
+
+def test_sigterm_stops_like_ctrl_c_even_inside_a_library_that_rewraps_the_interrupt():
+    import os
+    import signal
+
+    from mmreg.cli import _terminate_as_interrupt
+
+    def library_call():  # as SimpleITK does with an exception raised in a Python iteration callback
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            for _ in range(1000):
+                pass
+        except KeyboardInterrupt:
+            raise RuntimeError("There was an error executing the Python Callable.") from None
+    with pytest.raises(KeyboardInterrupt, match="signal 15"):
+        with _terminate_as_interrupt():
+            library_call()
+    with pytest.raises(RuntimeError, match="other failure"):  # without a signal an error stays an error
+        with _terminate_as_interrupt():
+            raise RuntimeError("other failure")
