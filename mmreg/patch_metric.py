@@ -391,15 +391,14 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
     import json  # noqa: PLC0415
     import os  # noqa: PLC0415
     import time  # noqa: PLC0415
-    from pathlib import Path  # noqa: PLC0415
 
     from .device import choose_device, set_threads  # noqa: PLC0415
     from .errors import CancelledError  # noqa: PLC0415
-    from .models import CARD_FILE, ModelCard, save_model  # noqa: PLC0415
+    from .models import ModelCard, save_model  # noqa: PLC0415
     from .networks import parameter_count  # noqa: PLC0415
     from .progress import Progress  # noqa: PLC0415
-    from .training import (RunFiles, TrainResult, _check_resume, _set_rng_state, after_own_step,  # noqa: PLC0415
-                           load_checkpoint, pair_rng, run_paths, save_checkpoint, start_from_base_model)
+    from .training import (RunFiles, _check_resume, _set_rng_state, after_own_step, finish_own_run,  # noqa: PLC0415
+                           load_checkpoint, pair_rng, run_paths, save_checkpoint, start_from_base_model, stop_own_run)
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -517,11 +516,7 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
             return folder, chosen
 
         def stop_run(how: str):
-            checkpoint()
-            folder, chosen = write_model(stopped=True)
-            files.event("stopped", step=step, checkpoint=str(last_path), model_dir=str(folder))
-            say(f"{how} at step {step}; checkpoint {last_path}, model so far ({chosen} weights) in {folder} "
-                "(continue with --resume)")
+            stop_own_run(how, step, checkpoint, write_model, files, say, last_path)
 
         train_prog = prog.sub(0.05, 0.98)
         start_step = step
@@ -546,14 +541,7 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
             raise
         if not history["validation"] or history["validation"][-1]["step"] != step:
             record(evaluate_metric(network, val_x, val_y, val_kinds))
-        checkpoint()
-        model_dir, chosen = write_model(stopped=False)
-        prog(1.0, "model written")
-        files.event("done", step=step, model_dir=str(model_dir), wall_s=round(history["wall_seconds"], 1))
-        say(f"model written to {model_dir} ({chosen} weights); wall time {history['wall_seconds']:.1f} s")
-        from .models import ModelCard as _Card  # noqa: PLC0415
-        card = _Card.from_dict(json.loads((Path(model_dir) / CARD_FILE).read_text()))
-        return TrainResult(model_dir, card, history, time.perf_counter() - t_start, step)
+        return finish_own_run(step, history, checkpoint, write_model, files, say, prog, t_start)
     except (CancelledError, KeyboardInterrupt):
         raise
     except BaseException as exc:

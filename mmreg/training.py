@@ -1413,6 +1413,29 @@ def after_own_step(cfg, step: int, start_step: int, seconds: float, history: dic
                              f"in {out_dir}; continue with --resume.")
 
 
+def stop_own_run(how: str, step: int, checkpoint, write_model, files: RunFiles, say, last_path: Path) -> None:
+    """A method's own training loop stops early (``how``: "stopped", "interrupted"): the checkpoint, then the model
+    so far (``write_model(stopped=True) -> (folder, chosen weights)``), the "stopped" event and a log line."""
+    checkpoint()
+    folder, chosen = write_model(stopped=True)
+    files.event("stopped", step=step, checkpoint=str(last_path), model_dir=str(folder))
+    say(f"{how} at step {step}; checkpoint {last_path}, model so far ({chosen} weights) in {folder} "
+        "(continue with --resume)")
+
+
+def finish_own_run(step: int, history: dict, checkpoint, write_model, files: RunFiles, say, progress, t_start: float):
+    """A method's own training loop ends: checkpoint, the model (``write_model(stopped=False)``), the "done" event and
+    log line; returns its :class:`TrainResult` (with the card read back from the written model)."""
+    from .models import CARD_FILE, ModelCard  # noqa: PLC0415
+    checkpoint()
+    model_dir, chosen = write_model(stopped=False)
+    progress(1.0, "model written")
+    files.event("done", step=step, model_dir=str(model_dir), wall_s=round(history["wall_seconds"], 1))
+    say(f"model written to {model_dir} ({chosen} weights); wall time {history['wall_seconds']:.1f} s")
+    card = ModelCard.from_dict(json.loads((Path(model_dir) / CARD_FILE).read_text()))
+    return TrainResult(model_dir, card, history, time.perf_counter() - t_start, step)
+
+
 def request_stop(output: str | os.PathLike) -> Path:
     """Ask the run writing into ``output`` to stop: it finishes its step, saves the checkpoint and
     the model so far, and exits (``mmreg train`` with code 130); ``--resume`` continues it.

@@ -308,9 +308,9 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
     from ..models import ModelCard, save_model  # noqa: PLC0415
     from ..networks import parameter_count  # noqa: PLC0415
     from ..progress import Progress  # noqa: PLC0415
-    from ..training import (PairSampler, RunFiles, TrainResult, _check_resume, _set_rng_state,  # noqa: PLC0415
-                            after_own_step, load_checkpoint, pair_rng, prepare_ixi, prepare_manifest, run_paths,
-                            save_checkpoint)
+    from ..training import (PairSampler, RunFiles, _check_resume, _set_rng_state, after_own_step,  # noqa: PLC0415
+                            finish_own_run, load_checkpoint, pair_rng, prepare_ixi, prepare_manifest, run_paths,
+                            save_checkpoint, stop_own_run)
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -467,11 +467,7 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
             return folder, chosen
 
         def stop_run(how: str):
-            checkpoint()
-            folder, chosen = write_model(stopped=True)
-            files.event("stopped", step=step, checkpoint=str(last_path), model_dir=str(folder))
-            say(f"{how} at step {step}; checkpoint {last_path}, model so far ({chosen} weights) in {folder} "
-                "(continue with --resume)")
+            stop_own_run(how, step, checkpoint, write_model, files, say, last_path)
 
         train_prog = prog.sub(0.05, 0.98)
         start_step = step
@@ -507,12 +503,7 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
             raise
         if not history["validation"] or history["validation"][-1]["step"] != step:
             record(evaluate())
-        checkpoint()
-        model_dir, chosen = write_model(stopped=False)
-        prog(1.0, "model written")
-        files.event("done", step=step, model_dir=str(model_dir), wall_s=round(history["wall_seconds"], 1))
-        say(f"model written to {model_dir} ({chosen} weights); wall time {history['wall_seconds']:.1f} s")
-        return TrainResult(model_dir, None, history, time.perf_counter() - t_start, step)
+        return finish_own_run(step, history, checkpoint, write_model, files, say, prog, t_start)
     except (CancelledError, KeyboardInterrupt):
         raise
     except BaseException as exc:
