@@ -39,6 +39,9 @@ DEFAULT_SMOOTHNESS = {"mind": 0.15, "mi": 5.0, "lncc": 0.15, "mse": 0.15}
 #: and are noisy, so it takes smaller steps.
 DEFAULT_LEARNING_RATE = {"mind": 1.0, "mi": 0.2, "lncc": 1.0, "mse": 1.0}
 
+#: Warm-up steps when a field is refined (``init_ddf``): see :func:`instance_optimise`.
+DEFAULT_REFINEMENT_WARMUP = 5
+
 
 def _smooth(field: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """Box-filter a field (3 voxels, replicate borders) ``passes`` times."""
@@ -73,7 +76,7 @@ class _Similarity:
 def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = None, similarity: str = "mind",
                       levels: int = 3, iterations=(40, 40, 30), learning_rate: float | None = None,
                       smoothness: float | None = None, diffeomorphic: bool = True, finest_factor: int = 2,
-                      schedule: str = "cosine",
+                      schedule: str = "cosine", warmup_steps: int | None = None,
                       progress: Progress | None = None, **options) -> torch.Tensor:
     """Optimise a field on ``inputs.grid``; returns the voxel-unit displacement ``(1, ndim, *spatial)``.
 
@@ -86,7 +89,10 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     grid itself, 2: half its resolution, the field then upsampled; much faster). Extra options:
     ``mind_radius``, ``mind_dilation``, ``mi_bins``, ``mi_max_voxels``, ``integration_steps``.
     ``schedule``: "cosine" (the step decays to 5 % within each level, so Adam settles instead of
-    jittering by a whole step) or "constant".
+    jittering by a whole step) or "constant". ``warmup_steps``: the first level's step grows linearly
+    from ``1 / warmup_steps`` of the learning rate to all of it over that many steps (None: 5 when
+    refining an ``init_ddf``, else 0). Adam's first steps move every voxel by about the full step
+    whatever its gradient, which undoes an already-good field (a network's) when only a few steps follow.
     """
     progress = progress or Progress()
     if schedule not in ("cosine", "constant"):
@@ -105,6 +111,9 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     # Fewer levels than iteration counts (small images): drop the coarsest counts.
     iterations = ([iterations[0]] * (len(factors) - len(iterations)) + iterations)[-len(factors):]
     steps = int(options.get("integration_steps", 5))
+    warmup = (DEFAULT_REFINEMENT_WARMUP if init_ddf is not None else 0) if warmup_steps is None else int(warmup_steps)
+    if warmup < 0:
+        raise InputError(f"warmup_steps must be >= 0, got {warmup_steps}.")
 
     moving, moving_mask = inputs.moving, inputs.moving_mask
     if init_ddf is not None:
@@ -134,13 +143,22 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
             optimiser = torch.optim.Adam([param], lr=lr)
             decay = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, int(n_iter)), lr * 0.05)
                      if schedule == "cosine" else None)
+            ramp = warmup if prev_factor is None else 0
             for it in range(int(n_iter)):
                 optimiser.zero_grad(set_to_none=True)
                 field = _smooth(param)
                 ddf = integrate_velocity(field, steps) if diffeomorphic else field
                 loss = sim(ddf, weight) + lam * diffusion_regulariser(ddf)
                 loss.backward()
-                optimiser.step()
+                if it < ramp:  # warm-up: this step at (it + 1) / ramp of the scheduled one
+                    scheduled = [g["lr"] for g in optimiser.param_groups]
+                    for g in optimiser.param_groups:
+                        g["lr"] *= (it + 1) / ramp
+                    optimiser.step()
+                    for g, value in zip(optimiser.param_groups, scheduled):
+                        g["lr"] = value
+                else:
+                    optimiser.step()
                 if decay is not None:
                     decay.step()
                 done += 1
