@@ -56,9 +56,19 @@ def parameter_count(network: nn.Module) -> int:
 #: Default architecture of the ``multiscale`` network (FMIRNet): a residual U-Net (MONAI ResidualUnit
 #: blocks, LeakyReLU(0.2), strided-convolution downsampling) whose decoder predicts displacement fields
 #: at full, 1/2 and 1/4 resolution; ``scales`` = how many of them are used (1: FMIRNet-1, 2, 3).
+#: ``attention_normalization``: "max" (default) divides the sigmoid attention by its maximum over the
+#: image, so the weights stay in (0, 1] but a uniform shift of the attention's logits (the collapse of
+#: the 1- and 2-scale runs, see :class:`FMIRNet`) no longer shrinks the whole field; "mean" divides by the
+#: spatial mean instead (weights of mean 1, unbounded above: measured to blow a 3-D run up, kept for
+#: comparison); "none" is the paper's plain sigmoid (the models trained before the change say so in
+#: their cards).
 DEFAULT_MULTISCALE_ARCHITECTURE = {"kind": "fmirnet", "spatial_dims": 3, "scales": 3,
                                    "encoder_channels": [16, 32, 32, 32, 32], "decoder_channels": [32, 32, 32, 16],
-                                   "subunits": 2, "max_displacement_voxels": 10.0}
+                                   "subunits": 2, "max_displacement_voxels": 10.0,
+                                   "attention_normalization": "max"}
+
+#: The attention normalisations FMIRNet knows (see :data:`DEFAULT_MULTISCALE_ARCHITECTURE`).
+ATTENTION_NORMALIZATIONS = ("max", "mean", "none")
 
 
 def _leaky():
@@ -76,15 +86,22 @@ class FMIRNet(nn.Module):
     ``ndim``-channel field in VOXEL units of that level's grid. Fusion: the coarse fields are upsampled
     to full resolution and their vectors scaled by 4 and 2 (voxel units of the full grid), summed into
     a preliminary field; the spatial attention module (a 3x3x3 convolution of the decoder's last
-    features and the scale fields, then a sigmoid) gives one weight per voxel in (0, 1) that
-    multiplies the preliminary field. ``forward`` returns that final field ``(B, ndim, *spatial)``
+    features, then a sigmoid) gives one weight per voxel that multiplies the preliminary field. With
+    ``attention_normalization = "max"`` the sigmoid is divided by its maximum over the image (weights
+    in (0, 1], the most trusted voxel at 1); ``"mean"``: by its mean (weights of mean 1); ``"none"``:
+    the sigmoid itself, in (0, 1). ``forward`` returns that final field ``(B, ndim, *spatial)``
     (engine convention: channel k along tensor dimension k + 2; a displacement, or a velocity when the
     model is diffeomorphic); :meth:`forward_details` also returns the scale fields and the attention.
     The field heads start at N(0, 1e-5) weights and zero bias: an untrained network is the identity.
     Each scale field is bounded softly, ``b * tanh(f / b)`` with ``b`` = ``max_displacement_voxels`` of
     the full grid (linear for small fields): without a bound, a field scaled up and an attention scaled
     down give the same product, and Adam drove runs there until the attention was 0 and the network dead
-    (measured on the brain data: preliminary field ~1e5 voxels, attention 0, at step 150).
+    (measured on the brain data: preliminary field ~1e5 voxels, attention 0, at step 150). The bound
+    stopped the blow-up but not the collapse (the 1- and 2-scale brain runs still ended at attention 0,
+    the identity). Normalising the attention removes the direction itself: a uniform shift of its
+    logits no longer changes the field, only relative weights do. The max also keeps the weights <= 1:
+    with the mean, weights above 1 can amplify the field, and a 1-scale brain run with it blew up at
+    step 161 (loss 0.23 -> 1.03) and ended with the field at its bound everywhere.
     """
 
     def __init__(self, architecture: dict | None = None):
@@ -100,6 +117,10 @@ class FMIRNet(nn.Module):
         self.scales = int(arch["scales"])
         if self.scales not in (1, 2, 3):
             raise ValueError(f"FMIRNet scales must be 1, 2 or 3, got {self.scales}.")
+        if arch.get("attention_normalization", "none") not in ATTENTION_NORMALIZATIONS:
+            raise ValueError(f"FMIRNet attention_normalization must be one of {', '.join(ATTENTION_NORMALIZATIONS)}, "
+                             f"got '{arch.get('attention_normalization')}'.")
+        self.attention_normalization = arch.get("attention_normalization", "none")
         if len(dec) != len(enc) - 1 or len(enc) < 3:
             raise ValueError("FMIRNet needs len(decoder_channels) == len(encoder_channels) - 1 >= 2.")
         sub = int(arch.get("subunits", 2))
@@ -131,7 +152,8 @@ class FMIRNet(nn.Module):
 
     def forward_details(self, x: torch.Tensor) -> dict:
         """``{"field": final field, "scale_fields": [full, 1/2, 1/4 (as used)] upsampled to full resolution
-        in full-grid voxels, "preliminary": their sum, "attention": (B, 1, *spatial) weights in (0, 1)}``."""
+        in full-grid voxels, "preliminary": their sum, "attention": (B, 1, *spatial) weights}`` (in (0, 1]
+        with the "max" normalisation, > 0 with mean 1 with "mean", in (0, 1) with "none")."""
         skips = []
         h = x
         for unit in self.encoder:
@@ -157,6 +179,11 @@ class FMIRNet(nn.Module):
             fields.append(f)
         preliminary = torch.stack(fields, dim=0).sum(dim=0)
         attention = torch.sigmoid(self.attention(levels[-1]))
+        spatial = tuple(range(2, attention.dim()))
+        if self.attention_normalization == "max":
+            attention = attention / attention.amax(dim=spatial, keepdim=True)
+        elif self.attention_normalization == "mean":
+            attention = attention / attention.mean(dim=spatial, keepdim=True)
         return {"field": preliminary * attention, "scale_fields": fields, "preliminary": preliminary,
                 "attention": attention}
 

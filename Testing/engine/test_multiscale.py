@@ -66,19 +66,48 @@ def _label_image(labels, like: sitk.Image) -> sitk.Image:
 
 
 @pytest.mark.parametrize("scales", [1, 2, 3])
-def test_fmirnet_is_the_identity_at_init_with_attention_in_0_1_and_the_scales_asked(scales):
+@pytest.mark.parametrize("normalization", ["max", "mean", "none"])
+def test_fmirnet_is_the_identity_at_init_with_the_attention_asked_and_the_scales_asked(scales, normalization):
     torch.manual_seed(0)
-    net = fmirnet(dict(SMALL, scales=scales))
+    net = fmirnet(dict(SMALL, scales=scales, attention_normalization=normalization))
     x = torch.rand(1, 2, 32, 48, 32)
     d = net.forward_details(x)
     assert d["field"].shape == (1, 3, 32, 48, 32) and len(d["scale_fields"]) == scales
     assert float(d["field"].abs().max()) < 1e-2  # near-identity start (heads at N(0, 1e-5))
     att = d["attention"]
-    assert att.shape == (1, 1, 32, 48, 32) and 0.0 < float(att.min()) and float(att.max()) < 1.0
+    assert att.shape == (1, 1, 32, 48, 32) and 0.0 < float(att.min())
+    if normalization == "none":
+        assert float(att.max()) < 1.0  # the paper's sigmoid
+    elif normalization == "max":
+        assert float(att.max()) == pytest.approx(1.0, abs=1e-6)  # relative weights in (0, 1]
+    else:
+        assert float(att.mean()) == pytest.approx(1.0, abs=1e-5)  # relative weights, mean 1
     assert fmirnet_size_multiple(SMALL) == 16
     # 2-D networks take single slices
-    net2 = fmirnet(dict(SMALL, scales=scales, spatial_dims=2))
+    net2 = fmirnet(dict(SMALL, scales=scales, spatial_dims=2, attention_normalization=normalization))
     assert net2(torch.rand(1, 2, 32, 48)).shape == (1, 2, 32, 48)
+
+
+def test_normalised_attention_cannot_shrink_the_whole_field():
+    """The collapse direction of the 1- and 2-scale runs: an attention driven down everywhere scaled the
+    whole field to 0 (the identity). With the max (default) or mean normalisation a uniformly low
+    attention changes nothing, while the paper's plain sigmoid passes the shrink through."""
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 32, 32, 32)
+    fields = {}
+    for normalization in ("max", "mean", "none"):
+        net = fmirnet(dict(SMALL, scales=1, attention_normalization=normalization))
+        with torch.no_grad():
+            net.heads[0].conv.bias.fill_(1.0)  # a 1-voxel field everywhere (before the attention)
+            fields[normalization, "start"] = net(x).clone()
+            net.attention.conv.bias.fill_(-12.0)  # attention driven down everywhere: sigmoid ~6e-6
+            fields[normalization, "down"] = net(x).clone()
+    for normalization in ("max", "mean"):
+        assert torch.allclose(fields[normalization, "down"], fields[normalization, "start"], atol=1e-5)
+        assert float(fields[normalization, "start"].mean()) == pytest.approx(10 * np.tanh(0.1), abs=1e-3)
+    assert float(fields["none", "down"].abs().max()) < 1e-4 < float(fields["none", "start"].abs().min())
+    with pytest.raises(ValueError, match="attention_normalization"):
+        fmirnet(dict(SMALL, attention_normalization="softmax"))
 
 
 def test_coarse_fields_are_upsampled_with_their_vectors_scaled_to_full_grid_voxels():
@@ -216,6 +245,8 @@ def test_bad_architecture_in_a_config_names_the_key(tmp_path):
     from mmreg.training import config_from_dict
     with pytest.raises(InputError, match="architecture.scales must be 1, 2 or 3"):
         config_from_dict({"method": "multiscale", "architecture": {"scales": 4}})
+    with pytest.raises(InputError, match="attention_normalization must be one of 'max', 'mean', 'none', got 'softmax'"):
+        config_from_dict({"method": "multiscale", "architecture": {"attention_normalization": "softmax"}})
     with pytest.raises(InputError, match="ssim_window must be an odd"):
         config_from_dict({"method": "multiscale", "ssim_window": 4})
 

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..losses import diffusion_regulariser, mse_loss, ssim_loss
-from ..networks import DEFAULT_MULTISCALE_ARCHITECTURE, fmirnet, fmirnet_size_multiple
+from ..networks import ATTENTION_NORMALIZATIONS, DEFAULT_MULTISCALE_ARCHITECTURE, fmirnet, fmirnet_size_multiple
 from ..spatial import integrate_velocity, warp
 from .base import TrainingSpec
 from .network_method import NetworkRegistration
@@ -79,6 +79,10 @@ def check_architecture(architecture: dict) -> None:
                          f"decoder_channels one fewer; got {enc!r} and {dec!r}.")
     if not (isinstance(arch.get("subunits"), int) and arch["subunits"] >= 1):
         raise InputError(f"Training config: architecture.subunits must be an integer >= 1, got {arch.get('subunits')!r}.")
+    if arch.get("attention_normalization") not in ATTENTION_NORMALIZATIONS:
+        raise InputError("Training config: architecture.attention_normalization must be one of "
+                         f"{', '.join(repr(a) for a in ATTENTION_NORMALIZATIONS)}, "
+                         f"got {arch.get('attention_normalization')!r}.")
 
 
 class MultiscaleRegistration(NetworkRegistration):
