@@ -225,6 +225,28 @@ def dice_per_label(reference: sitk.Image, labels: sitk.Image, label_ids: list) -
     return out
 
 
+def propagate_to_unannotated(annotated: list, unannotated: list, *, method: str = "multiscale",
+                             model: str | None = None, register_options: dict | None = None,
+                             progress: ProgressCallback | None = None, log=None) -> list:
+    """The labels of every annotated ``(image, labels)`` propagated to every unannotated image by
+    registration (:func:`mmreg.propagation.propagate_labels`; the unannotated image is the fixed one):
+    ``[(unannotated image, labels on its grid)]``, atlas-major (all targets of the first annotated
+    image, then of the second, ...). ``progress`` may cancel (:class:`~mmreg.errors.CancelledError`)."""
+    from .propagation import propagate_labels  # noqa: PLC0415
+    if not unannotated:
+        raise InputError("No unannotated images to propagate labels to; give some, or train without propagation.")
+    prog = Progress(progress)
+    propagated = []
+    n = len(annotated)
+    for k, (atlas, atlas_labels) in enumerate(annotated):
+        results = propagate_labels(atlas, atlas_labels, unannotated, method=method, model=model,
+                                   progress=prog.sub(k / n, (k + 1) / n), **(register_options or {}))
+        propagated.extend((target, r.labels) for target, r in zip(unannotated, results))
+        if log:
+            log(f"propagated the labels of annotated image {k + 1}/{n} to {len(unannotated)} image(s)")
+    return propagated
+
+
 def train_joint_segmenter(annotated: list, unannotated: list, *, labels="largest:12", method: str = "multiscale",
                           model: str | None = None, spacing_mm: float = 3.0, steps: int = 400, seed: int = 0,
                           use_propagated: bool = True, propagated: list | None = None,
@@ -237,23 +259,14 @@ def train_joint_segmenter(annotated: list, unannotated: list, *, labels="largest
     ``propagated``: already propagated ``[(image, labels), ...]`` to reuse (skips the registrations).
     Returns ``{"network", "label_ids", "history", "propagated": [(image, labels)], "propagation_s"}``.
     """
-    from .propagation import propagate_labels  # noqa: PLC0415
     if not annotated:
         raise InputError("The joint segmentation needs at least one annotated image (image and label map).")
     prog = Progress(progress)
     label_ids = choose_labels(annotated[0][1], labels)
     t0 = time.perf_counter()
     if use_propagated and propagated is None:
-        propagated = []
-        if not unannotated:
-            raise InputError("No unannotated images to propagate labels to; give some, or train without propagation.")
-        n = len(annotated)
-        for k, (atlas, atlas_labels) in enumerate(annotated):
-            results = propagate_labels(atlas, atlas_labels, unannotated, method=method, model=model,
-                                       progress=prog.sub(0.4 * k / n, 0.4 * (k + 1) / n), **(register_options or {}))
-            propagated.extend((target, r.labels) for target, r in zip(unannotated, results))
-            if log:
-                log(f"propagated the labels of annotated image {k + 1}/{n} to {len(unannotated)} image(s)")
+        propagated = propagate_to_unannotated(annotated, unannotated, method=method, model=model,
+                                              register_options=register_options, progress=prog.sub(0.0, 0.4), log=log)
     prop_s = time.perf_counter() - t0
     pairs = list(annotated) + (list(propagated) if use_propagated else [])
     samples = [make_sample(img, lab, label_ids, spacing_mm, name=f"pair {i}") for i, (img, lab) in enumerate(pairs)]
@@ -278,7 +291,9 @@ def evaluate_segmenter(network, test: list, label_ids: list, spacing_mm: float) 
 def joint_segmentation_experiment(annotated: list, unannotated: list, test: list, **kwargs) -> dict:
     """Train the segmenter twice (annotated only; annotated + propagated labels), same seed and steps, and
     score both on ``test``; also scores the propagated labels themselves on any unannotated image whose
-    true labels are given as ``kwargs["unannotated_truth"]`` (optional). Returns the numbers."""
+    true labels are given as ``kwargs["unannotated_truth"]`` (optional). Returns the numbers, plus
+    ``"networks"`` (both segmenters) and ``"propagated"`` ``[(image, labels)]`` (for reuse, see
+    :func:`train_joint_segmenter`)."""
     truth = kwargs.pop("unannotated_truth", None)
     log = kwargs.get("log")
     with_prop = train_joint_segmenter(annotated, unannotated, use_propagated=True, **kwargs)
@@ -293,13 +308,15 @@ def joint_segmentation_experiment(annotated: list, unannotated: list, test: list
            "with_propagated": evaluate_segmenter(with_prop["network"], test, label_ids, spacing),
            "train_s": {"annotated_only": alone["history"]["seconds"], "with_propagated": with_prop["history"]["seconds"]}}
     if truth is not None:
-        scores = [float(np.nanmean(list(dice_per_label(read_labels(t, "Label map"), lab, label_ids).values())))
+        scores = [float(np.nanmean(list(dice_per_label(read_labels(t, "Label map"), read_labels(lab, "Propagated labels"),
+                                                        label_ids).values())))
                   for (target, lab), t in zip(with_prop["propagated"], list(truth) * max(1, len(annotated)))]
         out["propagated_label_dice"] = float(np.mean(scores)) if scores else None
     if log:
         log(f"held-out Dice: annotated only {out['annotated_only']['mean_dice']:.3f}, with propagated labels "
             f"{out['with_propagated']['mean_dice']:.3f}")
     out["networks"] = {"annotated_only": alone["network"], "with_propagated": with_prop["network"]}
+    out["propagated"] = with_prop["propagated"]
     return out
 
 
