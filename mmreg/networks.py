@@ -178,12 +178,16 @@ class FMIRNet(nn.Module):
                 f = self._up(f, full) * factor
             fields.append(f)
         preliminary = torch.stack(fields, dim=0).sum(dim=0)
-        attention = torch.sigmoid(self.attention(levels[-1]))
-        spatial = tuple(range(2, attention.dim()))
-        if self.attention_normalization == "max":
-            attention = attention / attention.amax(dim=spatial, keepdim=True)
+        logits = self.attention(levels[-1])
+        spatial = tuple(range(2, logits.dim()))
+        if self.attention_normalization == "max":  # in log space: finite even where every sigmoid underflows
+            log_att = torch.nn.functional.logsigmoid(logits)
+            attention = torch.exp(log_att - log_att.amax(dim=spatial, keepdim=True))
         elif self.attention_normalization == "mean":
-            attention = attention / attention.mean(dim=spatial, keepdim=True)
+            attention = torch.sigmoid(logits)
+            attention = attention / attention.mean(dim=spatial, keepdim=True).clamp_min(1e-30)
+        else:
+            attention = torch.sigmoid(logits)
         return {"field": preliminary * attention, "scale_fields": fields, "preliminary": preliminary,
                 "attention": attention}
 

@@ -108,6 +108,14 @@ def test_normalised_attention_cannot_shrink_the_whole_field():
     assert float(fields["none", "down"].abs().max()) < 1e-4 < float(fields["none", "start"].abs().min())
     with pytest.raises(ValueError, match="attention_normalization"):
         fmirnet(dict(SMALL, attention_normalization="softmax"))
+    # every logit so low that each sigmoid underflows to 0 in float32: the max normalisation stays finite
+    net = fmirnet(dict(SMALL, scales=1, attention_normalization="max"))
+    with torch.no_grad():
+        net.attention.conv.bias.fill_(-200.0)
+        net.attention.conv.weight[:, 0] = 1e-3
+        d = net.forward_details(x)
+    assert torch.isfinite(d["attention"]).all() and float(d["attention"].max()) == pytest.approx(1.0)
+    assert torch.isfinite(d["field"]).all()
 
 
 def test_coarse_fields_are_upsampled_with_their_vectors_scaled_to_full_grid_voxels():
