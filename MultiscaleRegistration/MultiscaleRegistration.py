@@ -2,9 +2,9 @@
 and registration-driven label propagation.
 
 The engine method ``multiscale``: a residual U-Net reads the fixed and the moving image and predicts
-displacement fields at full, 1/2 and 1/4 resolution; a spatial attention map (one weight per voxel in
-(0, 1]: a sigmoid, divided by its maximum in models trained since the attention normalisation) fuses
-them into the final field. Mono-modal pairs (T1-T1, CT-CT). The shipped models differ in
+displacement fields at full, 1/2 and 1/4 resolution; a spatial attention map (one sigmoid weight per
+voxel; divided by its maximum in models trained with ``attention_normalization = "max"``) fuses them
+into the final field. Mono-modal pairs (T1-T1, CT-CT). The shipped models differ in
 the number of scales (the paper's FMIRNet-3, -2 and -1); the model selector shows it.
 
 The module is the shared panel (MMRegCommonLib) plus:
@@ -47,8 +47,7 @@ USAGE = (
     "resolution; 2 and 1 are the paper's ablations). <b>Refinement steps</b> optimise the network's field further "
     "on this pair (slower, more accurate), with the chosen similarity. Apply registers; Cancel stops and leaves "
     "the scene unchanged.</p>"
-    "<p><b>Attention weights</b>: the network's per-voxel weight (0..1; 1 = the most trusted voxel in models "
-    "with the normalised attention) of its fused field, as the volume "
+    "<p><b>Attention weights</b>: the network's per-voxel weight (0..1) of its fused field, as the volume "
     "'&lt;moving&gt; attention weights' on the fixed grid ('Show attention weights' overlays it on the fixed "
     "volume): low values mark where the network damped its displacement.</p>"
     "<p><b>Propagate segmentation</b> (label propagation, e.g. one annotated scan and several new ones): the moving "

@@ -56,19 +56,18 @@ def parameter_count(network: nn.Module) -> int:
 #: Default architecture of the ``multiscale`` network (FMIRNet): a residual U-Net (MONAI ResidualUnit
 #: blocks, LeakyReLU(0.2), strided-convolution downsampling) whose decoder predicts displacement fields
 #: at full, 1/2 and 1/4 resolution; ``scales`` = how many of them are used (1: FMIRNet-1, 2, 3).
-#: ``attention_normalization``: "max" (default) divides the sigmoid attention by its maximum over the
-#: image, so the weights stay in (0, 1] but a uniform shift of the attention's logits (the collapse of
-#: the 1- and 2-scale runs, see :class:`FMIRNet`) no longer shrinks the whole field; "mean" divides by the
-#: spatial mean instead (weights of mean 1, unbounded above: measured to blow a 3-D run up, kept for
-#: comparison); "none" is the paper's plain sigmoid (the models trained before the change say so in
-#: their cards).
+#: ``attention_normalization``: "none" (default) is the paper's plain sigmoid; "max" divides it by its
+#: maximum over the image (weights in (0, 1]) and "mean" by its spatial mean (weights of mean 1), so that
+#: a uniform shift of the attention's logits, the direction in which the 3-D 1- and 2-scale runs
+#: collapsed, no longer shrinks the whole field. Measured (docs/multiscale.md): no difference in 2-D
+#: training, and neither normalisation saved a 3-D 1-scale run, so the paper's form stays the default.
 DEFAULT_MULTISCALE_ARCHITECTURE = {"kind": "fmirnet", "spatial_dims": 3, "scales": 3,
                                    "encoder_channels": [16, 32, 32, 32, 32], "decoder_channels": [32, 32, 32, 16],
                                    "subunits": 2, "max_displacement_voxels": 10.0,
-                                   "attention_normalization": "max"}
+                                   "attention_normalization": "none"}
 
 #: The attention normalisations FMIRNet knows (see :data:`DEFAULT_MULTISCALE_ARCHITECTURE`).
-ATTENTION_NORMALIZATIONS = ("max", "mean", "none")
+ATTENTION_NORMALIZATIONS = ("none", "max", "mean")
 
 
 def _leaky():
@@ -98,10 +97,11 @@ class FMIRNet(nn.Module):
     down give the same product, and Adam drove runs there until the attention was 0 and the network dead
     (measured on the brain data: preliminary field ~1e5 voxels, attention 0, at step 150). The bound
     stopped the blow-up but not the collapse (the 1- and 2-scale brain runs still ended at attention 0,
-    the identity). Normalising the attention removes the direction itself: a uniform shift of its
-    logits no longer changes the field, only relative weights do. The max also keeps the weights <= 1:
-    with the mean, weights above 1 can amplify the field, and a 1-scale brain run with it blew up at
-    step 161 (loss 0.23 -> 1.03) and ended with the field at its bound everywhere.
+    the identity). Normalising the attention ("max" or "mean") removes that direction: a uniform shift
+    of its logits no longer changes the field. It did not save a 3-D 1-scale run: with "mean" the loss
+    spiked at step 161 (0.23 -> 1.03) and the field ended at its bound everywhere; with "max" the
+    preliminary field also went to its bound and the attention to ~0 everywhere but one voxel (the
+    per-voxel scale symmetry of field x attention remains). 2-D runs train alike with all three.
     """
 
     def __init__(self, architecture: dict | None = None):

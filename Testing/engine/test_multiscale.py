@@ -90,8 +90,8 @@ def test_fmirnet_is_the_identity_at_init_with_the_attention_asked_and_the_scales
 
 def test_normalised_attention_cannot_shrink_the_whole_field():
     """The collapse direction of the 1- and 2-scale runs: an attention driven down everywhere scaled the
-    whole field to 0 (the identity). With the max (default) or mean normalisation a uniformly low
-    attention changes nothing, while the paper's plain sigmoid passes the shrink through."""
+    whole field to 0 (the identity). With the max or mean normalisation a uniformly low attention
+    changes nothing, while the paper's plain sigmoid (the default) passes the shrink through."""
     torch.manual_seed(0)
     x = torch.rand(1, 2, 32, 32, 32)
     fields = {}
@@ -253,7 +253,7 @@ def test_bad_architecture_in_a_config_names_the_key(tmp_path):
     from mmreg.training import config_from_dict
     with pytest.raises(InputError, match="architecture.scales must be 1, 2 or 3"):
         config_from_dict({"method": "multiscale", "architecture": {"scales": 4}})
-    with pytest.raises(InputError, match="attention_normalization must be one of 'max', 'mean', 'none', got 'softmax'"):
+    with pytest.raises(InputError, match="attention_normalization must be one of 'none', 'max', 'mean', got 'softmax'"):
         config_from_dict({"method": "multiscale", "architecture": {"attention_normalization": "softmax"}})
     with pytest.raises(InputError, match="ssim_window must be an odd"):
         config_from_dict({"method": "multiscale", "ssim_window": 4})
