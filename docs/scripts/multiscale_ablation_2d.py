@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from mmreg.device import set_threads
+from mmreg.metrics import mean_dice
 from mmreg.methods.multiscale import training_loss
 from mmreg.networks import DEFAULT_MULTISCALE_ARCHITECTURE, fmirnet
 from mmreg.spatial import warp
@@ -57,13 +58,7 @@ def _augment(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _dice_stack(fixed_labels: np.ndarray, warped_labels: np.ndarray) -> float:
     """Mean Dice over the labels of the fixed stack (each label's Dice over all slices together)."""
-    scores = []
-    for v in np.unique(fixed_labels):
-        if v == 0:
-            continue
-        a, b = fixed_labels == v, warped_labels == v
-        scores.append(2.0 * np.logical_and(a, b).sum() / (a.sum() + b.sum()))
-    return float(np.mean(scores))
+    return mean_dice(fixed_labels, warped_labels, labels=[int(v) for v in np.unique(fixed_labels) if v != 0])
 
 
 def evaluate(net, pairs) -> dict:
