@@ -33,6 +33,25 @@ def warp(image: torch.Tensor, ddf: torch.Tensor, mode: str = "bilinear",
     return _warp_layer(mode, padding_mode)(image, ddf)
 
 
+def sample_at(image: torch.Tensor, points: torch.Tensor, padding_mode: str = "border") -> torch.Tensor:
+    """Trilinear (bilinear in 2-D) values of ``image`` ``(1, C, *spatial)`` at ``points`` ``(N, ndim)``.
+
+    ``points`` are voxel coordinates in numpy axis order (voxel i's centre at i, as in :func:`warp`,
+    so ``sample_at(image, x + u(x))`` equals ``warp(image, u)`` at voxel x); differentiable with
+    respect to the points and the image. Returns ``(1, C, N)``. Used where only a random subset of
+    voxels is compared (MI on sampled points), which spares resampling the whole image.
+    """
+    ndim = image.dim() - 2
+    if points.dim() != 2 or points.shape[1] != ndim:
+        raise ValueError(f"points must be (N, {ndim}) voxel coordinates, got {tuple(points.shape)}")
+    sizes = torch.tensor([max(n - 1, 1) for n in image.shape[2:]], dtype=points.dtype, device=points.device)
+    grid = (points * (2.0 / sizes) - 1.0).flip(-1)  # grid_sample wants (x, y, z) = reversed axes
+    grid = grid.reshape((1, -1) + (1,) * (ndim - 1) + (ndim,))
+    values = torch.nn.functional.grid_sample(image, grid, mode="bilinear", padding_mode=padding_mode,
+                                             align_corners=True)
+    return values.reshape(1, image.shape[1], -1)
+
+
 @lru_cache(maxsize=None)
 def _dvf2ddf(steps: int) -> DVF2DDF:
     with warnings.catch_warnings():

@@ -13,9 +13,10 @@ import torch
 import mmreg
 from mmreg.errors import InputError
 from mmreg.manifest import write_manifest
-from mmreg.methods.metric import (BSplineField, SimilarityTransform, bspline_basis, parse_metric_progress)
+from mmreg.methods.metric import (DEFAULT_MI_SAMPLES, BSplineField, SimilarityTransform, bspline_basis,
+                                  parse_metric_progress, similarity_profile)
 from mmreg.patch_metric import (AlignedPatchSampler, PatchMetricNet, dense_dissimilarity, hinge_loss,
-                                receptive_field)
+                                patch_metric_network, receptive_field)
 from mmreg.training import MetricTrainConfig, config_for_manifest, config_from_dict, read_progress, train
 
 
@@ -129,11 +130,12 @@ def _translated_pair(shift_mm=(3.0, -2.0, 4.0), oblique=True):
     return fixed, moving, a > 0.05
 
 
-def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimodal_pair():
+@pytest.mark.parametrize("mi_samples", [DEFAULT_MI_SAMPLES, 0], ids=["sampled-points", "whole-image"])
+def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimodal_pair(mi_samples):
     shift = (3.0, -2.0, 4.0)
     fixed, moving, inside = _translated_pair(shift)
     r = mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", transform="similarity",
-                       iterations_similarity=60, levels=2, threads=2)
+                       iterations_similarity=60, levels=2, threads=2, mi_samples=mi_samples)
     u = sitk.GetArrayFromImage(r.displacement)[inside]
     err = np.abs(u.mean(0) + np.array(shift))
     assert err.max() < 0.25, (u.mean(0), err)  # measured: about 0.05-0.1 mm
@@ -141,6 +143,24 @@ def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimod
     assert trace["similarity"] == "mi" and [s["stage"] for s in trace["stages"]] == ["similarity", "similarity"]
     first, last = trace["stages"][0]["values"][0], trace["stages"][-1]["values"][-1]
     assert last < first - 0.05  # minus MI went down: the images became more similar
+
+
+def test_similarity_profile_of_an_aligned_multimodal_pair_has_its_minimum_at_zero_shift():
+    a = smooth_volume((36, 36, 36), seed=4, sigma=3.0)
+    fixed, moving = torch.tensor(a)[None, None], torch.tensor(other_modality(a))[None, None]
+    shifts = list(range(-4, 5))
+    for similarity, axis in (("mi", 2), ("mi_masked", 0)):
+        values = np.array(similarity_profile(fixed, moving, shifts, axis=axis, similarity=similarity))
+        assert int(np.argmin(values)) == shifts.index(0), (similarity, values)
+        # smooth and unimodal: minus MI rises at every step away from zero (measured -0.90 at 0, -0.32 at 4)
+        assert (np.diff(values[4:]) > 0.01).all() and (np.diff(values[:5]) < -0.01).all(), (similarity, values)
+    network = patch_metric_network()  # untrained: any finite values, one per shift
+    learned = similarity_profile(fixed, moving, [-1, 0, 1], axis=1, similarity="learned", network=network)
+    assert len(learned) == 3 and np.isfinite(learned).all()
+    with pytest.raises(InputError, match="axis must be a spatial axis"):
+        similarity_profile(fixed, moving, [0], axis=3, similarity="mi")
+    with pytest.raises(InputError, match="needs a metric network"):
+        similarity_profile(fixed, moving, [0], axis=0, similarity="learned")
 
 
 def test_progress_messages_are_parsed_and_cancel_stops_the_run():
@@ -174,6 +194,8 @@ def test_bad_options_and_inputs_say_what_to_do(tmp_path, monkeypatch):
         mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", transform="affine")
     with pytest.raises(InputError, match="control_spacing_mm"):
         mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", control_spacing_mm=0)
+    with pytest.raises(InputError, match="mi_samples must be 0 .the whole image. or at least 100"):
+        mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", mi_samples=50)
 
 
 def test_mi_on_a_single_slice_pair_runs_in_2d():
