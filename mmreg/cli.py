@@ -109,6 +109,7 @@ def _cmd_register(args) -> int:
                      f"{q['labels']['mean_dice']:.3f} after {args.method}; mean HD95 {q['labels']['mean_hd95_mm']:.2f} mm")
     for kind, path in written.items():
         lines.append(f"wrote {kind}: {path}")
+    lines += [f"warning: {text}" for text in result.report.get("warnings", [])]
     print("\n".join(lines))
     return 0
 

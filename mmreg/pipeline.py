@@ -286,6 +286,7 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
         "network_grid": {"size": list(grid.size), "spacing_mm": list(grid.spacing)},
         "affine": aff.as_dict() if aff is not None else None,
         "method_trace": reg_method.method_report(),
+        "warnings": list(reg_method.method_warnings()),
         "quality": qa,
         "timings_s": {k: round(v, 3) for k, v in timings.items()},
         "conventions": "displacement on the fixed grid, LPS mm; fixed point x maps to moving point x + u(x)",

@@ -326,6 +326,7 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         if missing:
             inputs["notes"].append(f"Method '{method}' made no {', '.join(repr(n) for n in missing)} map "
                                    f"(it made: {', '.join(sorted(result.extra_images)) or 'none'}).")
+        inputs["notes"].extend(f"Warning: {text}" for text in result.report.get("warnings", []))
         outcome.notes, outcome.scored_labels = inputs["notes"], inputs["scored"]
         outcome.segment_names = {value: info["name"] for value, info in (inputs["moving_info"] or {}).items()}
         if self.trace is not None:

@@ -12,9 +12,12 @@ import torch
 
 import mmreg
 from mmreg.errors import InputError
+from mmreg.grid import NetworkGrid
+from mmreg.methods import get_method
+from mmreg.methods.base import GridInputs
 from mmreg.manifest import write_manifest
 from mmreg.methods.metric import (DEFAULT_MI_SAMPLES, BSplineField, SimilarityTransform, bspline_basis,
-                                  parse_metric_progress, similarity_profile)
+                                  metric_registration, parse_metric_progress, similarity_profile)
 from mmreg.patch_metric import (AlignedPatchSampler, PatchMetricNet, dense_dissimilarity, hinge_loss,
                                 patch_metric_network, receptive_field)
 from mmreg.training import MetricTrainConfig, config_for_manifest, config_from_dict, read_progress, train
@@ -143,6 +146,7 @@ def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimod
     assert trace["similarity"] == "mi" and [s["stage"] for s in trace["stages"]] == ["similarity", "similarity"]
     first, last = trace["stages"][0]["values"][0], trace["stages"][-1]["values"][-1]
     assert last < first - 0.05  # minus MI went down: the images became more similar
+    assert r.report["warnings"] == []  # MI never warns about unfamiliar images
 
 
 def test_similarity_profile_of_an_aligned_multimodal_pair_has_its_minimum_at_zero_shift():
@@ -161,6 +165,34 @@ def test_similarity_profile_of_an_aligned_multimodal_pair_has_its_minimum_at_zer
         similarity_profile(fixed, moving, [0], axis=3, similarity="mi")
     with pytest.raises(InputError, match="needs a metric network"):
         similarity_profile(fixed, moving, [0], axis=0, similarity="learned")
+
+
+def test_a_learned_metric_that_sees_the_pair_as_misaligned_says_so():
+    # Measured on the benchmark: brain pairs start at -1.03..-0.44; the spinal cord (+1.02) and the
+    # abdomen (+0.63), where the learned metric then failed, start above UNFAMILIAR_SCORE = 0.
+    a = smooth_volume((40, 40, 40), seed=4)
+    grid = NetworkGrid.for_image(image(a), spacing=2.0, multiple=2)
+    fixed = grid.image_to_tensor(grid.resample(image(a))) / 1000.0
+    moving = grid.image_to_tensor(grid.resample(image(other_modality(a)))) / 1000.0
+    inside = torch.ones_like(fixed)
+    inputs = GridInputs(grid=grid, fixed=fixed, moving=moving, fixed_mask=inside, moving_mask=inside,
+                        device=torch.device("cpu"))
+    method = get_method("metric")
+    for score, warned in ((0.8, True), (-0.9, False)):
+        network = patch_metric_network()
+        last = network.layers[-1]
+        torch.nn.init.zeros_(last.weight)
+        torch.nn.init.constant_(last.bias, score)  # every patch scores `score`
+        trace = {}
+        metric_registration(inputs, similarity="learned", network=network, transform="similarity",
+                            iterations_similarity=2, levels=1, trace=trace)
+        assert trace["stages"][0]["values"][0] == pytest.approx(score)
+        assert len(trace.get("warnings", [])) == int(warned), trace.get("warnings")
+        if warned:
+            assert "scores this pair +0.80 before registration" in trace["warnings"][0]
+            assert "similarity='mi'" in trace["warnings"][0]
+        method._trace = trace  # what predict() keeps; the pipeline copies it into report["warnings"]
+        assert method.method_warnings() == trace.get("warnings", [])
 
 
 def test_progress_messages_are_parsed_and_cancel_stops_the_run():

@@ -120,6 +120,12 @@ class RegistrationMethod(abc.ABC):
         e.g. the metric value per iteration of an iterative method; None when there is nothing to add."""
         return None
 
+    def method_warnings(self) -> list:
+        """Warnings about the last :meth:`predict` for the user (``report["warnings"]``; the command line
+        prints them and the Slicer modules show them with the results), e.g. a learned component that
+        sees a pair unlike its training data; empty by default."""
+        return []
+
     def extra_outputs(self) -> dict:
         """Scalar maps the last :meth:`predict` produced besides the field, ``{name: (1, 1, *spatial) tensor}``
         on its grid (e.g. ``"attention"``: the attention weights of ``multiscale``). The pipeline resamples

@@ -63,6 +63,13 @@ STEP_SIZES = {"translation": 0.3, "rotation": 0.01, "log_scale": 0.005, "bspline
 #: for the measured speed and accuracy against the whole image). 0: warp the whole image each iteration.
 DEFAULT_MI_SAMPLES = 20_000
 
+#: A learned metric whose mean score over the affinely aligned pair is above this value classifies the
+#: pair as misaligned on average (the hinge loss's decision boundary is 0; aligned training patches
+#: score about -1): the images are probably unlike its training data. Measured at the start of the
+#: benchmark's cases: -1.03 to -0.44 on brain pairs, +0.63 (abdomen, head-CT metric) and +1.02 (spinal
+#: cord, brain metric) on the two cases where the learned metric then failed.
+UNFAMILIAR_SCORE = 0.0
+
 _PROGRESS = re.compile(r"^(?P<stage>similarity|B-spline) level (?P<level>\d+)/(?P<levels>\d+), iteration "
                        r"(?P<iteration>\d+)/(?P<iterations>\d+): metric (?P<value>[-+0-9.eE]+|nan|inf|-inf)$")
 
@@ -368,6 +375,13 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
                     optimiser.step()
                     decay.step()
                     values.append(value)
+                    if similarity == "learned" and done == 0 and value > UNFAMILIAR_SCORE:
+                        trace.setdefault("warnings", []).append(
+                            f"The learned metric scores this pair {value:+.2f} before registration (aligned "
+                            f"images score about -1; above {UNFAMILIAR_SCORE:g} it sees them as misaligned "
+                            "everywhere): the images are probably unlike its training data, and the result may "
+                            "be worse than the affine alignment. Check it, or use similarity='mi' (or train a "
+                            "metric on aligned pairs of this kind).")
                     done += 1
                     progress(done / total_iters, f"{stage} level {level_index + 1}/{len(factors)}, iteration "
                                                  f"{it + 1}/{n_iter}: metric {value:.6g}")
@@ -484,3 +498,8 @@ class LearnedMetricRegistration(RegistrationMethod):
     def method_report(self) -> dict | None:
         """The per-iteration metric values of the last :meth:`predict` (for ``report["method_trace"]``)."""
         return self._trace
+
+    def method_warnings(self) -> list:
+        """A learned metric that scores the pair as misaligned before registration (see
+        :data:`UNFAMILIAR_SCORE`) says so."""
+        return list((self._trace or {}).get("warnings", []))
