@@ -405,3 +405,27 @@ def test_widget_logic_for_method_controls_and_live_convergence(module, scene, ca
                    "B-spline 1/1  it.   1/5  metric -0.6"]
     assert ui.convergenceLabel.text.splitlines() == ["similarity level 1/1: -0.3 → -0.5  █▁  (2/2 it.)",
                                                      "B-spline level 1/1:   -0.6 → -0.6  ▄   (1/5 it.)"]
+
+
+@needs_metric
+def test_a_metric_that_sees_the_pair_as_misaligned_warns_with_the_results(module, scene, case, tmp_path):
+    """The engine's warning (the learned metric scores the affinely aligned pair above 0: images unlike its
+    training data) reaches the user with the results, as a note in the results text and the status log."""
+    from MMRegCommonLib.testing import set_constant_output, user_models
+    from mmreg.models import ModelCard, save_model
+    from mmreg.patch_metric import DEFAULT_METRIC_ARCHITECTURE, patch_metric_network
+    network = patch_metric_network()
+    set_constant_output(network, [0.8])  # every patch pair scores +0.8: "misaligned"
+    card = ModelCard(name="unfamiliar", method="metric", architecture=dict(DEFAULT_METRIC_ARCHITECTURE),
+                     spacing_mm=4.0, multiple=1, diffeomorphic=False)
+    with user_models(tmp_path):
+        save_model(tmp_path / "metric" / "unfamiliar", network, card)
+        logic = module.LearnedMetricLogic()
+        params = logic.getParameterNode()
+        params.fixedVolume, params.movingVolume = case["fixed"], case["moving"]
+        params.metric, params.model, params.levels = "learned", "unfamiliar", 1
+        params.transformModel, params.similarityIterations = "similarity", 2
+        outcome = logic.run_with_parameters(params)
+    warnings = [note for note in outcome.notes if note.startswith("Warning: ")]
+    assert len(warnings) == 1 and "scores this pair +0.80 before registration" in warnings[0], outcome.notes
+    assert warnings[0] in outcome.summary_text() and outcome.report["warnings"] == [warnings[0][len("Warning: "):]]
