@@ -24,10 +24,10 @@ import argparse
 import json
 import sys
 import time
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 import torch
 
 HERE = Path(__file__).resolve()
@@ -39,6 +39,7 @@ from mmreg.image import read_image  # noqa: E402
 from mmreg.intensity import normalize_intensity  # noqa: E402
 from mmreg.methods.metric import similarity_profile  # noqa: E402
 from mmreg.models import load_model  # noqa: E402
+from mmreg.pipeline import _ones_like  # noqa: E402
 from mmreg.patch_metric import patch_metric_network  # noqa: E402
 
 PAIRS = [  # (label, fixed file, moving file, learned model)
@@ -53,33 +54,37 @@ AXES = {"x (L-R)": 2, "y (P-A)": 1, "z (I-S)": 0}  # numpy axis of the (z, y, x)
 MI_SPACING_MM = 2.0
 
 
+@lru_cache(maxsize=None)
 def tensors(fixed_path: Path, moving_path: Path, spacing: float):
-    """Normalised fixed and moving images on one grid of ``spacing`` mm over the fixed image."""
+    """Normalised fixed and moving images and the fixed field of view on one grid of ``spacing`` mm over
+    the fixed image (cached: the similarities sharing a grid read and resample the files once)."""
     fixed, moving = read_image(fixed_path, "fixed"), read_image(moving_path, "moving")
     fixed_n, _ = normalize_intensity(fixed, "MR")
     moving_n, _ = normalize_intensity(moving, "MR")  # the Cormack-unit CT template is normalised like MR
     grid = NetworkGrid.for_image(fixed, spacing=spacing, multiple=1)
-    field_of_view = sitk.Image(fixed.GetSize(), sitk.sitkFloat32) + 1.0
-    field_of_view.CopyInformation(fixed)
     return (grid.image_to_tensor(grid.resample(fixed_n)), grid.image_to_tensor(grid.resample(moving_n)),
-            grid.image_to_tensor(grid.resample(field_of_view)), grid)
+            grid.image_to_tensor(grid.resample(_ones_like(fixed))), grid)
+
+
+def scaled(values: np.ndarray) -> np.ndarray:
+    """A curve min-max scaled to [0, 1] (a flat curve to 0)."""
+    return (values - values.min()) / max(float(np.ptp(values)), 1e-12)
 
 
 def roughness(values: np.ndarray) -> float:
-    scaled = (values - values.min()) / max(float(np.ptp(values)), 1e-12)
-    return float(np.abs(np.diff(scaled, 2)).max()) if len(scaled) > 2 else 0.0
+    return float(np.abs(np.diff(scaled(values), 2)).max()) if len(values) > 2 else 0.0
 
 
 def flat_width(shifts_mm: np.ndarray, values: np.ndarray, level: float = 0.05) -> float:
     """Width (mm) of the run of shifts around the minimum whose scaled value stays within ``level`` of
     it: a wide flat bottom gives gradient descent nothing to follow near alignment."""
-    scaled = (values - values.min()) / max(float(np.ptp(values)), 1e-12)
-    i = lo = hi = int(np.argmin(scaled))
-    while lo > 0 and scaled[lo - 1] <= level:
+    curve = scaled(values)
+    lo = hi = int(np.argmin(curve))
+    while lo > 0 and curve[lo - 1] <= level:
         lo -= 1
-    while hi < len(scaled) - 1 and scaled[hi + 1] <= level:
+    while hi < len(curve) - 1 and curve[hi + 1] <= level:
         hi += 1
-    return float(shifts_mm[hi] - shifts_mm[lo]) if hi > i or lo < i else 0.0
+    return float(shifts_mm[hi] - shifts_mm[lo])
 
 
 def main(argv=None) -> int:
@@ -125,8 +130,7 @@ def main(argv=None) -> int:
         for c, axis_name in enumerate(AXES):
             ax = axes[r, c]
             for rec in (x for x in results if x["pair"] == label and x["axis"] == axis_name):
-                v = np.array(rec["values"])
-                ax.plot(rec["shifts_mm"], (v - v.min()) / max(float(np.ptp(v)), 1e-12), color=colours[rec["similarity"]],
+                ax.plot(rec["shifts_mm"], scaled(np.array(rec["values"])), color=colours[rec["similarity"]],
                         label=f"{names[rec['similarity']]} (min {rec['minimum_at_mm']:+.0f} mm)")
             ax.axvline(0, color="grey", lw=0.8, ls=":")
             ax.set_title(f"{label}, shift along {axis_name}", fontsize=9)

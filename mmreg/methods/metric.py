@@ -194,11 +194,11 @@ class _Similarity:
             self.weight = fov * fg
         self.sampled = name != "learned" and int(mi_samples) > 0
         if name != "learned":
-            self.generator = torch.Generator(device="cpu").manual_seed(seed)
             self.mi = MutualInformationLoss(num_bins=mi_bins, max_voxels=mi_max_voxels,
                                             generator=torch.Generator(device=fixed.device).manual_seed(seed))
         if self.sampled:
             self.samples = int(mi_samples)
+            self.generator = torch.Generator(device="cpu").manual_seed(seed)  # draws the sampled voxels
             self.candidates = torch.nonzero(self.weight.reshape(-1) > 0.5).squeeze(1)
             if self.candidates.numel() < 2:
                 raise InputError("The fixed image's field of view (or foreground, for mi_masked) has no voxels at "
