@@ -168,7 +168,7 @@ def test_similarity_profile_of_an_aligned_multimodal_pair_has_its_minimum_at_zer
 
 
 def test_a_learned_metric_that_sees_the_pair_as_misaligned_says_so():
-    # Measured on the benchmark: brain pairs start at -1.03..-0.44; the spinal cord (+1.02) and the
+    # Measured on the benchmark: four brain cases start at -1.03..-0.44; the spinal cord (+1.02) and the
     # abdomen (+0.63), where the learned metric then failed, start above UNFAMILIAR_SCORE = 0.
     a = smooth_volume((40, 40, 40), seed=4)
     grid = NetworkGrid.for_image(image(a), spacing=2.0, multiple=2)

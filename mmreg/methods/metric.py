@@ -66,7 +66,7 @@ DEFAULT_MI_SAMPLES = 20_000
 #: A learned metric whose mean score over the affinely aligned pair is above this value classifies the
 #: pair as misaligned on average (the hinge loss's decision boundary is 0; aligned training patches
 #: score about -1): the images are probably unlike its training data. Measured at the start of the
-#: benchmark's cases: -1.03 to -0.44 on brain pairs, +0.63 (abdomen, head-CT metric) and +1.02 (spinal
+#: benchmark's cases: -1.03 to -0.44 on four brain cases (avg152 T1<-T2, T1<-PD, CT<-T1, IXI012<-T2), +0.63 (abdomen, head-CT metric) and +1.02 (spinal
 #: cord, brain metric) on the two cases where the learned metric then failed.
 UNFAMILIAR_SCORE = 0.0
 
