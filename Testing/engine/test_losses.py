@@ -204,6 +204,25 @@ def test_mind_ssc_constant_image_is_finite():
     assert torch.isfinite(f).all() and torch.allclose(f, torch.ones_like(f))
 
 
+@pytest.mark.parametrize("shape,radius", [((2, 3, 9, 7, 8), 1), ((1, 2, 6, 11, 5), 2), ((1, 1, 12, 10), 1), ((2, 1, 7, 9), 3)])
+def test_box_filter_equals_a_padded_mean_filter(shape, radius):
+    """The separable sum-of-slices filter equals a replicate-padded cubic mean filter (values and
+    gradients), in 3-D and 2-D, with radii 1 to 3 on short axes (the borders repeat the edge voxel)."""
+    x = torch.randn(shape, dtype=torch.float64, requires_grad=True)
+    nd = len(shape) - 2
+    k = 2 * radius + 1
+    pool = F.avg_pool3d if nd == 3 else F.avg_pool2d
+    reference = pool(F.pad(x, [radius] * (2 * nd), mode="replicate"), k, stride=1)
+    out = L.box_filter(x, radius)
+    assert out.shape == x.shape
+    assert torch.allclose(out, reference, atol=1e-12)
+    weights = torch.randn(shape, dtype=torch.float64)
+    (g_out,) = torch.autograd.grad((out * weights).sum(), x)
+    (g_ref,) = torch.autograd.grad((reference * weights).sum(), x)
+    assert torch.allclose(g_out, g_ref, atol=1e-12)
+    assert L.box_filter(x, 0) is x
+
+
 def test_mind_ssc_speed_128_cube():
     x = torch.rand(1, 1, 128, 128, 128)
     L.mind_ssc(x[..., :32, :32, :32])  # warm up

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..errors import InputError
 from ..grid import choose_levels, downsample_image, upsample_field
-from ..losses import MutualInformationLoss, diffusion_regulariser, lncc_loss, mind_loss_from_features, mind_ssc, mse_loss
+from ..losses import MutualInformationLoss, box_filter, diffusion_regulariser, lncc_loss, mind_loss_from_features, mind_ssc, mse_loss
 from ..progress import Progress
 from ..spatial import compose_fields, integrate_velocity, warp
 from .base import GridInputs, RegistrationMethod
@@ -42,13 +42,15 @@ DEFAULT_LEARNING_RATE = {"mind": 1.0, "mi": 0.2, "lncc": 1.0, "mse": 1.0}
 #: Warm-up steps when a field is refined (``init_ddf``): see :func:`instance_optimise`.
 DEFAULT_REFINEMENT_WARMUP = 5
 
+#: The velocity is integrated on a grid this many times coarser than the level's (then the
+#: displacement is upsampled); see :func:`instance_optimise`.
+DEFAULT_INTEGRATION_FACTOR = 2
+
 
 def _smooth(field: torch.Tensor, passes: int = 2) -> torch.Tensor:
     """Box-filter a field (3 voxels, replicate borders) ``passes`` times."""
-    pool = F.avg_pool3d if field.dim() == 5 else F.avg_pool2d
-    pad = (1, 1) * (field.dim() - 2)
     for _ in range(passes):
-        field = pool(F.pad(field, pad, mode="replicate"), 3, stride=1)
+        field = box_filter(field, 1)
     return field
 
 
@@ -73,10 +75,24 @@ class _Similarity:
         return mind_loss_from_features(warped, self.fixed, mask=weight)
 
 
+def _integration_factor(shape, wanted: int) -> int:
+    """``wanted`` when every axis of ``shape`` (voxels) divides by it and keeps >= 4 voxels, else 1."""
+    return wanted if wanted > 1 and all(s % wanted == 0 and s // wanted >= 4 for s in shape) else 1
+
+
+def _velocity_to_ddf(velocity: torch.Tensor, steps: int, factor: int) -> torch.Tensor:
+    """Scaling and squaring of a voxel-unit velocity on a grid ``factor`` times coarser (average-pooled,
+    vectors divided by ``factor``), the displacement upsampled back (voxel units of the input grid)."""
+    if factor == 1:
+        return integrate_velocity(velocity, steps)
+    return upsample_field(integrate_velocity(downsample_image(velocity, factor) / factor, steps), factor)
+
+
 def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = None, similarity: str = "mind",
                       levels: int = 3, iterations=(40, 40, 30), learning_rate: float | None = None,
                       smoothness: float | None = None, diffeomorphic: bool = True, finest_factor: int = 2,
                       schedule: str = "cosine", warmup_steps: int | None = None,
+                      integration_factor: int = DEFAULT_INTEGRATION_FACTOR,
                       progress: Progress | None = None, **options) -> torch.Tensor:
     """Optimise a field on ``inputs.grid``; returns the voxel-unit displacement ``(1, ndim, *spatial)``.
 
@@ -93,6 +109,10 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     from ``1 / warmup_steps`` of the learning rate to all of it over that many steps (None: 5 when
     refining an ``init_ddf``, else 0). Adam's first steps move every voxel by about the full step
     whatever its gradient, which undoes an already-good field (a network's) when only a few steps follow.
+    ``integration_factor``: the (smoothed) velocity is integrated on a grid this many times coarser
+    than the level's and the displacement upsampled (1: on the level's grid). Scaling and squaring and
+    its backward pass were two thirds of a step's time; the velocity is smooth at that scale anyway
+    (docs/optimize.md has the measurements). Levels whose sizes do not divide use 1.
     """
     progress = progress or Progress()
     if schedule not in ("cosine", "constant"):
@@ -114,6 +134,8 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     warmup = (DEFAULT_REFINEMENT_WARMUP if init_ddf is not None else 0) if warmup_steps is None else int(warmup_steps)
     if warmup < 0:
         raise InputError(f"warmup_steps must be >= 0, got {warmup_steps}.")
+    if int(integration_factor) != integration_factor or int(integration_factor) < 1:
+        raise InputError(f"integration_factor must be an integer >= 1, got {integration_factor!r}.")
 
     moving, moving_mask = inputs.moving, inputs.moving_mask
     if init_ddf is not None:
@@ -144,10 +166,11 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
             decay = (torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, int(n_iter)), lr * 0.05)
                      if schedule == "cosine" else None)
             ramp = warmup if prev_factor is None else 0
+            k_int = _integration_factor(param.shape[2:], int(integration_factor))
             for it in range(int(n_iter)):
                 optimiser.zero_grad(set_to_none=True)
                 field = _smooth(param)
-                ddf = integrate_velocity(field, steps) if diffeomorphic else field
+                ddf = _velocity_to_ddf(field, steps, k_int) if diffeomorphic else field
                 loss = sim(ddf, weight) + lam * diffusion_regulariser(ddf)
                 loss.backward()
                 if it < ramp:  # warm-up: this step at (it + 1) / ramp of the scheduled one
@@ -166,7 +189,8 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
             prev_factor = factor
     with torch.no_grad():
         field = _smooth(param.detach())
-        ddf = integrate_velocity(field, steps) if diffeomorphic else field
+        k_int = _integration_factor(field.shape[2:], int(integration_factor))
+        ddf = _velocity_to_ddf(field, steps, k_int) if diffeomorphic else field
         ddf = upsample_field(ddf, factors[-1])
         if init_ddf is not None:
             ddf = compose_fields(ddf, init_ddf)
@@ -187,7 +211,8 @@ class InstanceOptimisation(RegistrationMethod):
         return {"spacing": "auto", "multiple": 16, "max_voxels": 2_000_000, "similarity": "mind", "levels": 3,
                 "finest_factor": 2, "iterations": (40, 40, 30), "learning_rate": None, "smoothness": None,
                 "diffeomorphic": True, "integration_steps": 5, "mind_radius": 1, "mind_dilation": 2,
-                "mi_bins": 32, "mi_max_voxels": 100_000, "schedule": "cosine"}
+                "mi_bins": 32, "mi_max_voxels": 100_000, "schedule": "cosine",
+                "integration_factor": DEFAULT_INTEGRATION_FACTOR}
 
     def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
         """Run :func:`instance_optimise` with the options (grid options removed); voxel-unit ddf on the grid."""
