@@ -130,15 +130,23 @@ def test_refinement_runs_on_a_grid_twice_as_fine_from_the_network_field(model_ro
     assert fine.coarsen(2).spacing == plain.spacing and all(n % 8 == 0 for n in fine.size)
     seen = {}
 
-    def no_change(inputs, init_ddf, **kw):  # stands in for the refinement: records what it was given
-        seen.update(kw, grid=inputs.grid, init=init_ddf)
-        return init_ddf
+    def no_change(inputs, **kw):  # stands in for the refinement: records what it was given
+        start = kw.pop("init_velocity", None)
+        seen.update(kw, grid=inputs.grid, init=start if start is not None else kw["init_ddf"],
+                    how="velocity" if start is not None else "composition")
+        return seen["init"]
     monkeypatch.setattr(network_method, "instance_optimise", no_change)
-    res = mmreg.register(fixed, moving, method="mi", model="shift", affine=False, threads=1, refinement_steps=5)
-    assert seen["grid"].spacing == (1.0, 1.0, 1.0) and seen["finest_factor"] == 2 and seen["iterations"] == [5]
-    assert float(seen["init"][0, 2].mean()) == pytest.approx(4.0, abs=1e-4)  # 2 network voxels = 4 fine voxels
-    u = sitk.GetArrayFromImage(res.displacement)[8:-8, 8:-8, 8:-8]
-    np.testing.assert_allclose(u[..., 0], 4.0, atol=0.1)
+    for refine_from in ("velocity", "composition"):
+        res = mmreg.register(fixed, moving, method="mi", model="shift", affine=False, threads=1, refinement_steps=5,
+                             refine_from=refine_from)
+        assert seen["how"] == refine_from
+        assert seen["grid"].spacing == (1.0, 1.0, 1.0) and seen["finest_factor"] == 2 and seen["iterations"] == [5]
+        # a displacement model: its displacement is the starting velocity; 2 network voxels = 4 fine voxels
+        assert float(seen["init"][0, 2].mean()) == pytest.approx(4.0, abs=1e-4)
+        u = sitk.GetArrayFromImage(res.displacement)[8:-8, 8:-8, 8:-8]
+        np.testing.assert_allclose(u[..., 0], 4.0, atol=0.1)
+    with pytest.raises(InputError, match="refine_from must be one of velocity, composition"):
+        mmreg.register(fixed, moving, method="mi", model="shift", affine=False, refinement_steps=5, refine_from="x")
 
 
 def test_untrained_model_is_identity_and_refinement_registers(model_root):

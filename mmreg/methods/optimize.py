@@ -88,7 +88,8 @@ def _velocity_to_ddf(velocity: torch.Tensor, steps: int, factor: int) -> torch.T
     return upsample_field(integrate_velocity(downsample_image(velocity, factor) / factor, steps), factor)
 
 
-def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = None, similarity: str = "mind",
+def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = None,
+                      init_velocity: torch.Tensor | None = None, similarity: str = "mind",
                       levels: int = 3, iterations=(40, 40, 30), learning_rate: float | None = None,
                       smoothness: float | None = None, diffeomorphic: bool = True, finest_factor: int = 2,
                       schedule: str = "cosine", warmup_steps: int | None = None,
@@ -97,7 +98,12 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     """Optimise a field on ``inputs.grid``; returns the voxel-unit displacement ``(1, ndim, *spatial)``.
 
     ``init_ddf`` (voxel units, same grid): a field to refine (e.g. a network's prediction); the
-    optimiser then finds a residual r and returns the composition x -> x + r(x) -> y + init(y).
+    optimiser then finds a residual r and returns the composition x -> x + r(x) -> y + init(y); the
+    residual's regulariser does not see ``init_ddf``, so the optimiser cannot smooth away its errors.
+    ``init_velocity`` (voxel units, same grid): the starting value of the optimised field itself (a
+    stationary velocity; with ``diffeomorphic=False`` a displacement), e.g. a diffeomorphic network's
+    velocity. The whole field is then optimised and regularised: refining a network's field this way
+    ended at a higher Dice than composing a residual with it (docs/optimize.md). Not with ``init_ddf``.
     ``iterations``: Adam steps per level, coarse to fine (an int applies to all levels);
     ``learning_rate``: Adam step in voxels of the level (default by similarity,
     :data:`DEFAULT_LEARNING_RATE`); ``smoothness``: diffusion weight (default by
@@ -107,7 +113,7 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     ``schedule``: "cosine" (the step decays to 5 % within each level, so Adam settles instead of
     jittering by a whole step) or "constant". ``warmup_steps``: the first level's step grows linearly
     from ``1 / warmup_steps`` of the learning rate to all of it over that many steps (None: 5 when
-    refining an ``init_ddf``, else 0). Adam's first steps move every voxel by about the full step
+    refining an ``init_ddf`` or ``init_velocity``, else 0). Adam's first steps move every voxel by about the full step
     whatever its gradient, which undoes an already-good field (a network's) when only a few steps follow.
     ``integration_factor``: the (smoothed) velocity is integrated on a grid this many times coarser
     than the level's and the displacement upsampled (1: on the level's grid). Scaling and squaring and
@@ -131,7 +137,16 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
     # Fewer levels than iteration counts (small images): drop the coarsest counts.
     iterations = ([iterations[0]] * (len(factors) - len(iterations)) + iterations)[-len(factors):]
     steps = int(options.get("integration_steps", 5))
-    warmup = (DEFAULT_REFINEMENT_WARMUP if init_ddf is not None else 0) if warmup_steps is None else int(warmup_steps)
+    if init_ddf is not None and init_velocity is not None:
+        raise InputError("Give init_ddf (a field to compose a residual with) or init_velocity (the starting "
+                         "field), not both.")
+    for name, start in (("init_ddf", init_ddf), ("init_velocity", init_velocity)):
+        expected = (1, inputs.fixed.dim() - 2) + tuple(inputs.fixed.shape[2:])
+        if start is not None and tuple(start.shape) != expected:
+            raise InputError(f"{name} must have shape {expected} (a voxel-unit field on the registration grid); "
+                             f"got {tuple(start.shape)}.")
+    refining = init_ddf is not None or init_velocity is not None
+    warmup = (DEFAULT_REFINEMENT_WARMUP if refining else 0) if warmup_steps is None else int(warmup_steps)
     if warmup < 0:
         raise InputError(f"warmup_steps must be >= 0, got {warmup_steps}.")
     if int(integration_factor) != integration_factor or int(integration_factor) < 1:
@@ -157,7 +172,9 @@ def instance_optimise(inputs: GridInputs, *, init_ddf: torch.Tensor | None = Non
             weight = (downsample_image(inputs.fixed_mask, factor) *
                       downsample_image(moving_mask, factor)).detach()
             sim = _Similarity(similarity, fixed_l, moving_l, options)
-            if param is None:
+            if param is None and init_velocity is not None:
+                param = downsample_image(init_velocity.detach().to(fixed_l.device), factor) / factor
+            elif param is None:
                 param = torch.zeros((1, fixed_l.dim() - 2) + tuple(fixed_l.shape[2:]), device=fixed_l.device)
             else:
                 param = upsample_field(param.detach(), prev_factor // factor)
