@@ -13,7 +13,8 @@ regulariser:
   equals the physical gradient, so one weight serves all levels.
 
 Every learned method reuses :func:`instance_optimise` as an optional refinement of its
-prediction (``init_ddf``).
+prediction: starting the optimised field at the network's velocity (``init_velocity``, the default)
+or composing a residual with its displacement (``init_ddf``).
 """
 from __future__ import annotations
 
@@ -39,7 +40,7 @@ DEFAULT_SMOOTHNESS = {"mind": 0.15, "mi": 5.0, "lncc": 0.15, "mse": 0.15}
 #: and are noisy, so it takes smaller steps.
 DEFAULT_LEARNING_RATE = {"mind": 1.0, "mi": 0.2, "lncc": 1.0, "mse": 1.0}
 
-#: Warm-up steps when a field is refined (``init_ddf``): see :func:`instance_optimise`.
+#: Warm-up steps when a field is refined (``init_ddf`` or ``init_velocity``): see :func:`instance_optimise`.
 DEFAULT_REFINEMENT_WARMUP = 5
 
 #: The velocity is integrated on a grid this many times coarser than the level's (then the
