@@ -236,7 +236,9 @@ def test_parameter_defaults_are_the_engines(module, scene):
     assert params.refineSimilarity == engine["refine_similarity"] == "mind"
     assert engine["moving_domain"] is None and params.movingDomain == ""  # "" = the model's second modality
     assert engine["translate"] is True and params.makeTranslated is True
-    assert engine["refinement_steps"] == params.refinementSteps == 0
+    # the engine's method is the network alone; the panel starts with the framework's refinement default
+    from MMRegCommonLib.parameters import DEFAULT_REFINEMENT_STEPS
+    assert engine["refinement_steps"] == 0 and params.refinementSteps == DEFAULT_REFINEMENT_STEPS == 20
     assert {c.option for c in module.METHOD_OPTIONS.controls} == {"model", "refine_similarity", "moving_domain",
                                                                   "translate"} <= set(engine)
     assert engine["diffeomorphic"] is None  # the model decides: the shared checkbox shows the model's value

@@ -517,6 +517,9 @@ def test_widget_logic_for_model_refinement_and_propagation(module, models, scene
     RegistrationWidget._updateMethodControls(widget)
     assert params.model == "multiscale_brain"
     RegistrationWidget._updateMethodControls(widget)
+    assert params.refinementSteps == 20 and controls["refineSimilarity"][0].enabled is True  # the panel's default
+    params.refinementSteps = 0
+    RegistrationWidget._updateMethodControls(widget)
     assert controls["refineSimilarity"][0].enabled is False
     assert ui.methodOptionsInfoLabel.text.startswith("'multiscale_brain': FMIRNet with 3 scales")
     params.refinementSteps = 5
