@@ -199,6 +199,7 @@ def register(fixed: ImageLike, moving: ImageLike, method: str = "optimize", *, m
         opts.update(options)
         if model is not None:
             opts["model"] = model
+        reg_method.check_options(opts)
         torch_device = choose_device(device)
         n_threads = set_threads(threads)
     prog(0.02, "inputs checked")

@@ -167,8 +167,15 @@ def test_model_defines_diffeomorphic_and_options_are_checked(model_root):
     fixed, moving = _blob_pair((2.0, 0.0, 0.0))
     with pytest.raises(InputError, match="predicts a velocity"):
         mmreg.register(fixed, moving, method="mi", affine=False, diffeomorphic=False)
-    with pytest.raises(InputError, match="refinement_steps must be >= 0"):
-        mmreg.register(fixed, moving, method="mi", affine=False, refinement_steps=-1)
+    for bad, message in ((dict(refinement_steps=-1), "refinement_steps must be an integer >= 0"),
+                         (dict(refinement_steps=2.5), "refinement_steps must be an integer >= 0"),
+                         (dict(refinement_steps=5, refine_from="velo"), "refine_from must be one of velocity"),
+                         (dict(refinement_steps=5, refine_similarity="ncc"), "refine_similarity must be one of mind"),
+                         (dict(model="no_such_model"), "no_such_model")):
+        progress = []  # refused before any work: no normalisation, no affine
+        with pytest.raises((InputError, WeightsError), match=message):
+            mmreg.register(fixed, moving, method="mi", progress=lambda f, m: progress.append(m), **bad)
+        assert not any("affine" in m for m in progress), (bad, progress)
     # the grid is the model's: 2 mm, sizes multiple of 4 for this small network
     grid = mmreg.methods.get_method("mi").grid_for(fixed, {"model": None, "max_voxels": None})
     assert np.allclose(grid.spacing, 2.0) and all(n % 4 == 0 for n in grid.size)

@@ -106,6 +106,11 @@ class RegistrationMethod(abc.ABC):
         """Options and their defaults (documented by the subclass)."""
         return {}
 
+    def check_options(self, options: dict) -> None:
+        """Refuse bad option values with an :class:`InputError` that names the option and the accepted
+        values. :func:`mmreg.register` calls it before any work (normalisation, affine), so a typo fails
+        at once; nothing to check by default."""
+
     def models(self) -> list:
         """Trained models available to this method (empty for methods that need none)."""
         return []

@@ -31,7 +31,7 @@ from ..models import CARD_FILE, ModelCard, list_models, load_model, resolve_mode
 from ..progress import Progress
 from ..spatial import integrate_velocity
 from .base import GridInputs, RegistrationMethod
-from .optimize import instance_optimise
+from .optimize import SIMILARITIES, instance_optimise
 
 #: With refinement, the registration grid is this many times finer than the network's spacing.
 REFINEMENT_GRID_FACTOR = 2
@@ -125,8 +125,26 @@ class NetworkRegistration(RegistrationMethod):
         a velocity for diffeomorphic models). Subclasses may keep more in ``self`` for :meth:`extra_outputs`."""
         return network(torch.cat([fixed, moving], dim=1))
 
+    def check_options(self, options: dict) -> None:
+        """The chosen model exists and its card reads (:meth:`card`); ``refinement_steps`` an integer >= 0;
+        with refinement, ``refine_from`` one of :data:`REFINE_FROM` and ``refine_similarity`` one of the
+        instance optimisation's similarities."""
+        self.card(options)
+        steps = options.get("refinement_steps") or 0
+        if isinstance(steps, bool) or not isinstance(steps, (int, float)) or int(steps) != steps or steps < 0:
+            raise InputError(f"refinement_steps must be an integer >= 0 (0 = the network alone), got {steps!r}.")
+        if not steps:
+            return
+        mode = options.get("refine_from", "velocity")
+        if mode not in REFINE_FROM:
+            raise InputError(f"refine_from must be one of {', '.join(REFINE_FROM)}; got {mode!r}.")
+        similarity = options.get("refine_similarity", "mind")
+        if similarity not in SIMILARITIES:
+            raise InputError(f"refine_similarity must be one of {', '.join(SIMILARITIES)}; got {similarity!r}.")
+
     def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
         """One forward pass (then the optional refinement); voxel-unit displacement on ``inputs.grid``."""
+        self.check_options(options)
         self._extra = {}
         network, card = load_model(self.name, self.chosen_model(options), self.build_network, inputs.device)
         model_dims, pair_dims = int(card.architecture.get("spatial_dims", 3)), inputs.fixed.dim() - 2
@@ -139,8 +157,6 @@ class NetworkRegistration(RegistrationMethod):
             raise InputError(f"Model '{card.name}' predicts a {'velocity (diffeomorphic)' if card.diffeomorphic else 'displacement'}"
                              f"; diffeomorphic={wanted} needs a model trained that way (leave the option unset).")
         steps = int(options.get("refinement_steps") or 0)
-        if steps < 0:
-            raise InputError(f"refinement_steps must be >= 0, got {steps}.")
         factor = REFINEMENT_GRID_FACTOR if steps else 1
         progress(0.0, "network")
         with torch.inference_mode():
@@ -165,8 +181,6 @@ class NetworkRegistration(RegistrationMethod):
         # the refined field is always a diffeomorphism (measured on IXI with a displacement model: a
         # displacement residual folded 0.9-2.1 % of voxels)
         mode = options.get("refine_from", "velocity")
-        if mode not in REFINE_FROM:
-            raise InputError(f"refine_from must be one of {', '.join(REFINE_FROM)}; got {mode!r}.")
         begin = {"init_velocity": start} if mode == "velocity" else {"init_ddf": ddf}
         return instance_optimise(inputs, **begin, similarity=options.get("refine_similarity", "mind"),
                                  levels=1, iterations=[steps], finest_factor=factor,
