@@ -39,7 +39,7 @@ REFINEMENT_GRID_FACTOR = 2
 #: How the refinement starts from the network: "velocity" optimises the whole field starting at the
 #: network's velocity (a displacement model's displacement), regularising all of it; "composition"
 #: optimises a residual composed with the network's field (its errors are not regularised). On the
-#: IXI T1-T1 pairs "velocity" ended 0.03-0.04 Dice higher (docs/optimize.md).
+#: IXI T1-T1 pairs "velocity" ended 0.02-0.03 mean Dice higher (docs/optimize.md).
 REFINE_FROM = ("velocity", "composition")
 
 
