@@ -216,7 +216,11 @@ class TrainConfig:
     ``spacing_mm``: isotropic spacing of the training grid (= the model's network spacing).
     ``grid_size``: ITK (x, y, z) size of the training grid centred on the template, each a
     multiple of the network multiple (empty: the template's extent, padded). ``steps``: total
-    optimiser steps; ``batch_size``: pairs per step; ``learning_rate``: Adam. ``smoothness``,
+    optimiser steps; ``batch_size``: pairs per step; ``learning_rate``: Adam. ``warmup_steps``: the
+    learning rate grows linearly from ``learning_rate / warmup_steps`` to ``learning_rate`` over the
+    first ``warmup_steps`` steps (0: none). ``gradient_clip``: the gradients' global L2 norm is clipped
+    to this before each step (0: no clipping); both apply to the registration networks' training, not to
+    the metric's or the disentangled RDM's own trainers. ``smoothness``,
     ``diffeomorphic``, ``integration_steps``, ``mi_bins``, ``mi_max_voxels``, ``mi_blur_voxels``: the loss and the
     field (see :func:`mmreg.methods.mi.training_loss`); ``ssim_weight`` (beta) and ``ssim_window`` (voxels):
     the SSIM term of ``multiscale`` (:func:`mmreg.methods.multiscale.training_loss`, where ``smoothness`` is alpha);
@@ -240,6 +244,8 @@ class TrainConfig:
     steps: int = 1000
     batch_size: int = 1
     learning_rate: float = 1e-4
+    warmup_steps: int = 0
+    gradient_clip: float = 0.0
     smoothness: float = 1.0
     diffeomorphic: bool = True
     integration_steps: int = 7
@@ -274,6 +280,14 @@ class TrainConfig:
     def full_architecture(self) -> dict:
         """The network description: the method's default architecture with this config's overrides."""
         return dict(training_spec(self.method).default_architecture, **self.architecture)
+
+
+def learning_rate_at(cfg: TrainConfig, step: int) -> float:
+    """The learning rate of optimiser step ``step`` (0-based): ``cfg.learning_rate``, ramped linearly
+    from ``learning_rate / warmup_steps`` over the first ``cfg.warmup_steps`` steps."""
+    if cfg.warmup_steps > 0 and step < cfg.warmup_steps:
+        return cfg.learning_rate * (step + 1) / cfg.warmup_steps
+    return cfg.learning_rate
 
 
 def training_spec(method: str):
@@ -410,6 +424,13 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.steps >= 1, f"steps must be >= 1, got {cfg.steps}.")
     need(cfg.batch_size >= 1, f"batch_size must be >= 1, got {cfg.batch_size}.")
     need(cfg.learning_rate > 0, f"learning_rate must be > 0, got {cfg.learning_rate}.")
+    need(isinstance(cfg.warmup_steps, int) and cfg.warmup_steps >= 0,
+         f"warmup_steps must be an integer >= 0 (0: no warm-up), got {cfg.warmup_steps!r}.")
+    need(cfg.gradient_clip >= 0, f"gradient_clip must be >= 0 (0: no clipping), got {cfg.gradient_clip}.")
+    own_trainer = cfg.method == "metric" or (cfg.method == "disentangled" and cfg.disentangled.stage == "rdm")
+    need(not own_trainer or (cfg.warmup_steps == 0 and cfg.gradient_clip == 0),
+         "warmup_steps and gradient_clip apply to registration networks; the metric and the disentangled RDM stage "
+         "have their own trainers: leave them at 0.")
     need(cfg.smoothness >= 0, f"smoothness must be >= 0, got {cfg.smoothness}.")
     need(cfg.integration_steps >= 1, f"integration_steps must be >= 1, got {cfg.integration_steps}.")
     need(cfg.mi_bins >= 2, f"mi_bins must be >= 2, got {cfg.mi_bins}.")
@@ -672,7 +693,7 @@ def _cached(cache: Path, name: str, key, files, make) -> dict:
             return {k: z[k] for k in z.files}
     arrays = make()
     cache.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # per process: two runs may fill the cache at once
     np.savez_compressed(tmp, **arrays)
     os.replace(tmp, path)
     return arrays
@@ -1332,6 +1353,7 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
     saved.setdefault("disentangled", now["disentangled"] if now["method"] != "disentangled" else None)
     for d in (now["data"], saved["data"]):  # keys added later: absent in older checkpoints = their defaults
         d.setdefault("manifest", None), d.setdefault("validation_fraction", 0.2), d.setdefault("prealign", "affine")
+    saved.setdefault("warmup_steps", 0), saved.setdefault("gradient_clip", 0.0)
     diff = sorted(k for k in set(now) | set(saved) if k not in _RESUMABLE and now.get(k) != saved.get(k))
     if diff:
         raise InputError(f"The config differs from the one of the checkpoint '{path}' in: {', '.join(diff)}. Resume "
@@ -1766,6 +1788,10 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
             optimizer.zero_grad(set_to_none=True)
             if flags[1] == 0:
                 loss.backward()
+                for group in optimizer.param_groups:  # from the step count: the same after --resume
+                    group["lr"] = learning_rate_at(cfg, step)
+                if cfg.gradient_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(network.parameters(), cfg.gradient_clip)
                 optimizer.step()
             else:  # a non-finite loss would poison the weights: skip this step, count it
                 history["skipped_steps"] = history.get("skipped_steps", 0) + 1

@@ -74,6 +74,9 @@ def tiny(tmp_path, **kw) -> dict:
     ({"final_model": "first"}, "final_model"),
     ({"mi_blur_voxels": -1.0}, "mi_blur_voxels must be >= 0"),
     ({"data": 3}, "[data] must be a table"),
+    ({"warmup_steps": -5}, "warmup_steps must be an integer >= 0"),
+    ({"gradient_clip": -1.0}, "gradient_clip must be >= 0"),
+    ({"method": "metric", "warmup_steps": 10}, "their own trainers"),
 ])
 def test_config_errors_name_the_key(table, words):
     with pytest.raises(InputError) as err:
@@ -211,10 +214,36 @@ def test_tiny_training_learns_a_known_shift_and_the_model_registers(tmp_path):
     assert float(disp[..., 0][data.training[0].labels > 0].mean()) > 2.0  # > 1 voxel of 2 mm along +x
 
 
+def test_warmup_ramps_the_learning_rate_and_clipping_bounds_the_step(tmp_path):
+    """warmup_steps: step k (0-based) uses learning_rate * (k + 1) / warmup_steps until the ramp ends;
+    gradient_clip: the global gradient norm is clipped before Adam's step (a tiny clip, far below
+    Adam's eps, leaves the weights where they were)."""
+    from mmreg.training import learning_rate_at
+    cfg = config_from_dict(tiny(tmp_path, learning_rate=1e-3, warmup_steps=4))
+    assert [learning_rate_at(cfg, k) for k in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    assert learning_rate_at(config_from_dict(tiny(tmp_path)), 0) == 2e-3
+    data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [], {})
+    common = dict(steps=1, final_model="last", validation_every=0, checkpoint_every=0,
+                  data={"sources": {"t1_t1": 1.0}}, augment=NO_AUGMENT)
+
+    def moved(name, **kw) -> float:
+        """Largest weight change of the first step."""
+        torch.manual_seed(0)
+        start = registration_unet(TINY_ARCH).state_dict()
+        train(config_from_dict(tiny(tmp_path / name, **dict(common, **kw))), data)
+        end = load_checkpoint(tmp_path / name / "model" / "training" / "last.pt")["network"]
+        return max(float((end[k] - start[k]).abs().max()) for k in start)
+
+    plain = moved("plain")
+    assert 1e-3 < plain < 5e-3  # Adam's first step: about the learning rate (2e-3) per weight
+    assert moved("warm", warmup_steps=100) == pytest.approx(plain / 100, rel=0.05)
+    assert moved("clipped", gradient_clip=1e-12) < 1e-5
+
+
 def test_checkpoint_and_resume_give_the_same_weights(tmp_path):
     data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [blob("c"), blob("d", -2.0)],
                         {"T2": 1.0 - blob("t", 1.0).image})
-    base = dict(steps=6, checkpoint_every=2, validation_every=3,
+    base = dict(steps=6, checkpoint_every=2, validation_every=3, warmup_steps=4, gradient_clip=1.0,
                 data={"sources": {"t1_t1": 1.0, "t1_template": 0.5, "t1_synth": 0.5}},
                 augment={"deformation_max_mm": 4.0, "deformation_control_mm": 20.0})
     straight = train(config_from_dict(tiny(tmp_path / "a", **base)), data)
