@@ -9,6 +9,7 @@
                 [--threads N] [--data DIR]
     mmreg train --method NAME --data MANIFEST [--output DIR] [--base-model MODEL] [--iterations N] [--resume]
                 [--learning-rate LR] [--batch-size B] [--spacing MM] [--no-augment] [--validation-fraction F]
+                [--warmup-steps N] [--gradient-clip NORM]
     mmreg train --resume --output DIR [--iterations N]      (or --method NAME --name NAME: the run's own config)
     torchrun --nproc_per_node N -m mmreg train ...     (data-parallel; --batch-size is the global batch)
     mmreg models list|rename|delete|install
@@ -197,7 +198,8 @@ def _cmd_train(args) -> int:
         overrides = dict(steps=args.steps, device=args.device, threads=args.threads, base_model=base, output=output,
                          data_root=data_root, manifest=manifest, method=args.method, name=args.name,
                          learning_rate=args.learning_rate, batch_size=args.batch_size, spacing_mm=args.spacing,
-                         smoothness=args.smoothness, validation_fraction=args.validation_fraction)
+                         smoothness=args.smoothness, validation_fraction=args.validation_fraction,
+                         warmup_steps=args.warmup_steps, gradient_clip=args.gradient_clip)
         if args.no_augment:
             import dataclasses
             overrides["augment"] = dataclasses.asdict(AugmentConfig.off())
@@ -209,7 +211,9 @@ def _cmd_train(args) -> int:
         changed = [flag for flag, value in (("--base-model", args.base_model), ("--learning-rate", args.learning_rate),
                                             ("--batch-size", args.batch_size), ("--spacing", args.spacing),
                                             ("--smoothness", args.smoothness), ("--no-augment", args.no_augment),
-                                            ("--validation-fraction", args.validation_fraction)) if value]
+                                            ("--validation-fraction", args.validation_fraction),
+                                            ("--warmup-steps", args.warmup_steps),
+                                            ("--gradient-clip", args.gradient_clip)) if value]
         if changed:
             raise MMRegError(f"{', '.join(changed)} cannot change when resuming; start a new run in another folder.")
         cfg = config_of_run(folder, steps=args.steps, device=args.device, threads=args.threads)
@@ -221,7 +225,8 @@ def _cmd_train(args) -> int:
                                   steps=args.steps, learning_rate=args.learning_rate, batch_size=args.batch_size,
                                   spacing_mm=args.spacing, augment=not args.no_augment, smoothness=args.smoothness,
                                   validation_fraction=args.validation_fraction, device=args.device,
-                                  threads=args.threads)
+                                  threads=args.threads, warmup_steps=args.warmup_steps,
+                                  gradient_clip=args.gradient_clip)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only process 0 reports
     bar = _Bar(not args.quiet and main_process)
 
@@ -453,6 +458,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="total number of optimiser steps (overrides the config)")
     tr.add_argument("--learning-rate", type=float, default=None, help="Adam learning rate")
     tr.add_argument("--batch-size", type=int, default=None, help="pairs per step (the global batch under torchrun)")
+    tr.add_argument("--warmup-steps", type=int, default=None,
+                    help="raise the learning rate linearly from 0 over the first N steps (registration networks; default 0)")
+    tr.add_argument("--gradient-clip", type=float, default=None,
+                    help="clip the gradient's global L2 norm to this value before each step (registration networks; "
+                         "default 0 = off)")
     tr.add_argument("--spacing", type=float, default=None, help="network grid spacing in mm (default: the base model's)")
     tr.add_argument("--smoothness", type=float, default=None, help="weight of the field's smoothness term")
     tr.add_argument("--no-augment", action="store_true", help="no augmentation (bias, noise, deformations)")

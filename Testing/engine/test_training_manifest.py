@@ -229,11 +229,16 @@ def test_cli_trains_from_a_manifest_and_fine_tunes_with_the_base_models_settings
     assert cfg.mi_blur_voxels == 0.5 and cfg.smoothness == 0.3  # the base model's loss settings
     assert config_for_manifest("mi", manifest, base_model="tiny", smoothness=0.7).smoothness == 0.7
     assert cfg.augment.bias_strength == 0 and cfg.data.manifest == str(manifest.resolve())
+    assert cfg.warmup_steps == 0 and cfg.gradient_clip == 0  # off unless asked for
     code = main(["train", "--method", "mi", "--data", str(manifest), "--base-model", "tiny", "--name", "tuned",
-                 "--iterations", "1", "--threads", "1", "--device", "cpu", "--quiet"])
+                 "--iterations", "1", "--threads", "1", "--device", "cpu", "--quiet",
+                 "--warmup-steps", "3", "--gradient-clip", "2.5"])
     assert code == 0, capsys.readouterr().err
     card = json.loads((tmp_path / "models" / "mi" / "tuned" / "model.json").read_text())
     assert card["training"]["base_model"].startswith("tiny") and card["spacing_mm"] == 4.0
+    assert card["training"]["config"]["warmup_steps"] == 3 and card["training"]["config"]["gradient_clip"] == 2.5
+    assert main(["train", "--method", "mi", "--data", str(manifest), "--gradient-clip", "-1", "--quiet"]) == 2
+    assert "gradient_clip must be >= 0" in capsys.readouterr().err
     assert main(["train", "--method", "optimize", "--data", str(manifest), "--quiet"]) == 2
     assert "cannot be trained" in capsys.readouterr().err
     assert main(["train", str(cfg_file), "--data", str(manifest), "--validation-fraction", "2", "--quiet"]) == 2
