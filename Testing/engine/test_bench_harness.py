@@ -182,6 +182,15 @@ def test_report_and_figures_written(case, identity_affine, truth_method, tmp_pat
     args.resume = True
     harness.run_benchmark(args, "test")
     assert len(json.loads((tmp_path / "b.json").read_text())["results"]) == 2
+    # a method whose rows were dropped runs again, and its new settings replace the resumed ones (a retrained
+    # model's checksum must not stay the old one's)
+    data = json.loads((tmp_path / "b.json").read_text())
+    data["results"] = [r for r in data["results"] if r["method"] != "truth"]
+    data["settings"]["truth"] = {"label": "stale", "kind": "mmreg", "model": {"sha256": "old"}}
+    (tmp_path / "b.json").write_text(json.dumps(data))
+    harness.run_benchmark(args, "test")
+    data = json.loads((tmp_path / "b.json").read_text())
+    assert len(data["results"]) == 2 and data["settings"]["truth"]["label"] == "ground truth"
 
 
 def test_bench_command_bad_method_exit_code(capsys):

@@ -259,6 +259,35 @@ def test_bad_architecture_in_a_config_names_the_key(tmp_path):
         config_from_dict({"method": "multiscale", "ssim_window": 4})
 
 
+def test_scale_ablation_recipes_differ_only_in_scales_and_the_shipped_cards_record_them():
+    """The FMIRNet-1/-2/-3 recipes share every setting but ``architecture.scales`` (a valid ablation), and
+    each shipped ablation model was trained with its recipe."""
+    import dataclasses
+
+    from conftest import REPO
+    from mmreg.training import load_config
+    recipes = {n: load_config(REPO / "Resources" / "Training" / f"multiscale_brain_{suffix}.toml")
+               for n, suffix in ((1, "1scale"), (2, "2scales"), (3, "3scales"))}
+
+    def comparable(cfg):
+        table = dataclasses.asdict(cfg)
+        table["architecture"] = {k: v for k, v in table["architecture"].items() if k != "scales"}
+        return {k: v for k, v in table.items() if k not in ("name", "description")}
+    assert comparable(recipes[1]) == comparable(recipes[2]) == comparable(recipes[3])
+    assert [recipes[n].architecture["scales"] for n in (1, 2, 3)] == [1, 2, 3]
+    assert recipes[1].learning_rate == 3e-4 and recipes[1].steps == 1600
+    for n, cfg in recipes.items():
+        card_file = REPO / "Resources" / "Models" / "multiscale" / cfg.name / "model.json"
+        if not card_file.exists():
+            continue  # (FMIRNet-2 is shipped only when its run trained)
+        card = json.loads(card_file.read_text())
+        recorded = card["training"]["config"]
+        assert card["architecture"]["scales"] == n and card["training"]["steps"] == cfg.steps
+        for key in ("learning_rate", "smoothness", "ssim_weight", "ssim_window", "seed", "batch_size", "spacing_mm"):
+            assert recorded[key] == getattr(cfg, key), (cfg.name, key)
+        assert recorded["augment"] == dataclasses.asdict(cfg.augment)
+
+
 # ----------------------------------------------------------------------------- label propagation
 
 

@@ -191,10 +191,13 @@ METRIC_VARIANTS = {"metric": ("mmreg metric (learned)", {"similarity": "learned"
 METRIC_MODELS = {"ct": "metric_ctmr", "mr": "metric_mr"}
 
 
-#: Benchmark variants of ``multiscale``: the paper's ablation (FMIRNet-1, -2) as the shipped models; the
-#: plain name runs the default model (3 scales). ``NAME+refine[STEPS]`` works for each.
+#: Benchmark variants of ``multiscale``: the paper's scale ablation (FMIRNet-1, -2, -3) as the shipped models
+#: of one shared recipe (``Resources/Training/multiscale_brain_{1scale,2scales,3scales}.toml``); the plain name
+#: runs the default model (3 scales, its own recipe). ``NAME+refine[STEPS]`` works for each.
 MULTISCALE_VARIANTS = {"multiscale-1": ("mmreg multiscale, 1 scale (FMIRNet-1)", {"model": "multiscale_brain_1scale"}),
-                       "multiscale-2": ("mmreg multiscale, 2 scales (FMIRNet-2)", {"model": "multiscale_brain_2scales"})}
+                       "multiscale-2": ("mmreg multiscale, 2 scales (FMIRNet-2)", {"model": "multiscale_brain_2scales"}),
+                       "multiscale-3": ("mmreg multiscale, 3 scales (FMIRNet-3, ablation recipe)",
+                                        {"model": "multiscale_brain_3scales"})}
 
 
 #: Benchmark variants of ``grad``: the paper's ablation, one shipped model per fusion (name -> label, the
@@ -914,6 +917,7 @@ def run_benchmark(args: argparse.Namespace, command: str = "mmreg bench") -> Pat
         json_path.write_text(json.dumps({"meta": meta, "settings": settings, "cases": case_infos,
                                          "results": records, "summary": summary}, indent=1, default=str))
 
+    fresh: set = set()  # methods run in this invocation: their settings replace those of a resumed report
     for case in cases:
         keep = case.name == figure_case and not args.no_plots
         run = run_case(case, methods, threads=args.threads, device=args.device, cache_dir=cache, repeats=repeats,
@@ -922,7 +926,9 @@ def run_benchmark(args: argparse.Namespace, command: str = "mmreg bench") -> Pat
             continue
         records.extend(run.records)
         for k, v in run.settings.items():
-            settings.setdefault(k, v)
+            if k not in fresh:
+                settings[k] = v
+                fresh.add(k)
         case_infos = [c for c in case_infos if c["name"] != run.info["name"]] + [run.info]
         if keep and run.images["warped"]:
             case_images = dict(run.images, name=case.name)

@@ -86,8 +86,9 @@ def check_architecture(architecture: dict) -> None:
 
 
 class MultiscaleRegistration(NetworkRegistration):
-    """FMIRNet (needs a trained model: shipped ``multiscale_brain`` (3 scales), ``multiscale_brain_2scales``,
-    ``multiscale_brain_1scale``, or one from ``mmreg train``)."""
+    """FMIRNet (needs a trained model: shipped ``multiscale_brain`` (3 scales, the default), the scale
+    ablation ``multiscale_brain_1scale`` / ``_2scales`` / ``_3scales`` (one shared recipe), or one from
+    ``mmreg train``)."""
 
     name = "multiscale"
     description = ("FMIRNet: residual U-Net predicting displacement fields at full, 1/2 and 1/4 resolution, fused "
