@@ -9,7 +9,7 @@
                 [--threads N] [--data DIR]
     mmreg train --method NAME --data MANIFEST [--output DIR] [--base-model MODEL] [--iterations N] [--resume]
                 [--learning-rate LR] [--batch-size B] [--spacing MM] [--no-augment] [--validation-fraction F]
-                [--warmup-steps N] [--gradient-clip NORM]
+                [--warmup-steps N] [--gradient-clip NORM] [--seed N]
     mmreg train --resume --output DIR [--iterations N]      (or --method NAME --name NAME: the run's own config)
     torchrun --nproc_per_node N -m mmreg train ...     (data-parallel; --batch-size is the global batch)
     mmreg models list|rename|delete|install
@@ -199,7 +199,7 @@ def _cmd_train(args) -> int:
                          data_root=data_root, manifest=manifest, method=args.method, name=args.name,
                          learning_rate=args.learning_rate, batch_size=args.batch_size, spacing_mm=args.spacing,
                          smoothness=args.smoothness, validation_fraction=args.validation_fraction,
-                         warmup_steps=args.warmup_steps, gradient_clip=args.gradient_clip)
+                         warmup_steps=args.warmup_steps, gradient_clip=args.gradient_clip, seed=args.seed)
         if args.no_augment:
             import dataclasses
             overrides["augment"] = dataclasses.asdict(AugmentConfig.off())
@@ -214,6 +214,8 @@ def _cmd_train(args) -> int:
                                             ("--validation-fraction", args.validation_fraction),
                                             ("--warmup-steps", args.warmup_steps),
                                             ("--gradient-clip", args.gradient_clip)) if value]
+        if args.seed is not None:
+            changed.append("--seed")
         if changed:
             raise MMRegError(f"{', '.join(changed)} cannot change when resuming; start a new run in another folder.")
         cfg = config_of_run(folder, steps=args.steps, device=args.device, threads=args.threads)
@@ -226,7 +228,7 @@ def _cmd_train(args) -> int:
                                   spacing_mm=args.spacing, augment=not args.no_augment, smoothness=args.smoothness,
                                   validation_fraction=args.validation_fraction, device=args.device,
                                   threads=args.threads, warmup_steps=args.warmup_steps,
-                                  gradient_clip=args.gradient_clip)
+                                  gradient_clip=args.gradient_clip, seed=args.seed)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only process 0 reports
     bar = _Bar(not args.quiet and main_process)
 
@@ -463,6 +465,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--gradient-clip", type=float, default=None,
                     help="clip the gradient's global L2 norm to this value before each step (registration networks; "
                          "default 0 = off)")
+    tr.add_argument("--seed", type=int, default=None,
+                    help="random seed of the weights' initialisation, the pair sampling and the augmentation "
+                         "(default: the config's, else 0); a second seed shows how much a result depends on chance")
     tr.add_argument("--spacing", type=float, default=None, help="network grid spacing in mm (default: the base model's)")
     tr.add_argument("--smoothness", type=float, default=None, help="weight of the field's smoothness term")
     tr.add_argument("--no-augment", action="store_true", help="no augmentation (bias, noise, deformations)")

@@ -546,7 +546,7 @@ def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str |
                         batch_size: int | None = None, spacing_mm: float | None = None, augment: bool = True,
                         smoothness: float | None = None, validation_fraction: float | None = None,
                         device: str | None = None, threads: int | None = None, warmup_steps: int | None = None,
-                        gradient_clip: float | None = None) -> TrainConfig:
+                        gradient_clip: float | None = None, seed: int | None = None) -> TrainConfig:
     """A training config for a user's own pairs without a config file (``mmreg train --method NAME
     --data MANIFEST``, the Slicer training module); None keeps the default of each setting.
 
@@ -556,7 +556,7 @@ def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str |
     the objective is the one it was trained with; ``spacing_mm`` / ``smoothness`` may still override)
     or a ``.pt`` file (the default architecture).
     ``augment`` False switches every augmentation off (:meth:`AugmentConfig.off`), else the
-    defaults of :class:`AugmentConfig`. ``warmup_steps`` / ``gradient_clip``: see :class:`TrainConfig`.
+    defaults of :class:`AugmentConfig`. ``warmup_steps`` / ``gradient_clip`` / ``seed``: see :class:`TrainConfig`.
     :class:`InputError` on a bad value or an unknown model.
     """
     from .models import resolve_model  # noqa: PLC0415
@@ -586,7 +586,8 @@ def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str |
                     table[key] = recipe[key]
     for key, value in (("steps", steps), ("learning_rate", learning_rate), ("batch_size", batch_size),
                        ("spacing_mm", spacing_mm), ("smoothness", smoothness), ("device", device),
-                       ("threads", threads), ("warmup_steps", warmup_steps), ("gradient_clip", gradient_clip)):
+                       ("threads", threads), ("warmup_steps", warmup_steps), ("gradient_clip", gradient_clip),
+                       ("seed", seed)):
         if value is not None:
             table[key] = float(value) if key in ("learning_rate", "spacing_mm", "smoothness", "gradient_clip") else value
     if validation_fraction is not None:

@@ -232,11 +232,12 @@ def test_cli_trains_from_a_manifest_and_fine_tunes_with_the_base_models_settings
     assert cfg.warmup_steps == 0 and cfg.gradient_clip == 0  # off unless asked for
     code = main(["train", "--method", "mi", "--data", str(manifest), "--base-model", "tiny", "--name", "tuned",
                  "--iterations", "1", "--threads", "1", "--device", "cpu", "--quiet",
-                 "--warmup-steps", "3", "--gradient-clip", "2.5"])
+                 "--warmup-steps", "3", "--gradient-clip", "2.5", "--seed", "7"])
     assert code == 0, capsys.readouterr().err
     card = json.loads((tmp_path / "models" / "mi" / "tuned" / "model.json").read_text())
     assert card["training"]["base_model"].startswith("tiny") and card["spacing_mm"] == 4.0
     assert card["training"]["config"]["warmup_steps"] == 3 and card["training"]["config"]["gradient_clip"] == 2.5
+    assert card["training"]["config"]["seed"] == 7 and cfg.seed == 0  # the default seed is 0
     assert main(["train", "--method", "mi", "--data", str(manifest), "--gradient-clip", "-1", "--quiet"]) == 2
     assert "gradient_clip must be >= 0" in capsys.readouterr().err
     assert main(["train", "--method", "optimize", "--data", str(manifest), "--quiet"]) == 2
@@ -256,6 +257,9 @@ def test_cli_trains_from_a_manifest_and_fine_tunes_with_the_base_models_settings
     assert main(["train", "--resume", "--output", str(tmp_path / "models" / "mi" / "tuned"), "--learning-rate", "1",
                  "--quiet"]) == 2
     assert "cannot change when resuming" in capsys.readouterr().err
+    assert main(["train", "--resume", "--output", str(tmp_path / "models" / "mi" / "tuned"), "--seed", "3",
+                 "--quiet"]) == 2
+    assert "--seed cannot change when resuming" in capsys.readouterr().err
     assert main(["train", "--resume", "--output", str(tmp_path / "nothing"), "--quiet"]) == 2
     assert "holds no training run" in capsys.readouterr().err
 
