@@ -296,3 +296,13 @@ def test_swapped_cases_exchange_images_labels_and_modalities(shared_data):
     assert swapped.fixed is plain.moving and swapped.moving is plain.fixed
     assert swapped.fixed_labels is plain.moving_labels and swapped.moving_labels is plain.fixed_labels
     assert swapped.true_displacement is None and swapped.scored_labels() == plain.scored_labels()
+
+
+def test_a_users_model_is_named_in_the_label_not_the_default_models_description():
+    # "mmreg multiscale (3 scales)" describes the shipped default; a 1-scale model given with --options
+    # was labelled "3 scales" in a benchmark table.
+    method = harness.resolve_method("multiscale")
+    assert harness._label(method, {}, {"model": {"name": "multiscale_brain"}}) == "mmreg multiscale (3 scales)"
+    assert (harness._label(method, {"model": "/runs/out_1scale"}, {"model": {"name": "ms_1scale_seed1"}})
+            == "mmreg multiscale, model 'ms_1scale_seed1'")
+    assert harness._label(method, {"model": "/runs/x"}, {}) == "mmreg multiscale, model '/runs/x'"

@@ -456,6 +456,16 @@ class CaseRun:
     images: dict | None = None
 
 
+def _label(method: BenchMethod, user_options: dict, settings: dict) -> str:
+    """The method's table label; with a model of the user's (``--options M='{"model": ...}'``) the
+    method name and that model, since a built-in label (e.g. "3 scales") describes the default model."""
+    if "model" not in user_options:
+        return method.label
+    model = settings.get("model")
+    name = model.get("name") if isinstance(model, dict) else None
+    return f"mmreg {method.name}, model '{name or user_options['model']}'"
+
+
 def run_case(case: Case, methods, *, threads: int = 2, device: str = "cpu", cache_dir: Path | None = DEFAULT_CACHE,
              repeats: int = 1, options: dict | None = None, skip=(), per_label: bool = True,
              keep_images: bool = False) -> CaseRun:
@@ -514,7 +524,8 @@ def run_case(case: Case, methods, *, threads: int = 2, device: str = "cpu", cach
                 _log(f"WARNING {case.name}: {method.name}: the field does not reproduce the peer's own warped image: "
                      f"{rec['convention_check']}")
         records.append(rec)
-        settings[method.name] = dict(res.settings, label=method.label, kind=method.kind)
+        settings[method.name] = dict(res.settings, label=_label(method, options.get(method.name, {}), res.settings),
+                                     kind=method.kind)
         if images is not None:
             images["warped"][method.name] = sitk.Resample(moving_n, fixed, displacement_transform(total),
                                                           sitk.sitkLinear, 0.0, sitk.sitkFloat32)
