@@ -306,3 +306,7 @@ def test_a_users_model_is_named_in_the_label_not_the_default_models_description(
     assert (harness._label(method, {"model": "/runs/out_1scale"}, {"model": {"name": "ms_1scale_seed1"}})
             == "mmreg multiscale, model 'ms_1scale_seed1'")
     assert harness._label(method, {"model": "/runs/x"}, {}) == "mmreg multiscale, model '/runs/x'"
+    # a refined run keeps its number of steps in the label
+    refined = harness.resolve_method("multiscale+refine20")
+    assert (harness._label(refined, {"model": "/runs/x"}, {"model": {"name": "ms_seed1"}})
+            == "mmreg multiscale + 20 refinement steps, model 'ms_seed1'")

@@ -458,12 +458,14 @@ class CaseRun:
 
 def _label(method: BenchMethod, user_options: dict, settings: dict) -> str:
     """The method's table label; with a model of the user's (``--options M='{"model": ...}'``) the
-    method name and that model, since a built-in label (e.g. "3 scales") describes the default model."""
+    label without its description of the default model (e.g. "(3 scales)") and with that model's
+    name, keeping what the label says about the run (e.g. "+ 50 refinement steps")."""
     if "model" not in user_options:
         return method.label
     model = settings.get("model")
     name = model.get("name") if isinstance(model, dict) else None
-    return f"mmreg {method.name}, model '{name or user_options['model']}'"
+    label = re.sub(r"\s*\([^)]*\)", "", method.label)
+    return f"{label}, model '{name or user_options['model']}'"
 
 
 def run_case(case: Case, methods, *, threads: int = 2, device: str = "cpu", cache_dir: Path | None = DEFAULT_CACHE,
