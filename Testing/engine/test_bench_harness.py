@@ -310,3 +310,8 @@ def test_a_users_model_is_named_in_the_label_not_the_default_models_description(
     refined = harness.resolve_method("multiscale+refine20")
     assert (harness._label(refined, {"model": "/runs/x"}, {"model": {"name": "ms_seed1"}})
             == "mmreg multiscale + 20 refinement steps, model 'ms_seed1'")
+    # other options of the user's are named too
+    mi = harness.resolve_method("mi")
+    assert harness._label(mi, {"symmetric": True}, {}) == "mmreg mi, symmetric=true"
+    assert (harness._label(mi, {"model": "/m", "symmetric": True}, {"model": {"name": "x"}})
+            == "mmreg mi, model 'x', symmetric=true")

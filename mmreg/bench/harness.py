@@ -459,13 +459,16 @@ class CaseRun:
 def _label(method: BenchMethod, user_options: dict, settings: dict) -> str:
     """The method's table label; with a model of the user's (``--options M='{"model": ...}'``) the
     label without its description of the default model (e.g. "(3 scales)") and with that model's
-    name, keeping what the label says about the run (e.g. "+ 50 refinement steps")."""
-    if "model" not in user_options:
-        return method.label
-    model = settings.get("model")
-    name = model.get("name") if isinstance(model, dict) else None
-    label = re.sub(r"\s*\([^)]*\)", "", method.label)
-    return f"{label}, model '{name or user_options['model']}'"
+    name, keeping what the label says about the run (e.g. "+ 50 refinement steps"); the user's
+    other options follow as ``key=value`` (JSON values), so two runs of one method differ in the table."""
+    label = method.label
+    if "model" in user_options:
+        model = settings.get("model")
+        name = model.get("name") if isinstance(model, dict) else None
+        without_description = re.sub(r"\s*\([^)]*\)", "", label)
+        label = f"{without_description}, model '{name or user_options['model']}'"
+    others = [f"{k}={json.dumps(v)}" for k, v in user_options.items() if k != "model"]
+    return ", ".join([label] + others)
 
 
 def run_case(case: Case, methods, *, threads: int = 2, device: str = "cpu", cache_dir: Path | None = DEFAULT_CACHE,

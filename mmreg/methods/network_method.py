@@ -76,9 +76,14 @@ class NetworkRegistration(RegistrationMethod):
         with the network's field; ``diffeomorphic``: None = as the model was trained (a
         different value is an error: the model defines what its output is); ``max_voxels``: bound on
         the network grid, ``refinement_max_voxels`` on the finer grid of the refinement (larger fields
-        of view get coarser grids; the refinement's bound is the ``optimize`` method's)."""
+        of view get coarser grids; the refinement's bound is the ``optimize`` method's); ``symmetric``
+        (velocity models only): run the network on both orders of the pair and use half the difference
+        of the two velocities, ``(v(fixed, moving) - v(moving, fixed)) / 2``, since the inverse of
+        ``exp(v)`` is ``exp(-v)``: the result is inverse-consistent (swapping the images negates it) and
+        a deformation the network applies to every pair alike cancels; twice the network time."""
         return {"model": None, "refinement_steps": 0, "refine_similarity": "mind", "refine_from": "velocity",
-                "diffeomorphic": None, "max_voxels": 4_000_000, "refinement_max_voxels": 2_000_000}
+                "diffeomorphic": None, "max_voxels": 4_000_000, "refinement_max_voxels": 2_000_000,
+                "symmetric": False}
 
     def chosen_model(self, options: dict):
         """The model the options select: ``options["model"]``, else :attr:`default_model` when installed,
@@ -125,11 +130,30 @@ class NetworkRegistration(RegistrationMethod):
         a velocity for diffeomorphic models). Subclasses may keep more in ``self`` for :meth:`extra_outputs`."""
         return network(torch.cat([fixed, moving], dim=1))
 
+    def _network_field(self, network: torch.nn.Module, fixed: torch.Tensor, moving: torch.Tensor,
+                       symmetric: bool) -> torch.Tensor:
+        """:meth:`run_network`, or with ``symmetric`` half the difference of the velocities of both orders
+        (the extra outputs stay those of ``fixed``/``moving``)."""
+        field = self.run_network(network, fixed, moving)
+        if not symmetric:
+            return field
+        extra = dict(getattr(self, "_extra", {}))
+        backward = self.run_network(network, moving, fixed)
+        self._extra = extra
+        return 0.5 * (field - backward)
+
     def check_options(self, options: dict) -> None:
         """The chosen model exists and its card reads (:meth:`card`); ``refinement_steps`` an integer >= 0;
         with refinement, ``refine_from`` one of :data:`REFINE_FROM` and ``refine_similarity`` one of the
         instance optimisation's similarities."""
-        self.card(options)
+        card = self.card(options)
+        symmetric = options.get("symmetric", False)
+        if not isinstance(symmetric, bool):
+            raise InputError(f"symmetric must be true or false, got {symmetric!r}.")
+        if symmetric and not card.diffeomorphic:
+            raise InputError(f"symmetric=true needs a model that predicts a velocity (diffeomorphic); model "
+                             f"'{card.name}' predicts a displacement, whose inverse is not its negative. Leave "
+                             "symmetric off for this model.")
         steps = options.get("refinement_steps") or 0
         if isinstance(steps, bool) or not isinstance(steps, (int, float)) or int(steps) != steps or steps < 0:
             raise InputError(f"refinement_steps must be an integer >= 0 (0 = the network alone), got {steps!r}.")
@@ -143,7 +167,8 @@ class NetworkRegistration(RegistrationMethod):
             raise InputError(f"refine_similarity must be one of {', '.join(SIMILARITIES)}; got {similarity!r}.")
 
     def predict(self, inputs: GridInputs, options: dict, progress: Progress) -> torch.Tensor:
-        """One forward pass (then the optional refinement); voxel-unit displacement on ``inputs.grid``."""
+        """One forward pass, two with ``symmetric`` (then the optional refinement); voxel-unit displacement
+        on ``inputs.grid``."""
         self.check_options(options)
         self._extra = {}
         network, card = load_model(self.name, self.chosen_model(options), self.build_network, inputs.device)
@@ -158,15 +183,17 @@ class NetworkRegistration(RegistrationMethod):
                              f"; diffeomorphic={wanted} needs a model trained that way (leave the option unset).")
         steps = int(options.get("refinement_steps") or 0)
         factor = REFINEMENT_GRID_FACTOR if steps else 1
-        progress(0.0, "network")
+        symmetric = bool(options.get("symmetric", False))
+        progress(0.0, "network (both orders of the pair)" if symmetric else "network")
         with torch.inference_mode():
             fixed, moving = downsample_image(inputs.fixed, factor), downsample_image(inputs.moving, factor)
             if as_slab:
                 depth = int(card.multiple)
-                field = middle_of_slab(self.run_network(network, slab(fixed, depth), slab(moving, depth)), field=True)
+                field = middle_of_slab(self._network_field(network, slab(fixed, depth), slab(moving, depth), symmetric),
+                                       field=True)
                 self._extra = {k: middle_of_slab(v) for k, v in getattr(self, "_extra", {}).items()}
             else:
-                field = self.run_network(network, fixed, moving)
+                field = self._network_field(network, fixed, moving, symmetric)
             ddf = integrate_velocity(field, int(card.integration_steps)) if card.diffeomorphic else field
             ddf = upsample_field(ddf, factor)
             # the refinement's starting velocity: the network's own, or (displacement models) the
