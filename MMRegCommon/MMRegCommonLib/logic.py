@@ -372,17 +372,28 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             options = dict(chosen, **options)
         return status, model, options
 
+    @staticmethod
+    def _symmetric_option(parameters, status, model) -> dict:
+        """``{"symmetric": True}`` when the panel's checkbox is on and applies to the method and the chosen model
+        (:func:`panel.symmetric_control`), else ``{}`` (the method's default, off)."""
+        if not getattr(parameters, "symmetric", False):
+            return {}
+        enabled, _ = panel.symmetric_control(status, model or "")
+        return {"symmetric": True} if enabled else {}
+
     def run_with_parameters(self, parameters, progress=None, **options) -> RegistrationOutcome:
         """Run from a parameter node (the panel's Apply); the outputs made are written back into it.
 
-        Controls the method does not have (refinement steps, diffeomorphic) are not passed, nor
-        the diffeomorphic checkbox of a method whose trained model decides it. The module's
+        Controls the method does not have (refinement steps, diffeomorphic, symmetric) are not passed, nor
+        the diffeomorphic checkbox of a method whose trained model decides it, nor the symmetric one for a
+        model that predicts a displacement (:func:`panel.symmetric_control`). The module's
         method-specific options (:attr:`methodOptions`) are passed when its own method runs (not
         for another ``method=``); keyword ``options`` given here take precedence. The extra maps of
         :attr:`extra_image_outputs` are made when switched on (their ``enable_parameter``), into
         the node of their ``output_parameter`` when one is chosen (written back after the run).
         """
         status, model, options = self._options_from_parameters(parameters, options)
+        options = dict(self._symmetric_option(parameters, status, model), **options)
         own = options.get("method", self.method_name) == self.method_name
         extra_names, extra_nodes = [], {}
         for spec in self.extra_image_outputs if own else ():
@@ -492,6 +503,7 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         its ``movingVolume`` with its ``movingSegmentation``, the targets its ``targetVolumes``; model,
         device, affine, refinement and the module's own options as for :meth:`run_with_parameters`."""
         status, model, options = self._options_from_parameters(parameters, options)
+        options = dict(self._symmetric_option(parameters, status, model), **options)
         return self.propagate_segmentation(
             parameters.movingVolume, parameters.movingSegmentation, list(parameters.targetVolumes), model=model,
             device=parameters.device or "auto", affine=parameters.affine,

@@ -20,6 +20,9 @@ REFINEMENT_OPTION = "refinement_steps"
 #: A method whose default for it is None lets the trained model decide (a network predicts either a
 #: velocity or a displacement): the checkbox then shows the chosen model's value, read-only.
 DIFFEOMORPHIC_OPTION = "diffeomorphic"
+#: Engine option behind the "symmetric" checkbox: a velocity network run on both orders of the pair, half the
+#: difference of the two velocities (inverse-consistent; cancels what the network does to every pair alike).
+SYMMETRIC_OPTION = "symmetric"
 
 
 @dataclass
@@ -64,6 +67,11 @@ class MethodStatus:
     def supports_diffeomorphic(self) -> bool:
         """True when the user chooses :data:`DIFFEOMORPHIC_OPTION` (the method has it, with a True/False default)."""
         return self.options.get(DIFFEOMORPHIC_OPTION) is not None
+
+    @property
+    def supports_symmetric(self) -> bool:
+        """True when the method has the :data:`SYMMETRIC_OPTION` option (network methods)."""
+        return SYMMETRIC_OPTION in self.options
 
     @property
     def model_sets_diffeomorphic(self) -> bool:
@@ -173,17 +181,34 @@ def diffeomorphic_control(status: MethodStatus, model_value: str = "") -> tuple:
     return False, None, f"Method '{status.name}' has no diffeomorphic option; this setting is not used."
 
 
-def engine_options(status: MethodStatus, refinement_steps=None, diffeomorphic=None) -> dict:
+def symmetric_control(status: MethodStatus, model_value: str = "") -> tuple:
+    """``(enabled, tooltip)`` of the "symmetric" checkbox for the chosen model: enabled for a method with the
+    option whose model predicts a velocity (or whose model is not known here: the engine then checks it);
+    disabled, with the reason, for a displacement model and for methods without the option."""
+    if not status.supports_symmetric:
+        return False, f"Method '{status.name}' has no symmetric option; this setting is not used."
+    by_name = {m.value: m for m in status.models}
+    model = by_name.get(model_value) if model_value else default_model(status)
+    if model is not None and model.diffeomorphic is False:
+        return False, (f"'{model.value}' predicts a displacement field, whose inverse is not its negative: "
+                       "symmetric needs a model that predicts a velocity.")
+    return True, ("Run the network on both orders of the pair and use half the difference of the two velocities: "
+                  "the result is inverse-consistent and a deformation the network applies to every pair cancels. "
+                  "Twice the network time.")
+
+
+def engine_options(status: MethodStatus, refinement_steps=None, diffeomorphic=None, symmetric=None) -> dict:
     """The method options behind the panel's controls; None leaves the method's default.
 
     Raises :class:`mmreg.InputError` when a value is given for a control the method does not
     have (the Widget disables such controls; this catches scripted calls). A diffeomorphic
     value for a method whose model decides is passed on: the method checks it against the
-    model's card (a mismatch is an error naming the model).
+    model's card (a mismatch is an error naming the model); so is ``symmetric`` (True needs a velocity model).
     """
     from mmreg import InputError
     options = {}
-    for option, value in ((REFINEMENT_OPTION, refinement_steps), (DIFFEOMORPHIC_OPTION, diffeomorphic)):
+    for option, value in ((REFINEMENT_OPTION, refinement_steps), (DIFFEOMORPHIC_OPTION, diffeomorphic),
+                          (SYMMETRIC_OPTION, symmetric)):
         if value is None:
             continue
         if option not in status.options:
@@ -194,16 +219,18 @@ def engine_options(status: MethodStatus, refinement_steps=None, diffeomorphic=No
 
 
 def shared_control_visibility(status: MethodStatus) -> dict:
-    """``{"refinementSteps": visible, "diffeomorphic": visible}``: the shared option rows a method has.
+    """``{"refinementSteps": visible, "diffeomorphic": visible, "symmetric": visible}``: the shared option rows a
+    method has.
 
     A method the engine offers without an option (e.g. ``metric``: no refinement, no diffeomorphic
     integration) does not show its control at all; while the method is unavailable (engine not
     loaded, no model) both stay visible, disabled, with the reason in their tooltips.
     """
     if not status.available:
-        return {"refinementSteps": True, "diffeomorphic": True}
+        return {"refinementSteps": True, "diffeomorphic": True, "symmetric": True}
     return {"refinementSteps": status.supports_refinement,
-            "diffeomorphic": status.supports_diffeomorphic or status.model_sets_diffeomorphic}
+            "diffeomorphic": status.supports_diffeomorphic or status.model_sets_diffeomorphic,
+            "symmetric": status.supports_symmetric}
 
 
 def apply_state(status: MethodStatus, fixed_volume, moving_volume, running: bool = False,

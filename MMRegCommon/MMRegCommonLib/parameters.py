@@ -46,7 +46,8 @@ class RegistrationParameters:
     the method's default model), ``device`` ("auto", "cpu", "cuda", "cuda:N", "mps").
     Options: ``affine`` (affine pre-alignment first), ``refinementSteps`` (instance
     optimisation steps after the network, 0 = network alone; methods without a network ignore
-    it; default :data:`DEFAULT_REFINEMENT_STEPS`), ``diffeomorphic``, ``placeMovingUnderTransform``
+    it; default :data:`DEFAULT_REFINEMENT_STEPS`), ``diffeomorphic``, ``symmetric`` (a velocity network
+    run on both orders of the pair; network methods only), ``placeMovingUnderTransform``
     (after Apply, put the moving volume under the result so it overlays the fixed one). Outputs (None = create new):
     ``outputTransform`` (grid transform, fixed -> moving, Slicer's "from parent"),
     ``outputVolume`` (moving resampled on the fixed grid), ``outputSegmentation``.
@@ -61,6 +62,7 @@ class RegistrationParameters:
     affine: bool = True
     refinementSteps: Annotated[int, WithinRange(0, 2000)] = DEFAULT_REFINEMENT_STEPS
     diffeomorphic: bool = True
+    symmetric: bool = False
     placeMovingUnderTransform: bool = True
     outputTransform: slicer.vtkMRMLGridTransformNode
     outputVolume: slicer.vtkMRMLScalarVolumeNode

@@ -37,7 +37,7 @@ Combo boxes whose items follow the current choices (``methodOptions.value_combo_
 registration direction offered by the chosen model) are refilled whenever the parameters change.
 The notes of a run (e.g. why a map was not made) are written to the log.
 
-Shared option rows that the method does not have (refinement steps, diffeomorphic) are hidden
+Shared option rows that the method does not have (refinement steps, diffeomorphic, symmetric) are hidden
 (:func:`MMRegCommonLib.panel.shared_control_visibility`).
 """
 from __future__ import annotations
@@ -174,7 +174,9 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         visible = panel.shared_control_visibility(status)
         self.ui.refinementStepsSpinBox.visible = self.ui.refinementStepsLabel.visible = visible["refinementSteps"]
         self.ui.diffeomorphicCheckBox.visible = visible["diffeomorphic"]
+        self.ui.symmetricCheckBox.visible = visible["symmetric"]
         self._updateDiffeomorphicControl()
+        self._updateSymmetricControl()
         self._updateMethodControls()
         self._updateApplyState()
 
@@ -221,6 +223,14 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             wasBlocked = box.blockSignals(True)  # shows the model's value; the parameter node keeps the user's
             box.checked = checked
             box.blockSignals(wasBlocked)
+
+    def _updateSymmetricControl(self):
+        """The checkbox is enabled only for a model that predicts a velocity (the tooltip says why not)."""
+        if self._status is None:
+            return
+        model = self._parameterNode.model if self._parameterNode is not None else ""
+        enabled, tooltip = panel.symmetric_control(self._status, model or "")
+        self.ui.symmetricCheckBox.enabled, self.ui.symmetricCheckBox.toolTip = enabled, tooltip
 
     def cleanup(self):
         """Called when the application closes and the module widget is destroyed."""
@@ -274,6 +284,7 @@ class RegistrationWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._combos.update()
         self._nodeLists.update()
         self._updateDiffeomorphicControl()
+        self._updateSymmetricControl()
         self._updateMethodControls()
         self._updateApplyState()
 

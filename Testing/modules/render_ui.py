@@ -184,6 +184,11 @@ def _fill_run_time_state(widget, module_name: str, method: str | None = None) ->
         box.setToolTip(tip)
         if checked is not None:
             box.setChecked(checked)
+        symmetric = find(QtWidgets.QCheckBox, "symmetricCheckBox")
+        symmetric.setVisible(visible["symmetric"])
+        enabled, tip = panel.symmetric_control(status, model_value)
+        symmetric.setEnabled(enabled)
+        symmetric.setToolTip(tip)
         enabled, reason = panel.apply_state(status, None, None)
         find(QtWidgets.QPushButton, "applyButton").setEnabled(enabled)
         find(QtWidgets.QLabel, "statusLabel").setText(reason)

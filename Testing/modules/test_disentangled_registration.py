@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import importlib
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -629,3 +630,26 @@ def test_show_extra_image_is_the_frameworks(module):
         "showAttentionButton"]
     outcome = RegistrationOutcome(None, None, None, None)
     assert module.DisentangledRegistrationLogic().show_extra_image(outcome, None, "translated_moving") is None
+
+
+@needs_method
+def test_symmetric_checkbox_reaches_the_engine_for_velocity_models_only(module, models, scene, case):
+    """The shared "symmetric" parameter: dropped (the method's default, off) for the installed test models, which
+    predict a displacement; passed to the engine for a model that predicts a velocity (the shipped T1-T2 model,
+    given as its folder)."""
+    from MMRegCommonLib import panel
+    logic = module.DisentangledRegistrationLogic()
+    p = logic.getParameterNode()
+    assert p.symmetric is False
+    p.fixedVolume, p.movingVolume, p.affine, p.refinementSteps = case["fixed"], case["moving"], False, 0
+    p.symmetric = True
+    assert logic.run_with_parameters(p).report["options"]["symmetric"] is False  # a displacement test model
+    shipped = Path(module.__file__).resolve().parents[1] / "Resources" / "Models" / "disentangled" / "disentangled_t1t2"
+    p.model = str(shipped)
+    assert logic.run_with_parameters(p).report["options"]["symmetric"] is True
+    p.symmetric = False
+    assert logic.run_with_parameters(p).report["options"]["symmetric"] is False
+    velocity = panel.MethodStatus("net", True, models=[panel.model_choice({"name": "v", "diffeomorphic": True})],
+                                  options={"symmetric": False})
+    assert logic._symmetric_option(SimpleNamespace(symmetric=True), velocity, "v") == {"symmetric": True}
+    assert logic._symmetric_option(SimpleNamespace(symmetric=False), velocity, "v") == {}

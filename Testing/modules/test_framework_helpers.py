@@ -167,3 +167,22 @@ def test_installed_versions_of_this_environment():
     found = deps.installed_versions()
     assert found["numpy"] and found["torch"] and found["monai"]
     assert deps.plan_dependencies(found).satisfied
+
+
+def test_symmetric_checkbox_needs_a_velocity_model():
+    velocity = panel.model_choice({"name": "default", "diffeomorphic": True})
+    plain = panel.model_choice({"name": "plain", "source": "user", "diffeomorphic": False})
+    learned = panel.MethodStatus("net", True, models=[velocity, plain],
+                                 options={"refinement_steps": 0, "diffeomorphic": None, "symmetric": False})
+    enabled, tip = panel.symmetric_control(learned)  # "" = the default model, a velocity model
+    assert enabled and "both orders of the pair" in tip
+    enabled, tip = panel.symmetric_control(learned, "plain")
+    assert not enabled and "'plain' predicts a displacement field" in tip
+    assert panel.symmetric_control(learned, "/some/model/folder")[0]  # not listed: the engine checks its card
+    optimize = panel.method_status("optimize")
+    assert not optimize.supports_symmetric and not panel.symmetric_control(optimize)[0]
+    assert panel.shared_control_visibility(learned)["symmetric"]
+    assert not panel.shared_control_visibility(optimize)["symmetric"]
+    assert panel.engine_options(learned, symmetric=True) == {"symmetric": True}
+    with pytest.raises(mmreg.InputError, match="has no option 'symmetric'"):
+        panel.engine_options(optimize, symmetric=True)

@@ -232,13 +232,17 @@ def test_combo_boxes_bound_to_several_parameters():
 
 def test_shared_rows_hidden_for_a_method_without_them():
     from MMRegCommonLib import panel
-    assert panel.shared_control_visibility(status_with()) == {"refinementSteps": False, "diffeomorphic": False}
+    assert panel.shared_control_visibility(status_with()) == {"refinementSteps": False, "diffeomorphic": False,
+                                                              "symmetric": False}
     assert panel.shared_control_visibility(status_with(available=False)) == {"refinementSteps": True,
-                                                                            "diffeomorphic": True}
-    mi_like = panel.MethodStatus("mi", True, options={"refinement_steps": 0, "diffeomorphic": None})
-    assert panel.shared_control_visibility(mi_like) == {"refinementSteps": True, "diffeomorphic": True}
+                                                                            "diffeomorphic": True, "symmetric": True}
+    mi_like = panel.MethodStatus("mi", True, options={"refinement_steps": 0, "diffeomorphic": None,
+                                                      "symmetric": False})
+    assert panel.shared_control_visibility(mi_like) == {"refinementSteps": True, "diffeomorphic": True,
+                                                        "symmetric": True}
     assert panel.shared_control_visibility(panel.method_status("optimize")) == {"refinementSteps": False,
-                                                                                "diffeomorphic": True}
+                                                                                "diffeomorphic": True,
+                                                                                "symmetric": False}
 
 
 def point(stage, level, iteration, value, levels=2, iterations=3):
