@@ -143,9 +143,9 @@ class NetworkRegistration(RegistrationMethod):
         return 0.5 * (field - backward)
 
     def check_options(self, options: dict) -> None:
-        """The chosen model exists and its card reads (:meth:`card`); ``refinement_steps`` an integer >= 0;
-        with refinement, ``refine_from`` one of :data:`REFINE_FROM` and ``refine_similarity`` one of the
-        instance optimisation's similarities."""
+        """The chosen model exists and its card reads (:meth:`card`); ``symmetric`` a bool, true only for a
+        model that predicts a velocity; ``refinement_steps`` an integer >= 0; with refinement, ``refine_from``
+        one of :data:`REFINE_FROM` and ``refine_similarity`` one of the instance optimisation's similarities."""
         card = self.card(options)
         symmetric = options.get("symmetric", False)
         if not isinstance(symmetric, bool):
