@@ -375,11 +375,11 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def _symmetric_option(parameters, status, model) -> dict:
         """``{"symmetric": True}`` when the panel's checkbox is on and applies to the method and the chosen model
-        (:func:`panel.symmetric_control`), else ``{}`` (the method's default, off)."""
-        if not getattr(parameters, "symmetric", False):
+        (:func:`panel.symmetric_control`), else ``{}`` (the method's default, off); built by
+        :func:`panel.engine_options` like the other shared controls."""
+        if not getattr(parameters, "symmetric", False) or not panel.symmetric_control(status, model or "")[0]:
             return {}
-        enabled, _ = panel.symmetric_control(status, model or "")
-        return {"symmetric": True} if enabled else {}
+        return panel.engine_options(status, symmetric=True)
 
     def run_with_parameters(self, parameters, progress=None, **options) -> RegistrationOutcome:
         """Run from a parameter node (the panel's Apply); the outputs made are written back into it.
