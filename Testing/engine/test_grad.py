@@ -209,3 +209,41 @@ def test_bad_grad_configs_name_the_key():
     cfg = config_from_dict({"method": "grad", "data": {"template_modalities": ["CT", "T1"],
                                                         "sources": {"template_t1": 1.0, "t1_template": 1.0}}})
     assert cfg.data.template_modalities == ["CT", "T1"] and cfg.full_architecture()["kind"] == "gradnet"
+
+
+def test_grad_networks_started_from_mi_brain_predict_its_fields():
+    """docs/scripts/grad_init_from_mi.py (the "Starting from mi_brain" experiment of docs/grad.md): a VM network
+    holding the shipped mi_brain's weights predicts exactly mi_brain's velocity, and a fresh gated one the average
+    of mi_brain on the images and on the gradient maps (gates 0.5, fusion [I, I])."""
+    import importlib.util  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    from mmreg.methods.grad import GradRegistration  # noqa: PLC0415
+    from mmreg.methods.mi import MIRegistration  # noqa: PLC0415
+    from mmreg.models import load_model  # noqa: PLC0415
+
+    try:
+        mi_net, card = load_model("mi", "mi_brain", MIRegistration.build_network, "cpu")
+    except InputError:
+        pytest.skip("the shipped mi_brain model is not installed")
+    script = Path(__file__).resolve().parents[2] / "docs" / "scripts" / "grad_init_from_mi.py"
+    spec = importlib.util.spec_from_file_location("grad_init_from_mi", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    fixed = torch.from_numpy(_phantom((32, 32, 32)))[None, None]
+    moving = torch.from_numpy(_phantom((32, 32, 32), centre_shift=(2, -1, 1), seed=1, contrast=(0.1, 0.8, 0.3)))[None, None]
+    pair = torch.cat([fixed, moving], dim=1)
+    arch = {k: card.architecture[k] for k in ("channels", "final_conv_channels")}
+    with torch.no_grad():
+        expected = mi_net(pair)
+        on_gradients = mi_net(torch.cat([gradient_magnitude(fixed), gradient_magnitude(moving)], dim=1))
+        assert float(expected.abs().max()) > 0.05  # mi_brain moves this pair: the comparison means something
+        vm = GradRegistration.build_network(dict(arch, kind="gradnet", variant="vm"))
+        vm.load_state_dict(module.grad_weights_from_mi("vm"))
+        assert torch.allclose(vm(pair), expected, atol=1e-6)
+        gated = GradRegistration.build_network(dict(arch, kind="gradnet", variant="gated"))
+        gated.load_state_dict(module.grad_weights_from_mi("gated"))
+        fused = gated.forward_details(pair)["field"]
+        assert torch.allclose(fused, 0.5 * (expected + on_gradients), atol=1e-5)
+    with pytest.raises(ValueError, match="vm_concat"):
+        module.grad_weights_from_mi("vm_concat")
