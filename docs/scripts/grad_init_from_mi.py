@@ -7,9 +7,12 @@ dual-branch variants (``gated``, ``average``) the gradient branch gets the same 
 gradient maps, 2 channels like the image pair), and a gated network's gate and fusion convolutions keep
 their fresh initialisation (gates 0.5, fusion [I, I]: the average of the two fields).
 
-    python docs/scripts/grad_init_from_mi.py --variant vm --out /tmp/mi_brain_as_vm.pt
-    mmreg train Resources/Training/grad_mr_vm.toml --base-model /tmp/mi_brain_as_vm.pt \
-        --output /tmp/grad_vm_from_mi --learning-rate 2e-4 --smoothness 0.1 --iterations 2000
+    python docs/scripts/grad_init_from_mi.py --variant vm --out mi_brain_as_vm.pt
+    mmreg train Resources/Training/grad_mr_vm.toml --base-model mi_brain_as_vm.pt \
+        --output grad_vm_from_mi --learning-rate 2e-4 --smoothness 0.1 --iterations 2000
+
+(The runs of docs/grad.md also set ``gradient_smoothness = 0.05`` in a copy of the recipe; it has no
+command-line flag.)
 
 The ``vm_concat`` variant reads 4 channels and cannot take ``mi``'s first convolution.
 """
