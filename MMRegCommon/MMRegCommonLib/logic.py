@@ -361,7 +361,8 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
 
     def _options_from_parameters(self, parameters, options: dict) -> tuple:
         """``(status, model, options)`` for a run from ``parameters``: the module's method-specific options when
-        its own method runs (keyword ``options`` take precedence), the model they or the shared selector choose."""
+        its own method runs and the symmetric checkbox where it applies (keyword ``options`` take precedence), the
+        model they or the shared selector choose."""
         status = self.method_status(options.get("method"))
         model = parameters.model or None
         own = options.get("method", self.method_name) == self.method_name
@@ -370,6 +371,7 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
             if self.methodOptions.controls_parameter("model"):
                 model = chosen.pop("model", None) or None
             options = dict(chosen, **options)
+        options = dict(self._symmetric_option(parameters, status, model), **options)
         return status, model, options
 
     @staticmethod
@@ -393,7 +395,6 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         the node of their ``output_parameter`` when one is chosen (written back after the run).
         """
         status, model, options = self._options_from_parameters(parameters, options)
-        options = dict(self._symmetric_option(parameters, status, model), **options)
         own = options.get("method", self.method_name) == self.method_name
         extra_names, extra_nodes = [], {}
         for spec in self.extra_image_outputs if own else ():
@@ -503,7 +504,6 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         its ``movingVolume`` with its ``movingSegmentation``, the targets its ``targetVolumes``; model,
         device, affine, refinement and the module's own options as for :meth:`run_with_parameters`."""
         status, model, options = self._options_from_parameters(parameters, options)
-        options = dict(self._symmetric_option(parameters, status, model), **options)
         return self.propagate_segmentation(
             parameters.movingVolume, parameters.movingSegmentation, list(parameters.targetVolumes), model=model,
             device=parameters.device or "auto", affine=parameters.affine,
