@@ -132,6 +132,17 @@ def hinge_loss(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return F.relu(1.0 - labels * scores.reshape(-1)).mean()
 
 
+def ranking_loss(aligned: torch.Tensor, shifted: torch.Tensor, shift_voxels: torch.Tensor,
+                 margin_per_voxel: float) -> torch.Tensor:
+    """``mean(max(0, m * s - (N(shifted) - N(aligned))))``: the score of a patch pair must rise by at
+    least ``margin_per_voxel`` (m) per voxel of shift ``s`` of the modality-B patch. Not in the paper:
+    the hinge loss alone leaves every pair closer than its smallest shifted negative at the
+    "aligned" margin, a flat bottom several mm wide that gives the optimiser no direction near
+    alignment; this term asks for a V-shaped score around it."""
+    rise = shifted.reshape(-1) - aligned.reshape(-1)
+    return F.relu(float(margin_per_voxel) * shift_voxels.reshape(-1) - rise).mean()
+
+
 # ----------------------------------------------------------------------------- online patch sampling
 
 
@@ -202,7 +213,6 @@ class AlignedPatchSampler:
         ``kinds``: "positive" or the kind of negative, per sample. Half of the samples are positives.
         ``pair_indices``: the pair of each sample (default: uniformly random)."""
         s = self.settings
-        P = self.patch
         mix = dict(s.negatives)
         kinds_all, probs = list(mix), np.array(list(mix.values()), dtype=np.float64)
         probs = probs / probs.sum()
@@ -210,11 +220,8 @@ class AlignedPatchSampler:
         labels = np.empty(n, dtype=np.float32)
         kinds = []
         for i in range(n):
-            pair = int(pair_indices[i]) if pair_indices is not None else int(rng.integers(len(self.levels)))
-            level = 1 if rng.uniform() < s.coarse_fraction else 0
-            la, _, fg = self.levels[pair][level]
-            centre = fg[int(rng.integers(len(fg)))] + rng.uniform(-0.5, 0.5, 3)
-            mat = self._transform(rng)
+            pair, level, centre, mat = self._draw_place(rng, i, pair_indices)
+            fg = self.levels[pair][level][2]
             pa = self._points(centre, mat)
             if rng.uniform() < 0.5:
                 pb, labels[i], kind = pa, -1.0, "positive"
@@ -230,10 +237,51 @@ class AlignedPatchSampler:
                 else:  # "random": anywhere in the foreground
                     pb = self._points(fg[int(rng.integers(len(fg)))] + rng.uniform(-0.5, 0.5, 3), self._transform(rng))
             kinds.append(kind)
-            entry = grids.setdefault((pair, level), ([], [], []))
-            entry[0].append(self._normalise(pa, la.shape))
-            entry[1].append(self._normalise(pb, la.shape))
-            entry[2].append(i)
+            self._add(grids, pair, level, i, pa, pb)
+        x = self._augment_intensity(self._sample(grids, n), rng)
+        return x, torch.from_numpy(labels).to(self.device), kinds
+
+    def shifted_batch(self, rng: np.random.Generator, n: int, pair_indices=None) -> tuple:
+        """``(x_aligned, x_shifted, shift)`` for the ranking term (not in the paper; see
+        :func:`ranking_loss`): ``n`` aligned patch pairs drawn like the positives of :meth:`batch`, the
+        same pairs with the modality-B patch moved by ``shift`` voxels (``(n,)``, uniform in
+        ``settings.ranking_shift_voxels``, random direction, in voxels of the sample's level), and one
+        intensity augmentation shared by both members of a sample."""
+        import copy  # noqa: PLC0415
+
+        lo, hi = self.settings.ranking_shift_voxels
+        aligned, shifted, shifts = {}, {}, np.empty(n, dtype=np.float32)
+        for i in range(n):
+            pair, level, centre, mat = self._draw_place(rng, i, pair_indices)
+            d = rng.normal(size=3)
+            shifts[i] = rng.uniform(lo, hi)
+            d *= shifts[i] / max(np.linalg.norm(d), 1e-9)
+            pa = self._points(centre, mat)
+            self._add(aligned, pair, level, i, pa, pa)
+            self._add(shifted, pair, level, i, pa, self._points(centre + d, mat))
+        twin = copy.deepcopy(rng)  # the same gamma, noise and channel order for both members
+        x0 = self._augment_intensity(self._sample(aligned, n), rng)
+        x1 = self._augment_intensity(self._sample(shifted, n), twin)
+        return x0, x1, torch.from_numpy(shifts).to(self.device)
+
+    def _draw_place(self, rng: np.random.Generator, i: int, pair_indices) -> tuple:
+        """Pair, pyramid level, patch centre (voxels, inside the foreground) and transformation of sample ``i``."""
+        pair = int(pair_indices[i]) if pair_indices is not None else int(rng.integers(len(self.levels)))
+        level = 1 if rng.uniform() < self.settings.coarse_fraction else 0
+        fg = self.levels[pair][level][2]
+        centre = fg[int(rng.integers(len(fg)))] + rng.uniform(-0.5, 0.5, 3)
+        return pair, level, centre, self._transform(rng)
+
+    def _add(self, grids: dict, pair: int, level: int, i: int, pa: np.ndarray, pb: np.ndarray) -> None:
+        shape = self.levels[pair][level][0].shape
+        entry = grids.setdefault((pair, level), ([], [], []))
+        entry[0].append(self._normalise(pa, shape))
+        entry[1].append(self._normalise(pb, shape))
+        entry[2].append(i)
+
+    def _sample(self, grids: dict, n: int) -> torch.Tensor:
+        """The ``(n, 2, P, P, P)`` patches at the sample points collected by :meth:`_add` (trilinear, zeros outside)."""
+        P = self.patch
         x = torch.empty((n, 2, P, P, P), device=self.device)
         for (pair, level), (ga, gb, idx) in grids.items():
             la, lb, _ = self.levels[pair][level]
@@ -241,8 +289,7 @@ class AlignedPatchSampler:
                 grid = torch.from_numpy(np.stack(g).astype(np.float32)).to(self.device).reshape(1, len(idx) * P, P, P, 3)
                 vals = F.grid_sample(img, grid, mode="bilinear", padding_mode="zeros", align_corners=True)
                 x[idx, ch] = vals.reshape(len(idx), P, P, P)
-        x = self._augment_intensity(x, rng)
-        return x, torch.from_numpy(labels).to(self.device), kinds
+        return x
 
     def _augment_intensity(self, x: torch.Tensor, rng: np.random.Generator) -> torch.Tensor:
         s = self.settings
@@ -366,15 +413,41 @@ def _validation_set(sampler: AlignedPatchSampler, n: int, seed: int) -> tuple:
     return torch.cat(xs), torch.cat(ys), kinds
 
 
-def evaluate_metric(network: PatchMetricNet, x: torch.Tensor, y: torch.Tensor, kinds: list) -> dict:
-    """Hinge loss, accuracy (sign of the score matches the label) and accuracy per kind of sample."""
+def _ranking_validation_set(sampler: AlignedPatchSampler, n: int, seed: int) -> tuple:
+    rng = np.random.default_rng([seed, 424_243])
+    parts = [sampler.shifted_batch(rng, min(256, n - start)) for start in range(0, n, 256)]
+    return tuple(torch.cat([p[j] for p in parts]) for j in range(3))
+
+
+def _scores(network: PatchMetricNet, x: torch.Tensor) -> torch.Tensor:
+    return torch.cat([network(x[i:i + 256]).reshape(-1) for i in range(0, len(x), 256)])
+
+
+def evaluate_metric(network: PatchMetricNet, x: torch.Tensor, y: torch.Tensor, kinds: list,
+                    ranking: tuple | None = None, settings=None) -> dict:
+    """Hinge loss, accuracy (sign of the score matches the label) and accuracy per kind of sample;
+    with ``ranking`` = ``(x_aligned, x_shifted, shift_voxels)`` (from
+    :meth:`AlignedPatchSampler.shifted_batch`) and ``settings`` (a ``MetricTrainConfig``) also
+    ``ranking_loss`` (:func:`ranking_loss`), ``rise_per_voxel`` (median over the pairs of the score's
+    rise divided by the shift) and ``objective`` = hinge + ``ranking_weight`` x ranking loss, the
+    number the best weights are chosen by (the hinge loss alone without ``ranking``). ``score_std``: the
+    spread of the scores (0: a collapsed network that scores every pair alike)."""
     network.eval()
     with torch.inference_mode():
-        scores = torch.cat([network(x[i:i + 256]).reshape(-1) for i in range(0, len(x), 256)])
+        scores = _scores(network, x)
+        shifted = None if ranking is None else (_scores(network, ranking[0]), _scores(network, ranking[1]))
     network.train()
     correct = (torch.sign(scores) == y).float()
     by_kind = {k: float(correct[[i for i, kk in enumerate(kinds) if kk == k]].mean()) for k in sorted(set(kinds))}
-    return {"loss": float(hinge_loss(scores, y)), "accuracy": float(correct.mean()), "accuracy_by_kind": by_kind}
+    out = {"loss": float(hinge_loss(scores, y)), "accuracy": float(correct.mean()), "accuracy_by_kind": by_kind,
+           "score_std": float(scores.std())}
+    out["objective"] = out["loss"]
+    if shifted is not None:
+        rank = float(ranking_loss(shifted[0], shifted[1], ranking[2], settings.ranking_margin_per_voxel))
+        out["ranking_loss"] = rank
+        out["rise_per_voxel"] = float(torch.median((shifted[1] - shifted[0]) / ranking[2]))
+        out["objective"] = out["loss"] + float(settings.ranking_weight) * rank
+    return out
 
 
 def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=None):
@@ -429,6 +502,12 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
             val_x, val_y, val_kinds = _validation_set(val_sampler, cfg.metric.validation_patches, cfg.seed)
         else:  # held-out samples of the training pairs (another seed)
             val_x, val_y, val_kinds = _validation_set(sampler, cfg.metric.validation_patches, cfg.seed + 7)
+        val_rank = _ranking_validation_set(val_sampler if val_pairs else sampler,
+                                           max(16, cfg.metric.validation_patches // 4), cfg.seed)
+        ranked = cfg.metric.ranking_weight > 0
+
+        def validate() -> dict:
+            return evaluate_metric(network, val_x, val_y, val_kinds, val_rank, cfg.metric)
         base_description = start_from_base_model(network, cfg, device, say) if not resume else None
         if cfg.metric.optimizer == "sgd":
             optimizer = torch.optim.SGD(network.parameters(), lr=cfg.learning_rate, momentum=cfg.metric.momentum)
@@ -456,27 +535,38 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
             f"{parameter_count(network)} parameters, batch {cfg.batch_size}, {cfg.metric.optimizer} lr {cfg.learning_rate}")
 
         def record(v: dict) -> None:
-            history["validation"].append({"step": step, "mean_dice": None, "mean_loss": v["loss"],
+            history["validation"].append({"step": step, "mean_dice": None, "mean_loss": v["objective"],
+                                          "hinge_loss": v["loss"], "ranking_loss": v["ranking_loss"],
+                                          "rise_per_voxel": v["rise_per_voxel"],
                                           "accuracy": v["accuracy"], "accuracy_by_kind": v["accuracy_by_kind"],
                                           "folding_percent": None})
             best = history.get("best")
-            if best is None or v["loss"] < best["mean_loss"]:
-                history["best"] = {"step": step, "mean_dice": None, "mean_loss": v["loss"], "accuracy": v["accuracy"],
-                                   "criterion": "loss"}
+            if best is None or v["objective"] < best["mean_loss"]:
+                history["best"] = {"step": step, "mean_dice": None, "mean_loss": v["objective"], "accuracy": v["accuracy"],
+                                   "criterion": "hinge + ranking loss" if ranked else "loss"}
                 ck_dir.mkdir(parents=True, exist_ok=True)
                 torch.save({k: t.detach().cpu() for k, t in network.state_dict().items()}, best_path.with_suffix(".tmp"))
                 os.replace(best_path.with_suffix(".tmp"), best_path)
-            files.event("validation", step=step, mean_dice=None, mean_loss=v["loss"], accuracy=v["accuracy"],
+            files.event("validation", step=step, mean_dice=None, mean_loss=v["objective"], hinge_loss=v["loss"],
+                        ranking_loss=v["ranking_loss"], rise_per_voxel=v["rise_per_voxel"], accuracy=v["accuracy"],
                         accuracy_by_kind=v["accuracy_by_kind"], folding_percent=None,
                         best_step=history["best"]["step"])
             kinds = ", ".join(f"{k} {a:.3f}" for k, a in v["accuracy_by_kind"].items())
+            if v["score_std"] < 1e-6:
+                say(f"warning: at step {step} the network gives every validation pair the same score: it has "
+                    "collapsed (every unit of a layer inactive) and learns nothing more; stop and restart with a "
+                    "lower learning_rate (measured: SGD 0.01 with metric.ranking_weight 3 collapses, 0.001 does not)")
             say(f"validation at step {step}: hinge loss {v['loss']:.4f}, accuracy {v['accuracy']:.3f} ({kinds}); "
-                f"best loss {history['best']['mean_loss']:.4f} at step {history['best']['step']}")
+                f"score rise {v['rise_per_voxel']:.3f} per voxel of shift (ranking loss {v['ranking_loss']:.4f}); "
+                f"best {'hinge + ranking' if ranked else 'hinge'} loss {history['best']['mean_loss']:.4f} at step "
+                f"{history['best']['step']}")
 
         if not history["validation"]:
-            v0 = evaluate_metric(network, val_x, val_y, val_kinds)
+            v0 = validate()
             history["initial_validation"] = v0
-            say(f"validation at step 0 (untrained): hinge loss {v0['loss']:.4f}, accuracy {v0['accuracy']:.3f}")
+            say(f"validation at step 0 ({'base model' if base_description else 'untrained'}): hinge loss "
+                f"{v0['loss']:.4f}, accuracy {v0['accuracy']:.3f}, score rise {v0['rise_per_voxel']:.3f} per voxel "
+                f"of shift")
 
         def checkpoint():
             history["wall_seconds"] = wall_before + time.perf_counter() - t_start
@@ -528,19 +618,26 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
                 pair_choice = rng.choice(len(train_pairs), size=cfg.batch_size, p=sampler_weights)
                 x, y, _ = sampler.batch(rng, cfg.batch_size, pair_choice)
                 loss = hinge_loss(network(x), y)
+                if ranked:
+                    n_rank = int(cfg.metric.ranking_pairs)
+                    rank_choice = rng.choice(len(train_pairs), size=n_rank, p=sampler_weights)
+                    x0, x1, shift = sampler.shifted_batch(rng, n_rank, rank_choice)
+                    scores = network(torch.cat([x0, x1]))
+                    loss = loss + cfg.metric.ranking_weight * ranking_loss(
+                        scores[:n_rank], scores[n_rank:], shift, cfg.metric.ranking_margin_per_voxel)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 history["loss"].append(float(loss.detach()))
                 after_own_step(cfg, step, start_step, time.perf_counter() - t0, history, files, train_prog, out_dir,
-                               validate=lambda: record(evaluate_metric(network, val_x, val_y, val_kinds)),
-                               checkpoint=checkpoint, stop_run=stop_run, loss_name="hinge loss")
+                               validate=lambda: record(validate()), checkpoint=checkpoint, stop_run=stop_run,
+                               loss_name="hinge + ranking loss" if ranked else "hinge loss")
         except KeyboardInterrupt:
             stop_run("interrupted")
             raise
         if not history["validation"] or history["validation"][-1]["step"] != step:
-            record(evaluate_metric(network, val_x, val_y, val_kinds))
+            record(validate())
         return finish_own_run(step, history, checkpoint, write_model, files, say, prog, t_start)
     except (CancelledError, KeyboardInterrupt):
         raise

@@ -153,6 +153,11 @@ class MetricTrainConfig:
     ``noise_std``: largest Gaussian noise; ``swap_channels``: random channel order (the metric then
     does not care which image is fixed); ``foreground_threshold``: patch centres lie where either
     image exceeds it; ``validation_patches``: size of the fixed validation sample.
+    ``ranking_weight`` (not in the paper; 0 = the paper's hinge loss alone): weight of
+    :func:`mmreg.patch_metric.ranking_loss` over ``ranking_pairs`` aligned patch pairs per step, each
+    also taken with the modality-B patch shifted by ``ranking_shift_voxels`` [min, max] voxels; its
+    score must exceed the aligned one by ``ranking_margin_per_voxel`` per voxel of shift (a V-shaped
+    score near alignment instead of the hinge loss's flat bottom).
     """
 
     pairs: list = field(default_factory=lambda: ["T1-T2", "T1-PD", "T2-PD", "IXI-synth"])
@@ -170,6 +175,10 @@ class MetricTrainConfig:
     swap_channels: bool = True
     foreground_threshold: float = 0.05
     validation_patches: int = 2048
+    ranking_weight: float = 0.0
+    ranking_pairs: int = 64
+    ranking_shift_voxels: list = field(default_factory=lambda: [0.25, 2.0])
+    ranking_margin_per_voxel: float = 1.0
 
 
 @dataclass
@@ -501,6 +510,12 @@ def validate_config(cfg: TrainConfig) -> None:
          f"metric.negative_shift_voxels must be [min, max] voxels with 0 < min <= max, got {lo_hi}.")
     need(m.gamma >= 0 and m.noise_std >= 0, f"metric.gamma and metric.noise_std must be >= 0, got {m.gamma}, {m.noise_std}.")
     need(m.validation_patches >= 16, f"metric.validation_patches must be >= 16, got {m.validation_patches}.")
+    need(m.ranking_weight >= 0 and m.ranking_margin_per_voxel >= 0 and int(m.ranking_pairs) >= 1,
+         f"metric.ranking_weight and metric.ranking_margin_per_voxel must be >= 0 and metric.ranking_pairs >= 1, got "
+         f"{m.ranking_weight}, {m.ranking_margin_per_voxel}, {m.ranking_pairs}.")
+    r = m.ranking_shift_voxels
+    need(isinstance(r, (list, tuple)) and len(r) == 2 and 0 < float(r[0]) <= float(r[1]),
+         f"metric.ranking_shift_voxels must be [min, max] voxels with 0 < min <= max, got {r}.")
     from .patch_metric import SHARED_PAIRS  # noqa: PLC0415
     bad = sorted(set(m.pairs + m.validation_pairs) - set(SHARED_PAIRS))
     need(not bad, f"metric.pairs / metric.validation_pairs: unknown pair(s) {', '.join(bad)}; known: "
@@ -1354,6 +1369,10 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
     now["data"].pop("cache_dir", None), saved["data"].pop("cache_dir", None)
     saved.setdefault("metric", now["metric"] if now["method"] != "metric" else None)  # older runs had no [metric]
     saved.setdefault("disentangled", now["disentangled"] if now["method"] != "disentangled" else None)
+    if isinstance(saved["metric"], dict):  # the ranking term came later: older runs trained without it
+        for key, value in dataclasses.asdict(MetricTrainConfig()).items():
+            if key.startswith("ranking_"):
+                saved["metric"].setdefault(key, value)
     for d in (now["data"], saved["data"]):  # keys added later: absent in older checkpoints = their defaults
         d.setdefault("manifest", None), d.setdefault("validation_fraction", 0.2), d.setdefault("prealign", "affine")
     saved.setdefault("warmup_steps", 0), saved.setdefault("gradient_clip", 0.0)
