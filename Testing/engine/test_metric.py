@@ -162,6 +162,16 @@ def test_bspline_basis_is_a_partition_of_unity_and_the_field_starts_at_zero():
     assert float(field[:, 0].abs().max()) == 0.0
 
 
+def test_gradient_descent_steps_move_the_most_strongly_pulled_parameter_by_the_step_size():
+    from mmreg.methods.metric import _normalise_gradients  # noqa: PLC0415
+    a, b, c = (torch.zeros(3, requires_grad=True) for _ in range(3))
+    a.grad, b.grad, c.grad = torch.tensor([4.0, -2.0, 0.0]), torch.tensor([-8.0, 1.0, 0.0]), torch.zeros(3)
+    groups = [{"params": [a, b], "lr": 0.3}, {"params": [c], "lr": 0.01}]
+    _normalise_gradients(groups)
+    assert torch.equal(a.grad, torch.tensor([0.5, -0.25, 0.0])) and torch.equal(b.grad, torch.tensor([-1.0, 0.125, 0.0]))
+    assert torch.equal(c.grad, torch.zeros(3))  # no pull: no step (Adam would not move it either, but noise would)
+
+
 def test_similarity_transform_is_identity_at_start_and_a_rotation_keeps_lengths():
     tx = SimilarityTransform([10.0, 11.0, 12.0], "cpu")
     p = torch.rand(1, 3, 4, 4, 4) * 20
@@ -192,12 +202,13 @@ def _translated_pair(shift_mm=(3.0, -2.0, 4.0), oblique=True):
     return fixed, moving, a > 0.05
 
 
-@pytest.mark.parametrize("mi_samples", [DEFAULT_MI_SAMPLES, 0], ids=["sampled-points", "whole-image"])
-def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimodal_pair(mi_samples):
+@pytest.mark.parametrize("mi_samples, optimizer", [(DEFAULT_MI_SAMPLES, "adam"), (0, "adam"), (DEFAULT_MI_SAMPLES, "gd")],
+                         ids=["sampled-points", "whole-image", "gradient-descent"])
+def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimodal_pair(mi_samples, optimizer):
     shift = (3.0, -2.0, 4.0)
     fixed, moving, inside = _translated_pair(shift)
     r = mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", transform="similarity",
-                       iterations_similarity=60, levels=2, threads=2, mi_samples=mi_samples)
+                       iterations_similarity=60, levels=2, threads=2, mi_samples=mi_samples, optimizer=optimizer)
     u = sitk.GetArrayFromImage(r.displacement)[inside]
     err = np.abs(u.mean(0) + np.array(shift))
     assert err.max() < 0.25, (u.mean(0), err)  # measured: about 0.05-0.1 mm
@@ -287,6 +298,8 @@ def test_bad_options_and_inputs_say_what_to_do(tmp_path, monkeypatch):
         mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", control_spacing_mm=0)
     with pytest.raises(InputError, match="mi_samples must be 0 .the whole image. or at least 100"):
         mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", mi_samples=50)
+    with pytest.raises(InputError, match="Unknown optimizer 'sgd'.*adam, gd"):
+        mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", optimizer="sgd")
 
 
 def test_mi_on_a_single_slice_pair_runs_in_2d():

@@ -1,6 +1,10 @@
 """The learned metrics and MI on ALIGNED multi-modal pairs shifted along one axis (issue 6's check).
 
     python docs/scripts/metric_shift_curve.py [--output docs] [--max-shift 12] [--step 1]
+        [--mr-model NAME_OR_FOLDER] [--ctmr-model NAME_OR_FOLDER] [--learned-only]
+
+(``--mr-model`` / ``--ctmr-model``: check a retrained metric in place of the shipped one;
+``--learned-only``: skip the MI curves.)
 
 For each aligned pair of the shared data (avg152 T1 with avg152 T2 and PD, and the scct_cormack CT
 template with avg152 T1: one space, one grid) the moving image is translated by -max..+max mm along
@@ -93,15 +97,20 @@ def main(argv=None) -> int:
     ap.add_argument("--max-shift", type=float, default=12.0, help="mm")
     ap.add_argument("--step", type=float, default=1.0, help="mm")
     ap.add_argument("--data", default=None)
+    ap.add_argument("--mr-model", default="metric_mr", help="learned MR-MR metric: a model name or folder")
+    ap.add_argument("--ctmr-model", default="metric_ctmr", help="learned CT-MR metric: a model name or folder")
+    ap.add_argument("--learned-only", action="store_true", help="only the learned metric's curves")
     args = ap.parse_args(argv)
+    chosen = {"metric_mr": args.mr_model, "metric_ctmr": args.ctmr_model}
     torch.set_num_threads(1)
     root = data_dir(args.data)
     shifts_mm = np.round(np.arange(-args.max_shift, args.max_shift + 1e-6, args.step), 6)
     out, t0 = Path(args.output), time.time()
     results = []
-    for label, fixed_parts, moving_parts, model in PAIRS:
+    for label, fixed_parts, moving_parts, shipped in PAIRS:
+        model = chosen[shipped]
         network, card = load_model("metric", model, patch_metric_network, "cpu")
-        for similarity in ("learned", "mi", "mi_masked"):
+        for similarity in ("learned",) if args.learned_only else ("learned", "mi", "mi_masked"):
             spacing = float(card.spacing_mm) if similarity == "learned" else MI_SPACING_MM
             fixed, moving, fov, grid = tensors(root.joinpath(*fixed_parts), root.joinpath(*moving_parts), spacing)
             for axis_name, axis in AXES.items():

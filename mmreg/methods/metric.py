@@ -258,12 +258,30 @@ def similarity_profile(fixed: torch.Tensor, moving: torch.Tensor, shifts_voxels,
 
 # ----------------------------------------------------------------------------- the optimisation
 
+#: Optimisers of :func:`metric_registration`.
+OPTIMIZERS = ("adam", "gd")
+
+
+def _normalise_gradients(groups: list) -> None:
+    """Divide each parameter group's gradient by its largest absolute component (in place), so a
+    plain gradient step of size ``lr`` moves the most strongly pulled parameter by ``lr`` and every
+    other one in proportion to its gradient."""
+    for group in groups:
+        grads = [p.grad for p in group["params"] if p.grad is not None]
+        if not grads:
+            continue
+        largest = max(float(g.abs().max()) for g in grads)
+        if largest > 0:
+            for g in grads:
+                g.div_(largest)
+
 
 def metric_registration(inputs: GridInputs, *, similarity: str = "learned", network=None, transform: str = "bspline",
                         control_spacing_mm: float = 16.0, levels: int = 2, iterations_similarity: int = 40,
                         iterations_bspline: int = 60, learning_rate: float | None = None, mi_bins: int = 75,
                         mi_max_voxels: int = 100_000, mi_samples: int = DEFAULT_MI_SAMPLES, smoothness: float = 0.0,
-                        progress: Progress | None = None, trace: dict | None = None) -> torch.Tensor:
+                        optimizer: str = "adam", progress: Progress | None = None,
+                        trace: dict | None = None) -> torch.Tensor:
     """Similarity, then B-spline, optimised coarse to fine; returns the voxel displacement ``(1, ndim, *spatial)``
     on ``inputs.grid`` (resampling convention).
 
@@ -271,8 +289,12 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
     or "mi_masked". ``transform``: "bspline" (similarity then B-spline) or "similarity".
     ``control_spacing_mm``: the finest B-spline control-point spacing (mm; the coarser grids double
     it). ``levels``: resolutions (pooling by 2 per level; levels whose images are smaller than a
-    metric patch are skipped). ``iterations_*``: Adam steps per level. ``learning_rate``: a factor
-    on :data:`STEP_SIZES` (None: 1). ``smoothness``: diffusion weight on the B-spline displacement
+    metric patch are skipped). ``iterations_*``: optimiser steps per level. ``optimizer``: "adam"
+    (each parameter steps about its step size, whatever its gradient's size) or "gd" (gradient
+    descent, the paper's: the step is the gradient scaled so that the parameter of a group with the
+    largest gradient moves by its step size; parameters with weak gradients, e.g. B-spline control
+    points over featureless regions, move in proportion, hardly at all). Both follow a cosine decay.
+    ``learning_rate``: a factor on :data:`STEP_SIZES` (None: 1). ``smoothness``: diffusion weight on the B-spline displacement
     (0: none, the paper's). ``mi_samples``: for MI, the number of fixed voxels compared per iteration,
     drawn afresh each iteration, the moving image resampled only there (0: warp the whole image and
     use a ``mi_max_voxels`` subset of it). ``trace``: a dict that receives the per-iteration values
@@ -288,6 +310,8 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
                          f"{iterations_similarity}, iterations_bspline={iterations_bspline}.")
     if control_spacing_mm <= 0:
         raise InputError(f"control_spacing_mm must be > 0 mm, got {control_spacing_mm}.")
+    if optimizer not in OPTIMIZERS:
+        raise InputError(f"Unknown optimizer '{optimizer}' for method 'metric'; use one of {', '.join(OPTIMIZERS)}.")
     if int(mi_samples) != 0 and int(mi_samples) < 100:
         raise InputError(f"mi_samples must be 0 (the whole image) or at least 100 voxels per iteration, got {mi_samples}.")
     if similarity == "learned" and network is None:
@@ -353,7 +377,7 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
                     spline = BSplineField(fine_shape, spacing, device)
                     splines.append(spline)
                     params = [{"params": [spline.coefficients], "lr": steps["bspline"]}]
-                optimiser = torch.optim.Adam(params)
+                optimiser = torch.optim.Adam(params) if optimizer == "adam" else torch.optim.SGD(params)
                 decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, n_iter), eta_min=0.0)
                 values = []
                 record = {"stage": stage, "level": level_index + 1, "factor": factor, "values": values}
@@ -372,6 +396,8 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
                     if smoothness > 0 and stage == "B-spline":
                         loss = loss + float(smoothness) * diffusion_regulariser(ddf)
                     loss.backward()
+                    if optimizer == "gd":
+                        _normalise_gradients(params)
                     optimiser.step()
                     decay.step()
                     values.append(value)
@@ -423,11 +449,12 @@ class LearnedMetricRegistration(RegistrationMethod):
         steps per level; ``learning_rate``: factor on the step sizes (None: 1); ``mi_bins``;
         ``mi_samples``: fixed voxels compared per MI iteration (drawn afresh; 0: the whole image);
         ``smoothness``: diffusion weight on the B-spline field (0: none, as in the paper);
+        ``optimizer``: "adam" or "gd" (normalised gradient descent, see :func:`metric_registration`);
         ``spacing``: network grid spacing in mm (None: the model's for the learned metric, "auto" for
         MI: the fixed image's voxel size clamped to 1..4 mm); ``max_voxels``: bound on the grid."""
         return {"model": None, "similarity": "learned", "transform": "bspline", "control_spacing_mm": 16.0,
                 "levels": 2, "iterations_similarity": 40, "iterations_bspline": 60, "learning_rate": None,
-                "mi_bins": 75, "mi_samples": DEFAULT_MI_SAMPLES, "smoothness": 0.0, "spacing": None,
+                "mi_bins": 75, "mi_samples": DEFAULT_MI_SAMPLES, "smoothness": 0.0, "optimizer": "adam", "spacing": None,
                 "max_voxels": 2_000_000}
 
     def models(self) -> list:
@@ -492,8 +519,8 @@ class LearnedMetricRegistration(RegistrationMethod):
             levels=int(options["levels"]), iterations_similarity=int(options["iterations_similarity"]),
             iterations_bspline=int(options["iterations_bspline"]), learning_rate=options.get("learning_rate"),
             mi_bins=int(options["mi_bins"]), mi_samples=int(options.get("mi_samples", DEFAULT_MI_SAMPLES)),
-            smoothness=float(options.get("smoothness") or 0.0), progress=progress,
-            trace=self._trace)
+            smoothness=float(options.get("smoothness") or 0.0), optimizer=options.get("optimizer", "adam"),
+            progress=progress, trace=self._trace)
 
     def method_report(self) -> dict | None:
         """The per-iteration metric values of the last :meth:`predict` (for ``report["method_trace"]``)."""
