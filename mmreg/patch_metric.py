@@ -26,6 +26,7 @@ offsets in voxels of the image the patches come from.
 """
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -247,8 +248,6 @@ class AlignedPatchSampler:
         same pairs with the modality-B patch moved by ``shift`` voxels (``(n,)``, uniform in
         ``settings.ranking_shift_voxels``, random direction, in voxels of the sample's level), and one
         intensity augmentation shared by both members of a sample."""
-        import copy  # noqa: PLC0415
-
         lo, hi = self.settings.ranking_shift_voxels
         aligned, shifted, shifts = {}, {}, np.empty(n, dtype=np.float32)
         for i in range(n):

@@ -55,8 +55,9 @@ SIMILARITIES = ("learned", "mi", "mi_masked")
 DEFAULT_MODEL = "metric_mr"
 TRANSFORMS = ("bspline", "similarity")
 
-#: Largest step per iteration (gradient descent; about every parameter's step with Adam): translation and B-spline control points in fine-grid voxels, rotation in
-#: radians, scale as log-scale. Scaled by ``learning_rate`` (a factor, default 1).
+#: Step sizes: the largest step per iteration with gradient descent (about every parameter's step
+#: with Adam); translation and B-spline control points in fine-grid voxels, rotation in radians,
+#: scale as log-scale. Scaled by ``learning_rate`` (a factor, default 1).
 STEP_SIZES = {"translation": 0.3, "rotation": 0.01, "log_scale": 0.005, "bspline": 0.3}
 
 #: MI similarities compare this many fixed voxels per iteration, drawn afresh each time, and
@@ -296,8 +297,8 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
     gradients, e.g. B-spline control points over featureless regions, move in proportion, hardly at
     all) or "adam" (each parameter steps about its step size whatever its gradient's size; the
     default before, worse by 4-6 Dice points with MI on the template cases, see
-    docs/learned_metric.md). Both follow a cosine decay.
-    ``learning_rate``: a factor on :data:`STEP_SIZES` (None: 1). ``smoothness``: diffusion weight on the B-spline displacement
+    docs/learned_metric.md). Both follow a cosine decay. ``learning_rate``: a factor on
+    :data:`STEP_SIZES` (None: 1). ``smoothness``: diffusion weight on the B-spline displacement
     (0: none, the paper's). ``mi_samples``: for MI, the number of fixed voxels compared per iteration,
     drawn afresh each iteration, the moving image resampled only there (0: warp the whole image and
     use a ``mi_max_voxels`` subset of it). ``trace``: a dict that receives the per-iteration values
