@@ -202,13 +202,12 @@ def _translated_pair(shift_mm=(3.0, -2.0, 4.0), oblique=True):
     return fixed, moving, a > 0.05
 
 
-@pytest.mark.parametrize("mi_samples, optimizer", [(DEFAULT_MI_SAMPLES, "adam"), (0, "adam"), (DEFAULT_MI_SAMPLES, "gd")],
-                         ids=["sampled-points", "whole-image", "gradient-descent"])
-def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimodal_pair(mi_samples, optimizer):
+@pytest.mark.parametrize("mi_samples", [DEFAULT_MI_SAMPLES, 0], ids=["sampled-points", "whole-image"])
+def test_mi_similarity_stage_recovers_a_known_translation_on_an_oblique_multimodal_pair(mi_samples):
     shift = (3.0, -2.0, 4.0)
     fixed, moving, inside = _translated_pair(shift)
     r = mmreg.register(fixed, moving, method="metric", affine=False, similarity="mi", transform="similarity",
-                       iterations_similarity=60, levels=2, threads=2, mi_samples=mi_samples, optimizer=optimizer)
+                       iterations_similarity=60, levels=2, threads=2, mi_samples=mi_samples)
     u = sitk.GetArrayFromImage(r.displacement)[inside]
     err = np.abs(u.mean(0) + np.array(shift))
     assert err.max() < 0.25, (u.mean(0), err)  # measured: about 0.05-0.1 mm
