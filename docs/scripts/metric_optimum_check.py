@@ -6,7 +6,7 @@ Case: avg152T1 <- avg152T2 (seed 0) or PD (seed 1) warped by the benchmark's kno
 Prints the learned metric's mean patch score (lower = more similar; over the whole field of view,
 and over the fixed foreground) of the fixed image against: the moving image as given, the moving
 image warped by the TRUE inverse deformation, and the results of the registration pipeline with
-the learned metric and with MI (defaults: similarity + B-spline, gradient descent, affine start).
+the learned metric and with MI (the method's defaults: affine start, similarity + B-spline).
 If the learned pipeline's result scores lower than the true alignment while its Dice is lower,
 the metric's optimum is wrong and no optimiser can fix it. About 4 minutes on one thread.
 """

@@ -11,7 +11,8 @@ from backpropagation through the network and the resampling:
 
 each optimised with a cosine-decayed step per level (the similarity transform by Adam; the
 B-spline by gradient descent, its gradient scaled so the most strongly pulled control point moves
-by the step size; ``optimizer="adam"`` for Adam there too) without an explicit regulariser (the paper's choice; ``smoothness`` > 0 adds the diffusion term). The similarity is
+by the step size; ``optimizer="adam"`` for Adam there too) without an explicit regulariser (the
+paper's choice; ``smoothness`` > 0 adds the diffusion term). The similarity is
 
 * ``"learned"``: the mean dissimilarity score of the learned patch metric over a dense grid of
   overlapping patches (:func:`mmreg.patch_metric.dense_dissimilarity`) on the model's grid
@@ -56,8 +57,8 @@ DEFAULT_MODEL = "metric_mr"
 TRANSFORMS = ("bspline", "similarity")
 
 #: Step sizes: about every parameter's step per iteration with Adam (the largest control point's
-#: step with gradient descent); translation and B-spline control points in fine-grid voxels, rotation in radians,
-#: scale as log-scale. Scaled by ``learning_rate`` (a factor, default 1).
+#: step with gradient descent); translation and B-spline control points in fine-grid voxels,
+#: rotation in radians, scale as log-scale. Scaled by ``learning_rate`` (a factor, default 1).
 STEP_SIZES = {"translation": 0.3, "rotation": 0.01, "log_scale": 0.005, "bspline": 0.3}
 
 #: MI similarities compare this many fixed voxels per iteration, drawn afresh each time, and
