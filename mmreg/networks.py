@@ -15,8 +15,16 @@ from torch import nn
 
 #: Default architecture of the ``mi`` network: VoxelMorph's encoder/decoder widths (16, 32, 32, 32 down;
 #: 32, 32, 32, 32 up), two 16-channel convolutions at full resolution. ~300k parameters.
+#: ``input_features``: what the U-Net reads of each image, "intensity" (the paper: the images
+#: themselves) or "mind" (the MIND-SSC descriptor of each image, :func:`mmreg.losses.mind_ssc` with
+#: ``mind_radius`` / ``mind_dilation`` in network voxels, 12 channels per image in 3-D: a fixed,
+#: non-trainable, contrast-insensitive input, so that a network trained on T1-T1 pairs reads a T1-T2
+#: pair much as it reads a T1-T1 one; see docs/mi_training.md).
 DEFAULT_ARCHITECTURE = {"kind": "voxelmorph_unet", "spatial_dims": 3, "channels": [16, 32, 32, 32, 32, 32, 32, 32],
                         "final_conv_channels": [16, 16]}
+
+#: What a ``voxelmorph_unet`` can read of its two images (``architecture["input_features"]``).
+INPUT_FEATURES = ("intensity", "mind")
 
 
 def size_multiple(architecture: dict) -> int:
@@ -24,15 +32,56 @@ def size_multiple(architecture: dict) -> int:
     return 2 ** (len(architecture["channels"]) // 2)
 
 
+class FeatureInputNetwork(nn.Module):
+    """A registration network that reads fixed, non-trainable features of its input images instead of
+    the images: input ``(B, C, *spatial)`` (C images, e.g. fixed and moving), each channel turned into
+    its MIND-SSC descriptor (:func:`mmreg.losses.mind_ssc`, ``radius`` / ``dilation`` in voxels of the
+    input grid), the descriptors concatenated in channel order and passed to ``network``. The output is
+    ``network``'s (a field in voxels). The features have no parameters, so the weights are those of
+    ``network`` (state-dict keys prefixed ``network.``)."""
+
+    def __init__(self, network: nn.Module, radius: int = 1, dilation: int = 1):
+        super().__init__()
+        self.network, self.radius, self.dilation = network, int(radius), int(dilation)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The MIND-SSC descriptors of every input channel, ``(B, C * K, *spatial)`` (K = 12 in 3-D, 4 in 2-D)."""
+        from .losses import mind_ssc  # noqa: PLC0415
+        return torch.cat([mind_ssc(x[:, c:c + 1], radius=self.radius, dilation=self.dilation)
+                          for c in range(x.shape[1])], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(self.features(x))
+
+
+def check_input_features(arch: dict) -> None:
+    """``ValueError`` naming the fix when ``arch``'s ``input_features`` / ``mind_radius`` / ``mind_dilation``
+    are not usable (see :data:`DEFAULT_ARCHITECTURE`)."""
+    kind = arch.get("input_features", "intensity")
+    if kind not in INPUT_FEATURES:
+        raise ValueError(f"architecture.input_features must be one of {', '.join(INPUT_FEATURES)}, got {kind!r}.")
+    for key, low in (("mind_radius", 0), ("mind_dilation", 1)):
+        value = arch.get(key, 1)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"architecture.{key} must be an integer >= {low} (network voxels), got {value!r}.")
+
+
 def registration_unet(architecture: dict | None = None, in_channels: int = 2) -> nn.Module:
     """Build the network described by ``architecture`` (see :data:`DEFAULT_ARCHITECTURE`) reading
-    ``in_channels`` input channels (2: fixed and moving image; ``grad``'s branches read 2 or 4)."""
+    ``in_channels`` input channels (2: fixed and moving image; ``grad``'s branches read 2 or 4). With
+    ``input_features = "mind"`` the U-Net reads the images' MIND-SSC descriptors
+    (:class:`FeatureInputNetwork`); the input is still the ``in_channels`` images."""
     from monai.networks.nets import VoxelMorphUNet  # noqa: PLC0415
 
     arch = dict(DEFAULT_ARCHITECTURE, **(architecture or {}))
     if arch.get("kind") != "voxelmorph_unet":
         raise ValueError(f"Unknown network kind '{arch.get('kind')}'; this version builds 'voxelmorph_unet'.")
+    check_input_features(arch)
     dims = int(arch["spatial_dims"])
+    mind = arch.get("input_features", "intensity") == "mind"
+    image_channels = int(in_channels)
+    if mind:
+        in_channels = image_channels * (12 if dims == 3 else 4)
     net = VoxelMorphUNet(spatial_dims=dims, in_channels=int(in_channels), unet_out_channels=int(arch["final_conv_channels"][0]),
                          channels=tuple(int(c) for c in arch["channels"]),
                          final_conv_channels=tuple(int(c) for c in arch["final_conv_channels"]),
@@ -43,6 +92,8 @@ def registration_unet(architecture: dict | None = None, in_channels: int = 2) ->
     with torch.no_grad():
         nn.init.normal_(last.weight, std=1e-5)
         nn.init.zeros_(last.bias)
+    if mind:
+        return FeatureInputNetwork(net, radius=int(arch.get("mind_radius", 1)), dilation=int(arch.get("mind_dilation", 1)))
     return net
 
 

@@ -470,6 +470,11 @@ def validate_config(cfg: TrainConfig) -> None:
         fc = arch.get("final_conv_channels")
         need(isinstance(fc, list) and len(fc) >= 1 and all(isinstance(c, int) and c > 0 for c in fc),
              f"architecture.final_conv_channels must be a non-empty list of positive integers, got {fc!r}.")
+        from .networks import check_input_features  # noqa: PLC0415
+        try:
+            check_input_features(arch)
+        except ValueError as exc:
+            need(False, str(exc))
     if spec.check_config is not None:
         spec.check_config(cfg)
     multiple = network_multiple(cfg.method, arch)

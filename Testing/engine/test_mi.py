@@ -49,6 +49,40 @@ def test_network_is_near_identity_at_init_and_takes_any_multiple():
         assert registration_unet({"spatial_dims": 2}).eval()(torch.rand(1, 2, 32, 48)).shape == (1, 2, 32, 48)
 
 
+def test_mind_input_network_reads_descriptors_and_ignores_contrast_inversion():
+    # input_features = "mind": the U-Net reads 12 MIND-SSC channels per image, so the field is the same when
+    # an image's intensities go through an affine map, inversion included (T1 vs a T2-like contrast).
+    arch = dict(SMALL, input_features="mind", mind_radius=1, mind_dilation=1)
+    torch.manual_seed(0)
+    net = registration_unet(arch).eval()
+    first = [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][0]
+    assert first.in_channels == 24 and parameter_count(net) == parameter_count(registration_unet(SMALL)) + 22 * 27 * 8
+    with torch.no_grad():
+        [m for m in net.modules() if isinstance(m, torch.nn.Conv3d)][-1].weight.normal_(0.0, 1.0)
+    torch.manual_seed(1)
+    fixed, moving = torch.rand(1, 1, 16, 16, 16), torch.rand(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        field = net(torch.cat([fixed, moving], dim=1))
+        inverted = net(torch.cat([fixed, 1.0 - 0.5 * moving], dim=1))
+        other = net(torch.cat([fixed, torch.rand(1, 1, 16, 16, 16)], dim=1))
+    assert field.shape == (1, 3, 16, 16, 16) and float(field.abs().mean()) > 0.05
+    assert float((field - inverted).abs().max()) < 1e-4 * float(field.abs().max())
+    assert float((field - other).abs().mean()) > 0.1 * float(field.abs().mean())  # it does read the images
+    with pytest.raises(ValueError, match="input_features must be one of"):
+        registration_unet(dict(SMALL, input_features="edges"))
+
+
+def test_mind_input_model_round_trips_and_registers(model_root):
+    arch = dict(SMALL, input_features="mind")
+    _save(model_root, "mind", arch=arch, shift_voxels=[0.0, 0.0, 1.0])
+    loaded, card = load_model("mi", "mind", registration_unet)
+    assert card.architecture["input_features"] == "mind" and hasattr(loaded, "features")
+    fixed, moving = _blob_pair((0.0, 0.0, 0.0))
+    result = mmreg.register(fixed, moving, method="mi", model="mind", affine=False, threads=1)
+    u = sitk.GetArrayFromImage(result.displacement)[8:-8, 8:-8, 8:-8]
+    np.testing.assert_allclose(u[..., 0], 2.0, atol=0.05)  # 1 voxel of the 2 mm network grid along x
+
+
 def test_save_load_round_trip_and_listing(model_root):
     folder, net = _save(model_root)
     loaded, card = load_model("mi", "default", registration_unet)

@@ -14,7 +14,7 @@ import mmreg
 from mmreg.errors import CancelledError, InputError
 from mmreg.grid import NetworkGrid
 from mmreg.models import load_model
-from mmreg.networks import registration_unet
+from mmreg.networks import DEFAULT_ARCHITECTURE, registration_unet
 from mmreg.spatial import integrate_velocity
 from mmreg.training import (Subject, TrainingData, config_from_dict, load_config, load_checkpoint, prepare_ixi,
                             random_smooth_field, read_progress, train)
@@ -71,6 +71,8 @@ def tiny(tmp_path, **kw) -> dict:
     ({"data": {"validation_subjects": ["IXI012"], "training_subjects": ["IXI012", "IXI013"]}}, "held-out"),
     ({"augment": {"scale": -0.1}}, "augment.scale must be >= 0"),
     ({"architecture": {"channels": [8, 8, 8]}}, "even-length"),
+    ({"architecture": {"input_features": "sobel"}}, "input_features must be one of intensity, mind"),
+    ({"architecture": {"input_features": "mind", "mind_dilation": 0}}, "mind_dilation must be an integer >= 1"),
     ({"final_model": "first"}, "final_model"),
     ({"mi_blur_voxels": -1.0}, "mi_blur_voxels must be >= 0"),
     ({"data": 3}, "[data] must be a table"),
@@ -82,6 +84,17 @@ def test_config_errors_name_the_key(table, words):
     with pytest.raises(InputError) as err:
         config_from_dict(table)
     assert words in str(err.value)
+
+
+def test_every_recipe_in_resources_loads():
+    # a recipe that no longer validates (a renamed key, a bad value) would fail only when a user reruns it
+    from conftest import REPO
+    recipes = sorted((REPO / "Resources" / "Training").glob("*.toml"))
+    assert len(recipes) >= 10
+    methods = {p.stem: load_config(p).method for p in recipes}
+    assert methods["mi_brain"] == methods["mi_brain_mind"] == "mi"
+    mind = load_config(REPO / "Resources" / "Training" / "mi_brain_mind.toml").full_architecture()
+    assert mind["input_features"] == "mind" and mind["channels"] == DEFAULT_ARCHITECTURE["channels"]
 
 
 def test_shipped_config_is_valid_and_toml_errors_are_input_errors(tmp_path):

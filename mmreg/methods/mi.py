@@ -17,6 +17,12 @@ the network reads them average-pooled to its own spacing (:meth:`NetworkGrid.coa
 upsampled, and the refinement compares the images at the finer spacing while optimising a residual
 velocity at the network's spacing (as the ``optimize`` method's finest level does).
 
+Input features: the paper's network reads the two images; a model whose architecture has
+``input_features = "mind"`` reads their MIND-SSC descriptors instead (12 channels per image,
+:class:`mmreg.networks.FeatureInputNetwork`), the same loss and training otherwise. Trained on T1-T1
+pairs only, such a network reads a T1-T2 or T1-PD pair much as a T1-T1 one, where the intensity
+network misreads the unseen contrast (docs/mi_training.md, "A contrast-insensitive input").
+
 Training (:func:`training_loss`) is shared with ``mmreg train``.
 """
 from __future__ import annotations
