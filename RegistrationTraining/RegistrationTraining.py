@@ -249,9 +249,13 @@ class RegistrationTrainingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def default_model(method: str) -> str | None:
-        """The model ``method`` uses when none is chosen (None when it has none or it is ambiguous)."""
+        """The model ``method`` uses when none is chosen: the method's own default when installed (e.g. ``mi``:
+        mi_brain), else "default" or the only model; None when it has none or it is ambiguous."""
+        from mmreg.methods import get_method
         from mmreg.models import default_model_name, list_models
-        return default_model_name([m["name"] for m in list_models(method)])
+        chosen = getattr(get_method(method), "chosen_model", None)
+        name = chosen({}) if chosen is not None else None
+        return name if name is not None else default_model_name([m["name"] for m in list_models(method)])
 
     @staticmethod
     def output_folder(method: str, name: str, output=None):

@@ -85,6 +85,9 @@ class MIRegistration(NetworkRegistration):
     inference and refinement are :class:`~mmreg.methods.network_method.NetworkRegistration`'s."""
 
     name = "mi"
+    #: With no model chosen: the intensity network of the paper (``mi_brain_mind``, which reads MIND-SSC
+    #: descriptors, is the alternative for pairs in an unseen contrast; docs/mi_training.md).
+    default_model = "mi_brain"
     description = ("Unsupervised CNN trained with Parzen-window mutual information and a smoothness penalty; one "
                    "network for mono- and multi-modal pairs; optional instance-optimisation refinement.")
     modalities = "mono+multi"
