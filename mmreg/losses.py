@@ -31,6 +31,7 @@ from .errors import InputError
 
 __all__ = [
     "mind_ssc",
+    "mind_ssc_channels",
     "mind_loss_from_features",
     "MINDSSCLoss",
     "MutualInformationLoss",
@@ -127,6 +128,11 @@ def _ssc_pairs(ndim: int):
             if d2 == 2:
                 pairs.append((nbrs[i], nbrs[j]))
     return pairs
+
+
+def mind_ssc_channels(ndim: int) -> int:
+    """Channels :func:`mind_ssc` makes of each input channel: 12 in 3-D, 4 in 2-D."""
+    return len(_ssc_pairs(int(ndim)))
 
 
 _PAD_MODE = "replicate"

@@ -79,9 +79,9 @@ def registration_unet(architecture: dict | None = None, in_channels: int = 2) ->
     check_input_features(arch)
     dims = int(arch["spatial_dims"])
     mind = arch.get("input_features", "intensity") == "mind"
-    image_channels = int(in_channels)
     if mind:
-        in_channels = image_channels * (12 if dims == 3 else 4)
+        from .losses import mind_ssc_channels  # noqa: PLC0415
+        in_channels = int(in_channels) * mind_ssc_channels(dims)
     net = VoxelMorphUNet(spatial_dims=dims, in_channels=int(in_channels), unet_out_channels=int(arch["final_conv_channels"][0]),
                          channels=tuple(int(c) for c in arch["channels"]),
                          final_conv_channels=tuple(int(c) for c in arch["final_conv_channels"]),
