@@ -47,8 +47,7 @@ class FeatureInputNetwork(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The MIND-SSC descriptors of every input channel, ``(B, C * K, *spatial)`` (K = 12 in 3-D, 4 in 2-D)."""
         from .losses import mind_ssc  # noqa: PLC0415
-        return torch.cat([mind_ssc(x[:, c:c + 1], radius=self.radius, dilation=self.dilation)
-                          for c in range(x.shape[1])], dim=1)
+        return mind_ssc(x, radius=self.radius, dilation=self.dilation)  # per channel, in channel order
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(self.features(x))
