@@ -188,6 +188,7 @@ class AlignedPatchSampler:
                                      f"{settings.foreground_threshold} after normalisation).")
                 per_level.append((la, lb, fg.astype(np.float64)))
             self.levels.append(per_level)
+        self.adversarial = {}  # pair -> {level: (displacement (1, 3, *spatial) in level voxels, candidate centres)}
         r = (self.patch - 1) / 2.0
         axis = np.linspace(-r, r, self.patch)
         self.offsets = np.stack(np.meshgrid(axis, axis, axis, indexing="ij"), -1).reshape(-1, 3)  # (P^3, 3) z, y, x
@@ -214,7 +215,11 @@ class AlignedPatchSampler:
         ``kinds``: "positive" or the kind of negative, per sample. Half of the samples are positives.
         ``pair_indices``: the pair of each sample (default: uniformly random)."""
         s = self.settings
-        mix = dict(s.negatives)
+        # "adversarial" negatives exist only once a deformation was mined (set_adversarial); until then,
+        # and in samplers without any (validation), the other kinds share its weight
+        mix = {k: v for k, v in s.negatives.items() if k != "adversarial" or self.adversarial}
+        if sum(mix.values()) <= 0:
+            mix = {"shift": 1.0}
         kinds_all, probs = list(mix), np.array(list(mix.values()), dtype=np.float64)
         probs = probs / probs.sum()
         grids = {}  # (pair, level) -> ([grid_a], [grid_b], [sample index])
@@ -235,6 +240,10 @@ class AlignedPatchSampler:
                     pb = self._points(centre + d, mat)
                 elif kind == "transform":
                     pb = self._points(centre, self._transform(rng))
+                elif kind == "adversarial":  # B through a deformation the metric wrongly prefers (set_adversarial)
+                    pair, level, centre = self._adversarial_place(rng, level)
+                    pa = self._points(centre, mat)
+                    pb = pa + self._displacement_at(pair, level, pa)
                 else:  # "random": anywhere in the foreground
                     pb = self._points(fg[int(rng.integers(len(fg)))] + rng.uniform(-0.5, 0.5, 3), self._transform(rng))
             kinds.append(kind)
@@ -242,26 +251,82 @@ class AlignedPatchSampler:
         x = self._augment_intensity(self._sample(grids, n), rng)
         return x, torch.from_numpy(labels).to(self.device), kinds
 
-    def shifted_batch(self, rng: np.random.Generator, n: int, pair_indices=None) -> tuple:
+    def shifted_batch(self, rng: np.random.Generator, n: int, pair_indices=None, adversarial: bool = False) -> tuple:
         """``(x_aligned, x_shifted, shift)`` for the ranking term (not in the paper; see
         :func:`ranking_loss`): ``n`` aligned patch pairs drawn like the positives of :meth:`batch`, the
         same pairs with the modality-B patch moved by ``shift`` voxels (``(n,)``, uniform in
         ``settings.ranking_shift_voxels``, random direction, in voxels of the sample's level), and one
-        intensity augmentation shared by both members of a sample."""
+        intensity augmentation shared by both members of a sample. ``adversarial``: instead, the
+        modality-B patch is taken through a mined deformation (:meth:`set_adversarial`; patch centres
+        and pairs as for "adversarial" negatives) and ``shift`` is its length at the patch centre."""
         lo, hi = self.settings.ranking_shift_voxels
+        if adversarial and not self.adversarial:
+            raise InputError("No adversarial deformation has been mined yet (set_adversarial).")
         aligned, shifted, shifts = {}, {}, np.empty(n, dtype=np.float32)
         for i in range(n):
             pair, level, centre, mat = self._draw_place(rng, i, pair_indices)
-            d = rng.normal(size=3)
-            shifts[i] = rng.uniform(lo, hi)
-            d *= shifts[i] / max(np.linalg.norm(d), 1e-9)
-            pa = self._points(centre, mat)
+            if adversarial:
+                pair, level, centre = self._adversarial_place(rng, level)
+                pa = self._points(centre, mat)
+                u = self._displacement_at(pair, level, np.vstack([pa, centre[None]]))
+                pb, shifts[i] = pa + u[:-1], np.linalg.norm(u[-1])
+            else:
+                d = rng.normal(size=3)
+                shifts[i] = rng.uniform(lo, hi)
+                d *= shifts[i] / max(np.linalg.norm(d), 1e-9)
+                pa = self._points(centre, mat)
+                pb = self._points(centre + d, mat)
             self._add(aligned, pair, level, i, pa, pa)
-            self._add(shifted, pair, level, i, pa, self._points(centre + d, mat))
+            self._add(shifted, pair, level, i, pa, pb)
         twin = copy.deepcopy(rng)  # the same gamma, noise and channel order for both members
         x0 = self._augment_intensity(self._sample(aligned, n), rng)
         x1 = self._augment_intensity(self._sample(shifted, n), twin)
         return x0, x1, torch.from_numpy(shifts).to(self.device)
+
+    def set_adversarial(self, pair: int, displacement: torch.Tensor, min_voxels: float) -> dict:
+        """Use ``displacement`` (``(1, 3, *spatial)``, voxels of pair ``pair``'s grid, (z, y, x) channels,
+        resampling convention: point x of image a pairs with x + u(x) of image b) for "adversarial"
+        negatives of that pair: patches of b taken through it, centred on foreground voxels it moves by
+        at least ``min_voxels`` voxels (replaces the pair's earlier deformation). Returns
+        ``{"candidates": centres at full resolution, "median_voxels", "p90_voxels"}`` (over the foreground)."""
+        u0 = displacement.detach().to(self.device, torch.float32)
+        expected = tuple(self.levels[pair][0][0].shape[2:])
+        if u0.dim() != 5 or u0.shape[:2] != (1, 3) or tuple(u0.shape[2:]) != expected:
+            raise InputError(f"Adversarial displacement of pair {self.names[pair]}: expected shape (1, 3, "
+                             f"{', '.join(map(str, expected))}), got {tuple(u0.shape)}.")
+        entry, stats = {}, {}
+        for level in (0, 1):
+            u = u0 if level == 0 else F.avg_pool3d(u0, 2) / 2.0
+            fg = self.levels[pair][level][2]
+            idx = fg.astype(np.int64)
+            mag = torch.linalg.vector_norm(u[0], dim=0).cpu().numpy()[idx[:, 0], idx[:, 1], idx[:, 2]] * 2 ** level
+            keep = fg[mag >= float(min_voxels)]
+            if level == 0:
+                stats = {"candidates": int(len(keep)), "median_voxels": float(np.median(mag)),
+                         "p90_voxels": float(np.percentile(mag, 90))}
+            if len(keep):
+                entry[level] = (u, keep)
+        if entry:
+            self.adversarial[pair] = entry
+        else:
+            self.adversarial.pop(pair, None)
+        return stats
+
+    def _adversarial_place(self, rng: np.random.Generator, level: int) -> tuple:
+        """A mined pair (uniformly), the level (``level`` when that pair has candidates there) and a centre."""
+        pairs = sorted(self.adversarial)
+        pair = pairs[int(rng.integers(len(pairs)))]
+        entry = self.adversarial[pair]
+        level = level if level in entry else next(iter(entry))
+        keep = entry[level][1]
+        return pair, level, keep[int(rng.integers(len(keep)))] + rng.uniform(-0.5, 0.5, 3)
+
+    def _displacement_at(self, pair: int, level: int, points: np.ndarray) -> np.ndarray:
+        """The mined displacement of ``pair`` (voxels of ``level``, (z, y, x)) at ``points`` ``(N, 3)`` (trilinear)."""
+        u = self.adversarial[pair][level][0]
+        grid = torch.from_numpy(self._normalise(points, u.shape).astype(np.float32)).to(self.device)
+        vals = F.grid_sample(u, grid.reshape(1, -1, 1, 1, 3), mode="bilinear", padding_mode="border", align_corners=True)
+        return vals.reshape(3, -1).T.cpu().numpy().astype(np.float64)
 
     def _draw_place(self, rng: np.random.Generator, i: int, pair_indices) -> tuple:
         """Pair, pyramid level, patch centre (voxels, inside the foreground) and transformation of sample ``i``."""
@@ -304,6 +369,67 @@ class AlignedPatchSampler:
             swap = torch.from_numpy(rng.uniform(size=n) < 0.5).to(x.device)
             x = torch.where(swap[:, None, None, None, None], x.flip(1), x)
         return x
+
+
+def adversarial_displacement(network: PatchMetricNet, a: np.ndarray, b: np.ndarray, spacing_mm: float, *,
+                             iterations: int = 60, control_spacing_mm: float = 16.0, levels: int = 2,
+                             device="cpu", progress=None) -> tuple:
+    """What the registration pipeline does to an ALIGNED pair with ``network`` as its similarity:
+    ``(displacement, info)``. Not in the paper (hard-negative mining for adversarial negatives,
+    :class:`mmreg.training.MetricTrainConfig`).
+
+    ``a`` (fixed) / ``b`` (moving): numpy arrays (z, y, x) on one grid of ``spacing_mm`` mm voxels,
+    intensities in [0, 1], already aligned. Runs the method's B-spline stage
+    (:func:`mmreg.methods.metric.metric_registration`, no similarity stage) from the identity with
+    ``iterations`` steps per level, ``levels`` resolutions and ``control_spacing_mm`` (on the pair
+    cropped by up to ``2**(levels-1) - 1`` voxels per axis so that the pyramid fits, as the pipeline's
+    padded grids do; the displacement is extended over the cropped voxels). The true
+    alignment is the identity, so every displacement found is one the metric scores better than the
+    truth. ``displacement``: ``(1, 3, *spatial)`` in voxels of the grid, (z, y, x) channels,
+    resampling convention (point x of a pairs with x + u(x) of b). ``info``: the metric's mean patch
+    score over the whole grid before and after (``"score_before"``, ``"score_after"``). The network's
+    weights are not changed (their gradients are switched off while it runs) and its train/eval mode
+    is restored.
+    """
+    from .grid import NetworkGrid  # noqa: PLC0415
+    from .methods.base import GridInputs  # noqa: PLC0415
+    from .methods.metric import metric_registration  # noqa: PLC0415
+    from .spatial import warp  # noqa: PLC0415
+
+    if a.shape != b.shape or a.ndim != 3:
+        raise InputError(f"adversarial_displacement needs two 3-D arrays of one shape, got {a.shape} and {b.shape}.")
+    dev = torch.device(device)
+    # The pipeline's pyramid needs sizes divisible by 2 per coarser level (its grids are padded so): crop
+    # the last voxels of the pair here, and extend the displacement over them at the end.
+    m = 2 ** (max(int(levels), 1) - 1)
+    crop = tuple(n - n % m if n - n % m >= 8 * m else n for n in a.shape)
+    ta = torch.from_numpy(np.ascontiguousarray(a[:crop[0], :crop[1], :crop[2]], dtype=np.float32))[None, None].to(dev)
+    tb = torch.from_numpy(np.ascontiguousarray(b[:crop[0], :crop[1], :crop[2]], dtype=np.float32))[None, None].to(dev)
+    grid = NetworkGrid(tuple(int(n) for n in crop[::-1]), (float(spacing_mm),) * 3, (0.0, 0.0, 0.0),
+                       tuple(float(v) for v in np.eye(3).ravel()))
+    ones = torch.ones_like(ta)
+    inputs = GridInputs(grid=grid, fixed=ta, moving=tb, fixed_mask=ones, moving_mask=ones, device=dev)
+    was_training = network.training
+    wanted = [p.requires_grad for p in network.parameters()]
+    network.eval()
+    for p in network.parameters():
+        p.requires_grad_(False)
+    try:
+        with torch.no_grad():
+            before = float(dense_dissimilarity(network, ta, tb))
+        ddf = metric_registration(inputs, similarity="learned", network=network, transform="bspline",
+                                  control_spacing_mm=control_spacing_mm, levels=levels, iterations_similarity=0,
+                                  iterations_bspline=int(iterations), progress=progress)
+        with torch.no_grad():
+            after = float(dense_dissimilarity(network, ta, warp(tb, ddf)))
+    finally:
+        for p, w in zip(network.parameters(), wanted):
+            p.requires_grad_(w)
+        network.train(was_training)
+    pad = [0, a.shape[2] - crop[2], 0, a.shape[1] - crop[1], 0, a.shape[0] - crop[0]]
+    if any(pad):
+        ddf = F.pad(ddf, pad, mode="replicate")
+    return ddf, {"score_before": before, "score_after": after}
 
 
 # ----------------------------------------------------------------------------- training data
@@ -470,7 +596,8 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
     from .networks import parameter_count  # noqa: PLC0415
     from .progress import Progress  # noqa: PLC0415
     from .training import (RunFiles, _check_resume, _set_rng_state, after_own_step, finish_own_run,  # noqa: PLC0415
-                           load_checkpoint, pair_rng, run_paths, save_checkpoint, start_from_base_model, stop_own_run)
+                           load_checkpoint, pair_rng, run_paths, save_checkpoint, start_from_base_model, stop_own_run,
+                           stopped_error)
 
     t_start = time.perf_counter()
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -592,6 +719,7 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
                 "stride_voxels": final_net.stride, "device": str(device), "threads": threads, "processes": 1,
                 "wall_time_s": round(wall, 1), "seconds_per_step_median": float(np.median(sps)) if sps else None,
                 "final_loss_mean_last_50": float(np.mean(history["loss"][-50:])) if history["loss"] else None,
+                "adversarial_mining": history.get("adversarial", []),
                 "validation": {"initial": history.get("initial_validation"), "history": history["validation"],
                                "best": history.get("best"), "pairs": [p[1] for p in val_pairs]},
             }
@@ -609,9 +737,39 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
 
         train_prog = prog.sub(0.05, 0.98)
         start_step = step
+        adversarial_ranked = cfg.metric.adversarial_ranking_weight > 0
+        adversarial = float(cfg.metric.negatives.get("adversarial", 0.0)) > 0 or adversarial_ranked
+
+        def mine() -> None:
+            """Adversarial negatives: the deformations the pipeline finds on aligned training pairs now."""
+            m = cfg.metric
+            rng_m = pair_rng(cfg.seed, step, 1)
+            chosen = rng_m.choice(len(train_pairs), size=min(int(m.adversarial_pairs), len(train_pairs)), replace=False,
+                                  p=sampler_weights)
+            here = (step - start_step) / max(cfg.steps - start_step, 1)
+            for i in (int(c) for c in chosen):
+                t_mine = time.perf_counter()
+                _, name, a, b = train_pairs[i]
+                ddf, scores = adversarial_displacement(network, a, b, cfg.spacing_mm, iterations=m.adversarial_iterations,
+                                                       device=device, progress=train_prog.sub(here, here))
+                stats = sampler.set_adversarial(i, ddf, m.adversarial_min_voxels)
+                entry = {"step": step, "pair": name, **stats, **scores, "seconds": round(time.perf_counter() - t_mine, 1)}
+                history.setdefault("adversarial", []).append(entry)
+                files.event("adversarial", **entry)
+                say(f"adversarial negatives at step {step}: {name}: the metric moves the aligned pair by "
+                    f"{stats['median_voxels']:.2f} voxels (median; 90th percentile {stats['p90_voxels']:.2f}), "
+                    f"score {scores['score_before']:+.3f} -> {scores['score_after']:+.3f}; "
+                    f"{stats['candidates']} patch centres; {entry['seconds']:.0f} s")
+
         network.train()
         try:
             while step < cfg.steps:
+                if adversarial and (step == start_step or step % int(cfg.metric.adversarial_every) == 0):
+                    try:
+                        mine()
+                    except CancelledError:
+                        stop_run("stopped")
+                        raise stopped_error(step, cfg.steps, out_dir) from None
                 t0 = time.perf_counter()
                 rng = pair_rng(cfg.seed, step, 0)
                 pair_choice = rng.choice(len(train_pairs), size=cfg.batch_size, p=sampler_weights)
@@ -624,6 +782,12 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
                     scores = network(torch.cat([x0, x1]))
                     loss = loss + cfg.metric.ranking_weight * ranking_loss(
                         scores[:n_rank], scores[n_rank:], shift, cfg.metric.ranking_margin_per_voxel)
+                if adversarial_ranked and sampler.adversarial:
+                    n_rank = int(cfg.metric.ranking_pairs)
+                    x0, x1, shift = sampler.shifted_batch(rng, n_rank, adversarial=True)
+                    scores = network(torch.cat([x0, x1]))
+                    loss = loss + cfg.metric.adversarial_ranking_weight * ranking_loss(
+                        scores[:n_rank], scores[n_rank:], shift, cfg.metric.ranking_margin_per_voxel)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -631,7 +795,7 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
                 history["loss"].append(float(loss.detach()))
                 after_own_step(cfg, step, start_step, time.perf_counter() - t0, history, files, train_prog, out_dir,
                                validate=lambda: record(validate()), checkpoint=checkpoint, stop_run=stop_run,
-                               loss_name="hinge + ranking loss" if ranked else "hinge loss")
+                               loss_name="hinge + ranking loss" if ranked or adversarial_ranked else "hinge loss")
         except KeyboardInterrupt:
             stop_run("interrupted")
             raise

@@ -158,6 +158,19 @@ class MetricTrainConfig:
     also taken with the modality-B patch shifted by ``ranking_shift_voxels`` [min, max] voxels; its
     score must exceed the aligned one by ``ranking_margin_per_voxel`` per voxel of shift (a V-shaped
     score near alignment instead of the hinge loss's flat bottom).
+    Adversarial negatives (not in the paper; ``negatives`` weight "adversarial", 0 = off): every
+    ``adversarial_every`` steps the run registers ``adversarial_pairs`` of its ALIGNED training pairs
+    with the current network as the similarity (the method's B-spline stage from the identity,
+    ``adversarial_iterations`` steps per level, :func:`mmreg.patch_metric.adversarial_displacement`):
+    every displacement found is one the metric prefers to the true alignment. Patches of modality B
+    taken through that deformation, centred where it moves at least ``adversarial_min_voxels``
+    voxels, are then negatives of kind "adversarial" (hard-negative mining against the optimiser).
+    Mining also runs when a run starts or resumes (the deformations are not kept in checkpoints).
+    ``adversarial_ranking_weight`` > 0 also mines, and adds that weight x :func:`mmreg.patch_metric.ranking_loss`
+    over ``ranking_pairs`` aligned patch pairs taken a second time through the mined deformation: their
+    score must exceed the aligned one by ``ranking_margin_per_voxel`` per voxel the deformation moves
+    the patch centre (the order the optimiser got wrong, without calling a small misalignment
+    "misaligned").
     """
 
     pairs: list = field(default_factory=lambda: ["T1-T2", "T1-PD", "T2-PD", "IXI-synth"])
@@ -179,6 +192,11 @@ class MetricTrainConfig:
     ranking_pairs: int = 64
     ranking_shift_voxels: list = field(default_factory=lambda: [0.25, 2.0])
     ranking_margin_per_voxel: float = 1.0
+    adversarial_every: int = 500
+    adversarial_pairs: int = 3
+    adversarial_iterations: int = 60
+    adversarial_min_voxels: float = 1.0
+    adversarial_ranking_weight: float = 0.0
 
 
 @dataclass
@@ -506,10 +524,15 @@ def validate_config(cfg: TrainConfig) -> None:
     need(m.rotation_deg >= 0 and m.scale_range >= 1, f"metric.rotation_deg must be >= 0 and metric.scale_range >= 1, "
          f"got {m.rotation_deg} and {m.scale_range}.")
     need(0 <= m.coarse_fraction <= 1, f"metric.coarse_fraction must be in [0, 1], got {m.coarse_fraction}.")
-    bad = sorted(set(m.negatives) - {"shift", "transform", "random"})
+    bad = sorted(set(m.negatives) - {"shift", "transform", "random", "adversarial"})
     need(not bad and m.negatives and all(isinstance(v, (int, float)) and v >= 0 for v in m.negatives.values())
-         and sum(m.negatives.values()) > 0, f"metric.negatives must weigh \"shift\", \"transform\" and \"random\" "
-         f"with numbers >= 0 (positive sum), got {m.negatives}.")
+         and sum(m.negatives.values()) > 0, f"metric.negatives must weigh \"shift\", \"transform\", \"random\" and "
+         f"(optionally) \"adversarial\" with numbers >= 0 (positive sum), got {m.negatives}.")
+    need(int(m.adversarial_every) >= 1 and int(m.adversarial_pairs) >= 1 and int(m.adversarial_iterations) >= 1
+         and m.adversarial_min_voxels >= 0 and m.adversarial_ranking_weight >= 0,
+         f"metric.adversarial_every, adversarial_pairs and adversarial_iterations must be >= 1 and "
+         f"metric.adversarial_min_voxels and adversarial_ranking_weight >= 0, got {m.adversarial_every}, "
+         f"{m.adversarial_pairs}, {m.adversarial_iterations}, {m.adversarial_min_voxels}, {m.adversarial_ranking_weight}.")
     lo_hi = m.negative_shift_voxels
     need(isinstance(lo_hi, list) and len(lo_hi) == 2 and 0 < lo_hi[0] <= lo_hi[1],
          f"metric.negative_shift_voxels must be [min, max] voxels with 0 < min <= max, got {lo_hi}.")
@@ -1374,9 +1397,9 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
     now["data"].pop("cache_dir", None), saved["data"].pop("cache_dir", None)
     saved.setdefault("metric", now["metric"] if now["method"] != "metric" else None)  # older runs had no [metric]
     saved.setdefault("disentangled", now["disentangled"] if now["method"] != "disentangled" else None)
-    if isinstance(saved["metric"], dict):  # the ranking term came later: older runs trained without it
+    if isinstance(saved["metric"], dict):  # the ranking term and adversarial negatives came later
         for key, value in dataclasses.asdict(MetricTrainConfig()).items():
-            if key.startswith("ranking_"):
+            if key.startswith(("ranking_", "adversarial_")):
                 saved["metric"].setdefault(key, value)
     for d in (now["data"], saved["data"]):  # keys added later: absent in older checkpoints = their defaults
         d.setdefault("manifest", None), d.setdefault("validation_fraction", 0.2), d.setdefault("prealign", "affine")
@@ -1436,6 +1459,13 @@ class RunFiles:
         return (self.folder / STOP_FILE).exists()
 
 
+def stopped_error(step: int, steps: int, out_dir: Path) -> CancelledError:
+    """The error a training run raises when it was stopped (cancel, stop file) at ``step`` of ``steps``
+    after saving its checkpoint and model in ``out_dir``."""
+    return CancelledError(f"Training stopped at step {step} of {steps}; the checkpoint and the model so far are in "
+                          f"{out_dir}; continue with --resume.")
+
+
 def after_own_step(cfg, step: int, start_step: int, seconds: float, history: dict, files: RunFiles, progress,
                    out_dir: Path, *, validate, checkpoint, stop_run, loss_name: str = "loss") -> None:
     """The bookkeeping after one optimiser step of a method's own training loop (the learned metric, the RDM of
@@ -1458,8 +1488,7 @@ def after_own_step(cfg, step: int, start_step: int, seconds: float, history: dic
         stop = True
     if (stop or files.stop_requested()) and step < cfg.steps:
         stop_run("stopped")
-        raise CancelledError(f"Training stopped at step {step} of {cfg.steps}; the checkpoint and the model so far are "
-                             f"in {out_dir}; continue with --resume.")
+        raise stopped_error(step, cfg.steps, out_dir)
 
 
 def stop_own_run(how: str, step: int, checkpoint, write_model, files: RunFiles, say, last_path: Path) -> None:
@@ -1851,8 +1880,7 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
                 stop = bool(flag.item())
             if stop and step < cfg.steps:
                 stop_run("stopped")
-                raise CancelledError(f"Training stopped at step {step} of {cfg.steps}; the checkpoint and the model so "
-                                     f"far are in {out_dir}; continue with --resume.")
+                raise stopped_error(step, cfg.steps, out_dir)
     except KeyboardInterrupt:
         stop_run("interrupted")
         raise

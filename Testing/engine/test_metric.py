@@ -18,8 +18,8 @@ from mmreg.methods.base import GridInputs
 from mmreg.manifest import write_manifest
 from mmreg.methods.metric import (DEFAULT_MI_SAMPLES, BSplineField, SimilarityTransform, bspline_basis,
                                   metric_registration, parse_metric_progress, similarity_profile)
-from mmreg.patch_metric import (AlignedPatchSampler, PatchMetricNet, dense_dissimilarity, hinge_loss,
-                                patch_metric_network, ranking_loss, receptive_field)
+from mmreg.patch_metric import (AlignedPatchSampler, PatchMetricNet, adversarial_displacement, dense_dissimilarity,
+                                hinge_loss, patch_metric_network, ranking_loss, receptive_field)
 from mmreg.training import MetricTrainConfig, config_for_manifest, config_from_dict, read_progress, train
 
 
@@ -142,6 +142,76 @@ def test_shifted_patches_move_by_the_drawn_shift_and_share_the_augmentation():
     same = [torch.equal(x0[i, 0], x1[i, 0]) or torch.equal(x0[i, 1], x1[i, 1]) for i in range(32)]
     swapped = [torch.equal(x0[i, 1], x1[i, 1]) for i in range(32)]
     assert all(same) and 0 < sum(swapped) < 32
+
+
+def test_adversarial_negatives_take_patch_b_through_the_mined_deformation():
+    plain = dict(gamma=0.0, noise_std=0.0, swap_channels=False, negatives={"adversarial": 1.0},
+                 rotation_deg=0.0, scale_range=1.0, mirror=False)
+    sampler = _ramp_sampler(2, **plain)  # ramp along x: a patch pair differs by 0.01 per voxel of x shift
+    # Nothing mined yet: the other kinds stand in (here only "adversarial" was asked for: shifts).
+    _, y, kinds = sampler.batch(np.random.default_rng(0), 32)
+    assert {k for k, yy in zip(kinds, y.tolist()) if yy == 1.0} == {"shift"}
+    with pytest.raises(InputError, match="expected shape"):
+        sampler.set_adversarial(0, torch.zeros(1, 3, 10, 10, 10), 1.0)
+    # A deformation that moves x by 2 voxels in the half z < 24 and by 0.2 voxel elsewhere.
+    u = torch.zeros(1, 3, 48, 48, 48)
+    u[0, 2, :24], u[0, 2, 24:] = 2.0, 0.2
+    stats = sampler.set_adversarial(0, u, min_voxels=1.0)
+    assert 0.4 < stats["candidates"] / 48 ** 3 < 0.6 and stats["p90_voxels"] == pytest.approx(2.0)
+    x, y, kinds = sampler.batch(np.random.default_rng(1), 64)
+    neg = [i for i, k in enumerate(kinds) if k == "adversarial"]
+    assert len(neg) > 16 and all(y[i] == 1.0 for i in neg) and set(kinds) == {"positive", "adversarial"}
+    centre = x[neg][:, :, 8, 8, 8]  # the patch centres lie where the deformation moves >= 1 voxel: x + 2
+    inside = centre[:, 0] < 0.95  # B's centre inside the image (the ramp ends at x = 47, value 0.97)
+    assert int(inside.sum()) > 16
+    moved = (centre[inside, 1] - centre[inside, 0]) / 0.01  # voxels along x at the patch centre
+    # 2 voxels, less only for centres within half a voxel of z = 24 (interpolated towards the 0.2 side)
+    assert float(moved.median()) == pytest.approx(2.0, abs=1e-3) and float(moved.min()) > 1.0, moved
+    # The ranking pairs through it: the aligned pair, the same with B through the deformation, and its
+    # length at the patch centre.
+    x0, x1, shift = sampler.shifted_batch(np.random.default_rng(2), 32, adversarial=True)
+    assert torch.equal(x0[:, 0], x0[:, 1]) and torch.equal(x0[:, 0], x1[:, 0])
+    inside = x1[:, 0, 8, 8, 8] < 0.95
+    assert float(shift.min()) > 1.0 and float(shift.median()) == pytest.approx(2.0, abs=1e-3)
+    assert float(((x1[inside, 1] - x1[inside, 0])[:, 8, 8, 8] / 0.01).median()) == pytest.approx(2.0, abs=1e-3)
+    # Samples without mined deformations (a validation sampler) never draw the kind.
+    other = _ramp_sampler(2, **plain)
+    assert "adversarial" not in other.batch(np.random.default_rng(1), 64)[2]
+    with pytest.raises(InputError, match="No adversarial deformation"):
+        other.shifted_batch(np.random.default_rng(1), 4, adversarial=True)
+
+
+def test_mining_returns_what_the_metric_prefers_to_the_alignment_and_keeps_the_network():
+    a = smooth_volume((36, 36, 36), seed=5)
+    b = other_modality(a)
+    torch.manual_seed(0)
+    net = patch_metric_network()
+    net.train()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    ddf, info = adversarial_displacement(net, a, b, 2.0, iterations=10, levels=1)
+    assert ddf.shape == (1, 3, 36, 36, 36) and float(ddf.abs().max()) > 0.01
+    # Every displacement it finds scores better than the true alignment (the identity).
+    assert info["score_after"] < info["score_before"]
+    assert all(torch.equal(before[k], v) for k, v in net.state_dict().items())
+    assert net.training and all(p.requires_grad and p.grad is None for p in net.parameters())
+
+
+def test_training_with_adversarial_negatives_mines_on_schedule_and_records_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("MMREG_CACHE", str(tmp_path / "cache"))
+    manifest = _aligned_manifest(tmp_path)
+    cfg = config_for_manifest("metric", manifest, output=tmp_path / "adv", steps=6, threads=2)
+    cfg.batch_size, cfg.validation_every, cfg.checkpoint_every, cfg.metric.validation_patches = 32, 3, 3, 64
+    cfg.metric.negatives = {"shift": 0.5, "adversarial": 0.5}
+    cfg.metric.adversarial_every, cfg.metric.adversarial_pairs, cfg.metric.adversarial_iterations = 3, 1, 5
+    cfg.metric.adversarial_min_voxels = 0.0  # every foreground voxel may centre one (a short run moves little)
+    cfg.metric.adversarial_ranking_weight, cfg.metric.ranking_pairs = 1.0, 8
+    train(cfg)
+    events, _ = read_progress(tmp_path / "adv")
+    mined = [e for e in events if e["event"] == "adversarial"]
+    assert [e["step"] for e in mined] == [0, 3]  # at the start and every adversarial_every steps
+    assert all(e["score_after"] <= e["score_before"] and e["candidates"] > 0 for e in mined)
+    card = json.loads((tmp_path / "adv" / "model.json").read_text())
+    assert [m["step"] for m in card["training"]["adversarial_mining"]] == [0, 3]
 
 
 # ----------------------------------------------------------------------------- transformation models
@@ -382,7 +452,7 @@ def test_the_ranking_term_makes_the_score_rise_with_the_shift_and_old_runs_still
     last = tmp_path / "plain" / "training" / "last.pt"
     ck = torch.load(last, weights_only=True)
     saved = json.loads(ck["config"])
-    saved["metric"] = {k: v for k, v in saved["metric"].items() if not k.startswith("ranking_")}
+    saved["metric"] = {k: v for k, v in saved["metric"].items() if not k.startswith(("ranking_", "adversarial_"))}
     ck["config"] = json.dumps(saved)
     torch.save(ck, last)
     plain.steps = 60
@@ -407,6 +477,9 @@ def test_metric_config_checks_name_the_key():
         config_from_dict({"method": "metric", "metric": {"ranking_weight": 1.0, "ranking_shift_voxels": [2.0, 0.5]}})
     with pytest.raises(InputError, match="metric.ranking_weight"):
         config_from_dict({"method": "metric", "metric": {"ranking_weight": -1.0}})
+    with pytest.raises(InputError, match="metric.adversarial_every"):
+        config_from_dict({"method": "metric", "metric": {"adversarial_every": 0}})
+    assert config_from_dict({"method": "metric", "metric": {"negatives": {"shift": 1, "adversarial": 1}}})
     with pytest.raises(InputError, match="patch_metric_cnn"):
         config_from_dict({"method": "metric", "architecture": {"kind": "voxelmorph_unet"}})
     cfg = config_from_dict({"method": "metric"})
