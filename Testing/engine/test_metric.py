@@ -317,21 +317,30 @@ def test_a_learned_metric_that_sees_the_pair_as_misaligned_says_so():
     inputs = GridInputs(grid=grid, fixed=fixed, moving=moving, fixed_mask=inside, moving_mask=inside,
                         device=torch.device("cpu"))
     method = get_method("metric")
-    for score, warned in ((0.8, True), (-0.9, False)):
+    assert method.default_options()["on_unfamiliar"] == "keep"
+    for score, warned, on_unfamiliar in ((0.8, True, "keep"), (0.8, True, "continue"), (-0.9, False, "keep")):
         network = patch_metric_network()
         last = network.layers[-1]
         torch.nn.init.zeros_(last.weight)
         torch.nn.init.constant_(last.bias, score)  # every patch scores `score`
         trace = {}
-        metric_registration(inputs, similarity="learned", network=network, transform="similarity",
-                            iterations_similarity=2, levels=1, trace=trace)
+        ddf = metric_registration(inputs, similarity="learned", network=network, transform="similarity",
+                                  iterations_similarity=2, levels=1, trace=trace, on_unfamiliar=on_unfamiliar)
         assert trace["stages"][0]["values"][0] == pytest.approx(score)
         assert len(trace.get("warnings", [])) == int(warned), trace.get("warnings")
+        kept = warned and on_unfamiliar == "keep"
+        # "keep": nothing is optimised, the start alignment is the result; otherwise the 2 iterations run.
+        assert len(trace["stages"][0]["values"]) == (1 if kept else 2) and trace.get("kept_start", False) == kept
+        if kept:
+            assert float(ddf.abs().max()) == 0.0
         if warned:
             assert "scores this pair +0.80 before registration" in trace["warnings"][0]
             assert "similarity='mi'" in trace["warnings"][0]
+            assert ("on_unfamiliar='continue'" in trace["warnings"][0]) == kept
         method._trace = trace  # what predict() keeps; the pipeline copies it into report["warnings"]
         assert method.method_warnings() == trace.get("warnings", [])
+    with pytest.raises(InputError, match="on_unfamiliar"):
+        metric_registration(inputs, similarity="learned", network=network, on_unfamiliar="stop")
 
 
 def test_progress_messages_are_parsed_and_cancel_stops_the_run():

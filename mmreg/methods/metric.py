@@ -73,6 +73,17 @@ DEFAULT_MI_SAMPLES = 20_000
 #: cord, brain metric) on the two cases where the learned metric then failed.
 UNFAMILIAR_SCORE = 0.0
 
+#: What the pipeline does with a learned metric that scores the start above :data:`UNFAMILIAR_SCORE`:
+#: "keep" (the default) returns the start alignment (the affine pre-alignment, or the identity without
+#: one) with a warning, instead of optimising a similarity that cannot tell aligned from misaligned
+#: there (measured: Dice 0.853 -> 0.000 on the spinal cord, 0.310 -> 0.265 on the abdomen);
+#: "continue" optimises it anyway (the paper's pipeline has no such check).
+ON_UNFAMILIAR = ("keep", "continue")
+
+
+class _UnfamiliarPair(Exception):
+    """Raised inside :func:`metric_registration` to stop at the start (``on_unfamiliar="keep"``)."""
+
 _PROGRESS = re.compile(r"^(?P<stage>similarity|B-spline) level (?P<level>\d+)/(?P<levels>\d+), iteration "
                        r"(?P<iteration>\d+)/(?P<iterations>\d+): metric (?P<value>[-+0-9.eE]+|nan|inf|-inf)$")
 
@@ -283,7 +294,7 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
                         control_spacing_mm: float = 16.0, levels: int = 2, iterations_similarity: int = 40,
                         iterations_bspline: int = 60, learning_rate: float | None = None, mi_bins: int = 75,
                         mi_max_voxels: int = 100_000, mi_samples: int = DEFAULT_MI_SAMPLES, smoothness: float = 0.0,
-                        optimizer: str = "gd", progress: Progress | None = None,
+                        optimizer: str = "gd", on_unfamiliar: str = "keep", progress: Progress | None = None,
                         trace: dict | None = None) -> torch.Tensor:
     """Similarity, then B-spline, optimised coarse to fine; returns the voxel displacement ``(1, ndim, *spatial)``
     on ``inputs.grid`` (resampling convention).
@@ -304,7 +315,11 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
     :data:`STEP_SIZES` (None: 1). ``smoothness``: diffusion weight on the B-spline displacement
     (0: none, the paper's). ``mi_samples``: for MI, the number of fixed voxels compared per iteration,
     drawn afresh each iteration, the moving image resampled only there (0: warp the whole image and
-    use a ``mi_max_voxels`` subset of it). ``trace``: a dict that receives the per-iteration values
+    use a ``mi_max_voxels`` subset of it). ``on_unfamiliar`` (learned similarity only): when the
+    metric's mean score over the pair as given is above :data:`UNFAMILIAR_SCORE` (it sees the pair as
+    misaligned everywhere: unlike its training data), "keep" returns a zero displacement (the start
+    alignment) and "continue" optimises anyway; both add a warning to ``trace["warnings"]``, and
+    "keep" sets ``trace["kept_start"]``. ``trace``: a dict that receives the per-iteration values
     (``{"stages": [{"stage", "level", "values"}], "similarity_parameters": ...}``).
     """
     progress = progress or Progress()
@@ -319,6 +334,9 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
         raise InputError(f"control_spacing_mm must be > 0 mm, got {control_spacing_mm}.")
     if optimizer not in OPTIMIZERS:
         raise InputError(f"Unknown optimizer '{optimizer}' for method 'metric'; use one of {', '.join(OPTIMIZERS)}.")
+    if on_unfamiliar not in ON_UNFAMILIAR:
+        raise InputError(f"Unknown on_unfamiliar '{on_unfamiliar}' for method 'metric'; use 'keep' (return the start "
+                         "alignment when the learned metric does not recognise the pair) or 'continue'.")
     if int(mi_samples) != 0 and int(mi_samples) < 100:
         raise InputError(f"mi_samples must be 0 (the whole image) or at least 100 voxels per iteration, got {mi_samples}.")
     if similarity == "learned" and network is None:
@@ -364,66 +382,78 @@ def metric_registration(inputs: GridInputs, *, similarity: str = "learned", netw
             p = p + spline.field(shape, factor)
         return sim_tx.apply(p) - positions
 
-    with torch.enable_grad():
-        for stage, n_iter in stages:
-            for level_index, factor in enumerate(factors):
-                fixed_l, moving_l = downsample_image(fixed, factor), downsample_image(moving, factor)
-                fov_l = downsample_image(inputs.fixed_mask, factor)
-                moving_fov_l = downsample_image(inputs.moving_mask, factor)
-                shape = tuple(fixed_l.shape[2:])
-                positions = _positions_tensor(shape, factor, device)
-                sim = _Similarity(similarity, fixed_l, fov_l, network, mi_bins=mi_bins, mi_max_voxels=mi_max_voxels,
-                                  mi_samples=mi_samples,
-                                  seed=level_index + 17 * len(trace["stages"]))
-                if stage == "similarity":
-                    params = [{"params": [sim_tx.translation], "lr": steps["translation"]},
-                              {"params": [sim_tx.rotation], "lr": steps["rotation"]},
-                              {"params": [sim_tx.log_scale], "lr": steps["log_scale"]}]
-                else:
-                    spacing = control_spacing_mm / voxel_mm * 2 ** (len(factors) - 1 - level_index)
-                    spline = BSplineField(fine_shape, spacing, device)
-                    splines.append(spline)
-                    params = [{"params": [spline.coefficients], "lr": steps["bspline"]}]
-                descent = optimizer == "gd" and stage == "B-spline"  # the similarity stage always uses Adam
-                optimiser = torch.optim.SGD(params) if descent else torch.optim.Adam(params)
-                decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, n_iter), eta_min=0.0)
-                values = []
-                record = {"stage": stage, "level": level_index + 1, "factor": factor, "values": values}
-                if stage == "B-spline":
-                    record["control_points"] = splines[-1].control_points
-                    record["control_spacing_mm"] = round(splines[-1].spacing * voxel_mm, 3)
-                trace["stages"].append(record)
-                for it in range(n_iter):
-                    optimiser.zero_grad(set_to_none=True)
-                    ddf = displacement(positions, shape, factor) / factor  # level voxels
-                    if sim.sampled:
-                        loss = sim.at_points(moving_l, moving_fov_l, ddf)
+    try:
+        with torch.enable_grad():
+            for stage, n_iter in stages:
+                for level_index, factor in enumerate(factors):
+                    fixed_l, moving_l = downsample_image(fixed, factor), downsample_image(moving, factor)
+                    fov_l = downsample_image(inputs.fixed_mask, factor)
+                    moving_fov_l = downsample_image(inputs.moving_mask, factor)
+                    shape = tuple(fixed_l.shape[2:])
+                    positions = _positions_tensor(shape, factor, device)
+                    sim = _Similarity(similarity, fixed_l, fov_l, network, mi_bins=mi_bins, mi_max_voxels=mi_max_voxels,
+                                      mi_samples=mi_samples,
+                                      seed=level_index + 17 * len(trace["stages"]))
+                    if stage == "similarity":
+                        params = [{"params": [sim_tx.translation], "lr": steps["translation"]},
+                                  {"params": [sim_tx.rotation], "lr": steps["rotation"]},
+                                  {"params": [sim_tx.log_scale], "lr": steps["log_scale"]}]
                     else:
-                        loss = sim(warp(moving_l, ddf), warp(moving_fov_l, ddf, padding_mode="zeros"))
-                    value = float(loss.detach())
-                    if smoothness > 0 and stage == "B-spline":
-                        loss = loss + float(smoothness) * diffusion_regulariser(ddf)
-                    loss.backward()
-                    if descent:
-                        _normalise_gradients(params)
-                    optimiser.step()
-                    decay.step()
-                    values.append(value)
-                    if similarity == "learned" and done == 0 and value > UNFAMILIAR_SCORE:
-                        trace.setdefault("warnings", []).append(
-                            f"The learned metric scores this pair {value:+.2f} before registration (aligned "
-                            f"images score about -1; above {UNFAMILIAR_SCORE:g} it sees them as misaligned "
-                            "everywhere): the images are probably unlike its training data, and the result may "
-                            "be worse than the affine alignment. Check it, or use similarity='mi' (or train a "
-                            "metric on aligned pairs of this kind).")
-                    done += 1
-                    progress(done / total_iters, f"{stage} level {level_index + 1}/{len(factors)}, iteration "
-                                                 f"{it + 1}/{n_iter}: metric {value:.6g}")
-                if stage == "B-spline":  # this level's control grid is final: later levels add to it
-                    splines[-1].coefficients.requires_grad_(False)
-            if stage == "similarity":
-                for t in (sim_tx.rotation, sim_tx.log_scale, sim_tx.translation):
-                    t.requires_grad_(False)
+                        spacing = control_spacing_mm / voxel_mm * 2 ** (len(factors) - 1 - level_index)
+                        spline = BSplineField(fine_shape, spacing, device)
+                        splines.append(spline)
+                        params = [{"params": [spline.coefficients], "lr": steps["bspline"]}]
+                    descent = optimizer == "gd" and stage == "B-spline"  # the similarity stage always uses Adam
+                    optimiser = torch.optim.SGD(params) if descent else torch.optim.Adam(params)
+                    decay = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(1, n_iter), eta_min=0.0)
+                    values = []
+                    record = {"stage": stage, "level": level_index + 1, "factor": factor, "values": values}
+                    if stage == "B-spline":
+                        record["control_points"] = splines[-1].control_points
+                        record["control_spacing_mm"] = round(splines[-1].spacing * voxel_mm, 3)
+                    trace["stages"].append(record)
+                    for it in range(n_iter):
+                        optimiser.zero_grad(set_to_none=True)
+                        ddf = displacement(positions, shape, factor) / factor  # level voxels
+                        if sim.sampled:
+                            loss = sim.at_points(moving_l, moving_fov_l, ddf)
+                        else:
+                            loss = sim(warp(moving_l, ddf), warp(moving_fov_l, ddf, padding_mode="zeros"))
+                        value = float(loss.detach())
+                        if similarity == "learned" and done == 0 and value > UNFAMILIAR_SCORE:
+                            keep = on_unfamiliar == "keep"
+                            trace.setdefault("warnings", []).append(
+                                f"The learned metric scores this pair {value:+.2f} before registration (aligned "
+                                f"images score about -1; above {UNFAMILIAR_SCORE:g} it sees them as misaligned "
+                                "everywhere): the images are probably unlike its training data. "
+                                + ("The result is the start alignment (nothing was optimised); use similarity='mi' "
+                                   "(or train a metric on aligned pairs of this kind), or on_unfamiliar='continue' "
+                                   "to optimise it anyway." if keep else
+                                   "The result may be worse than the affine alignment. Check it, or use "
+                                   "similarity='mi' (or train a metric on aligned pairs of this kind)."))
+                            if keep:
+                                values.append(value)
+                                raise _UnfamiliarPair
+                        if smoothness > 0 and stage == "B-spline":
+                            loss = loss + float(smoothness) * diffusion_regulariser(ddf)
+                        loss.backward()
+                        if descent:
+                            _normalise_gradients(params)
+                        optimiser.step()
+                        decay.step()
+                        values.append(value)
+                        done += 1
+                        progress(done / total_iters, f"{stage} level {level_index + 1}/{len(factors)}, iteration "
+                                                     f"{it + 1}/{n_iter}: metric {value:.6g}")
+                    if stage == "B-spline":  # this level's control grid is final: later levels add to it
+                        splines[-1].coefficients.requires_grad_(False)
+                if stage == "similarity":
+                    for t in (sim_tx.rotation, sim_tx.log_scale, sim_tx.translation):
+                        t.requires_grad_(False)
+    except _UnfamiliarPair:  # on_unfamiliar="keep": nothing was optimised
+        trace["kept_start"] = True
+        splines.clear()
+        progress(1.0, "the learned metric does not recognise this pair: kept the start alignment")
     trace["similarity_parameters"] = sim_tx.parameters()
     with torch.no_grad():
         return displacement(_positions_tensor(fine_shape, 1, device), fine_shape, 1).detach()
@@ -458,13 +488,15 @@ class LearnedMetricRegistration(RegistrationMethod):
         ``mi_samples``: fixed voxels compared per MI iteration (drawn afresh; 0: the whole image);
         ``smoothness``: diffusion weight on the B-spline field (0: none, as in the paper);
         ``optimizer``: of the B-spline stage, "gd" (normalised gradient descent, the default) or
-        "adam" (see :func:`metric_registration`);
+        "adam" (see :func:`metric_registration`); ``on_unfamiliar``: "keep" (the default: when the learned
+        metric scores the affinely aligned pair above :data:`UNFAMILIAR_SCORE`, return that alignment
+        with a warning) or "continue" (optimise anyway);
         ``spacing``: network grid spacing in mm (None: the model's for the learned metric, "auto" for
         MI: the fixed image's voxel size clamped to 1..4 mm); ``max_voxels``: bound on the grid."""
         return {"model": None, "similarity": "learned", "transform": "bspline", "control_spacing_mm": 16.0,
                 "levels": 2, "iterations_similarity": 40, "iterations_bspline": 60, "learning_rate": None,
-                "mi_bins": 75, "mi_samples": DEFAULT_MI_SAMPLES, "smoothness": 0.0, "optimizer": "gd", "spacing": None,
-                "max_voxels": 2_000_000}
+                "mi_bins": 75, "mi_samples": DEFAULT_MI_SAMPLES, "smoothness": 0.0, "optimizer": "gd",
+                "on_unfamiliar": "keep", "spacing": None, "max_voxels": 2_000_000}
 
     def models(self) -> list:
         """Installed learned metrics (shipped and user models of ``metric``)."""
@@ -529,7 +561,7 @@ class LearnedMetricRegistration(RegistrationMethod):
             iterations_bspline=int(options["iterations_bspline"]), learning_rate=options.get("learning_rate"),
             mi_bins=int(options["mi_bins"]), mi_samples=int(options.get("mi_samples", DEFAULT_MI_SAMPLES)),
             smoothness=float(options.get("smoothness") or 0.0), optimizer=options.get("optimizer", "gd"),
-            progress=progress, trace=self._trace)
+            on_unfamiliar=options.get("on_unfamiliar", "keep"), progress=progress, trace=self._trace)
 
     def method_report(self) -> dict | None:
         """The per-iteration metric values of the last :meth:`predict` (for ``report["method_trace"]``)."""
@@ -537,5 +569,5 @@ class LearnedMetricRegistration(RegistrationMethod):
 
     def method_warnings(self) -> list:
         """A learned metric that scores the pair as misaligned before registration (see
-        :data:`UNFAMILIAR_SCORE`) says so."""
+        :data:`UNFAMILIAR_SCORE`) says so, and whether the start alignment was kept."""
         return list((self._trace or {}).get("warnings", []))
