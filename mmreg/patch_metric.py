@@ -761,6 +761,12 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
                     f"score {scores['score_before']:+.3f} -> {scores['score_after']:+.3f}; "
                     f"{stats['candidates']} patch centres; {entry['seconds']:.0f} s")
 
+        def ranking_term(pairs: tuple) -> torch.Tensor:
+            """:func:`ranking_loss` of ``(x_aligned, x_moved, shift)`` from :meth:`AlignedPatchSampler.shifted_batch`."""
+            x0, x1, shift = pairs
+            scores = network(torch.cat([x0, x1]))
+            return ranking_loss(scores[:len(x0)], scores[len(x0):], shift, cfg.metric.ranking_margin_per_voxel)
+
         network.train()
         try:
             while step < cfg.steps:
@@ -775,19 +781,14 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
                 pair_choice = rng.choice(len(train_pairs), size=cfg.batch_size, p=sampler_weights)
                 x, y, _ = sampler.batch(rng, cfg.batch_size, pair_choice)
                 loss = hinge_loss(network(x), y)
+                n_rank = int(cfg.metric.ranking_pairs)
                 if ranked:
-                    n_rank = int(cfg.metric.ranking_pairs)
                     rank_choice = rng.choice(len(train_pairs), size=n_rank, p=sampler_weights)
-                    x0, x1, shift = sampler.shifted_batch(rng, n_rank, rank_choice)
-                    scores = network(torch.cat([x0, x1]))
-                    loss = loss + cfg.metric.ranking_weight * ranking_loss(
-                        scores[:n_rank], scores[n_rank:], shift, cfg.metric.ranking_margin_per_voxel)
+                    loss = loss + cfg.metric.ranking_weight * ranking_term(
+                        sampler.shifted_batch(rng, n_rank, rank_choice))
                 if adversarial_ranked and sampler.adversarial:
-                    n_rank = int(cfg.metric.ranking_pairs)
-                    x0, x1, shift = sampler.shifted_batch(rng, n_rank, adversarial=True)
-                    scores = network(torch.cat([x0, x1]))
-                    loss = loss + cfg.metric.adversarial_ranking_weight * ranking_loss(
-                        scores[:n_rank], scores[n_rank:], shift, cfg.metric.ranking_margin_per_voxel)
+                    loss = loss + cfg.metric.adversarial_ranking_weight * ranking_term(
+                        sampler.shifted_batch(rng, n_rank, adversarial=True))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
