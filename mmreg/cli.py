@@ -282,7 +282,8 @@ def _cmd_models(args) -> int:
         if args.json:
             print(json.dumps(rows, indent=2))
         for r in [] if args.json else rows:
-            print(f"{r['method']:<10} {r['name']:<24} {r['source']:<8} {r['spacing_mm']} mm  {r['path']}")
+            runs_at = f" (network alone at {r['inference_spacing_mm']} mm)" if r.get("inference_spacing_mm") else ""
+            print(f"{r['method']:<10} {r['name']:<24} {r['source']:<8} {r['spacing_mm']} mm{runs_at}  {r['path']}")
         return 0
     if args.action == "rename":
         print(f"renamed to {rename_model(args.method, args.name, args.new_name)}")

@@ -54,6 +54,9 @@ class ModelCard:
     """What a model is and how to use it (stored as ``model.json`` beside the weights).
 
     ``spacing_mm``: isotropic spacing of the network grid the model was trained on (mm);
+    ``inference_spacing_mm``: the spacing (mm) the network runs at by default when it registers, where
+    a benchmark found another spacing than the training one better (None: ``spacing_mm``; see
+    :meth:`mmreg.methods.network_method.NetworkRegistration.network_spacing`);
     ``multiple``: spatial sizes must be multiples of it; ``normalisation``: how inputs were
     scaled (the engine's :func:`mmreg.intensity.normalize_intensity`, images in [0, 1]);
     ``diffeomorphic``: the network output is a stationary velocity integrated by scaling and
@@ -70,6 +73,7 @@ class ModelCard:
     normalisation: str = "mmreg.intensity.normalize_intensity (CT window -1000..1000 HU, MR 1st-99th percentile) to [0, 1]"
     diffeomorphic: bool = True
     integration_steps: int = 7
+    inference_spacing_mm: float | None = None
     description: str = ""
     training: dict = field(default_factory=dict)
     benchmark: dict = field(default_factory=dict)
@@ -162,7 +166,8 @@ def record_benchmark(folder, key: str, numbers: dict) -> Path:
 
 def list_models(method: str) -> list:
     """The models of ``method``: dicts with name, source ("user"/"shipped"), path, description,
-    spacing_mm (the network grid spacing) and diffeomorphic (whether the network predicts a
+    spacing_mm (the training grid spacing), inference_spacing_mm (the spacing it runs at by default
+    when that differs; else None) and diffeomorphic (whether the network predicts a
     stationary velocity; None when the card does not say). User models hide shipped ones of the
     same name."""
     seen, out = set(), []
@@ -176,7 +181,7 @@ def list_models(method: str) -> list:
             card = {}
         out.append({"name": folder.name, "source": source, "path": str(folder),
                     "description": card.get("description", ""), "spacing_mm": card.get("spacing_mm"),
-                    "diffeomorphic": card.get("diffeomorphic")})
+                    "inference_spacing_mm": card.get("inference_spacing_mm"), "diffeomorphic": card.get("diffeomorphic")})
     return out
 
 

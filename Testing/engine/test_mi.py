@@ -183,6 +183,55 @@ def test_refinement_runs_on_a_grid_twice_as_fine_from_the_network_field(model_ro
         mmreg.register(fixed, moving, method="mi", model="shift", affine=False, refinement_steps=5, refine_from="x")
 
 
+def test_network_spacing_sets_the_grid_the_network_reads(model_root, monkeypatch):
+    # A displacement "network" that outputs +2 voxels along x whatever it reads, trained at 2 mm: its field in mm
+    # is 2 voxels of the grid it reads, so the grid's spacing shows in the displacement.
+    folder, _ = _save(model_root, "shift", diffeomorphic=False, shift_voxels=[0.0, 0.0, 2.0])
+    from mmreg.methods import get_method, network_method
+    method = get_method("mi")
+    fixed, moving = _blob_pair((0.0, 0.0, 0.0))
+
+    def x_shift(**options):
+        res = mmreg.register(fixed, moving, method="mi", model="shift", affine=False, threads=1, **options)
+        return float(np.median(sitk.GetArrayFromImage(res.displacement)[8:-8, 8:-8, 8:-8, 0])), res
+
+    assert x_shift()[0] == pytest.approx(4.0, abs=0.05)  # the training spacing: 2 voxels of 2 mm
+    shift, res = x_shift(network_spacing_mm=4.0)  # the option: 2 voxels of 4 mm
+    assert shift == pytest.approx(8.0, abs=0.05)
+    assert method.grid_for(fixed, {"model": "shift", "network_spacing_mm": 4.0}).spacing == (4.0, 4.0, 4.0)
+    # a card's inference spacing becomes the default; the option still overrides it
+    card = json.loads((folder / "model.json").read_text())
+    (folder / "model.json").write_text(json.dumps(dict(card, inference_spacing_mm=4.0)))
+    assert x_shift()[0] == pytest.approx(8.0, abs=0.05)
+    assert x_shift(network_spacing_mm=2.0)[0] == pytest.approx(4.0, abs=0.05)
+    info = method.model_info({"model": "shift"})
+    assert info["spacing_mm"] == 2.0 and info["network_spacing_mm"] == 4.0
+    # with refinement the refinement grid stays at half the training spacing (1 mm); the network reads it pooled
+    # by the whole factor nearest its spacing: by default the training spacing (2 mm -> 2: the card's inference
+    # spacing is for the network alone), else the option's: 4 mm -> 4, 1 mm -> 1, 1.4 mm -> 1
+    assert method.network_pooling({"model": "shift", "refinement_steps": 5}) == 2
+    seen = {}
+
+    def no_change(inputs, **kw):  # stands in for the refinement: records what it was given
+        seen.update(kw, grid=inputs.grid)
+        return kw["init_velocity"]
+    monkeypatch.setattr(network_method, "instance_optimise", no_change)
+    for spacing, pooling in ((4.0, 4), (1.0, 1), (1.4, 1)):
+        options = {"model": "shift", "refinement_steps": 5, "network_spacing_mm": spacing}
+        assert method.network_pooling(options) == pooling
+        grid = method.grid_for(fixed, options)
+        # sizes: the card's multiple times lcm(2, pooling), so both poolings give whole network grids
+        assert grid.spacing == (1.0, 1.0, 1.0) and all(n % (card["multiple"] * max(pooling, 2)) == 0 for n in grid.size)
+        shift, _ = x_shift(refinement_steps=5, network_spacing_mm=spacing)
+        assert seen["grid"].spacing == (1.0, 1.0, 1.0) and seen["finest_factor"] == 2
+        # the starting velocity on the 1 mm grid: 2 network voxels = 2 * pooling fine voxels
+        assert float(seen["init_velocity"][0, 2].mean()) == pytest.approx(2.0 * pooling, abs=1e-4)
+        assert shift == pytest.approx(2.0 * pooling, abs=0.05)
+    for bad in (0, -2.0, float("nan"), "2", True):
+        with pytest.raises(InputError, match="network_spacing_mm must be a spacing in mm > 0"):
+            mmreg.register(fixed, moving, method="mi", model="shift", affine=False, network_spacing_mm=bad)
+
+
 def test_untrained_model_is_identity_and_refinement_registers(model_root):
     _save(model_root)
     fixed, moving = _blob_pair((4.0, -2.0, 2.0))

@@ -47,7 +47,7 @@ from ..networks import DEFAULT_ARCHITECTURE, registration_unet, size_multiple
 from ..rdm import DEFAULT_RDM_ARCHITECTURE, Discriminator, RepresentationModel, rdm_losses
 from ..spatial import integrate_velocity, warp
 from .base import TrainingSpec
-from .network_method import REFINEMENT_GRID_FACTOR, NetworkRegistration, middle_of_slab, slab
+from .network_method import NetworkRegistration, middle_of_slab, slab
 
 #: Default architecture of a ``disentangled`` model: the RDM (:data:`mmreg.rdm.DEFAULT_RDM_ARCHITECTURE`) of
 #: two named domains and the registration network (:data:`mmreg.networks.DEFAULT_ARCHITECTURE`'s widths).
@@ -574,7 +574,7 @@ class DisentangledRegistration(NetworkRegistration):
         moving_domain, _ = self._domains(options)
         ddf = super().predict(inputs, options, progress)
         if options.get("translate", True):
-            factor = REFINEMENT_GRID_FACTOR if int(options.get("refinement_steps") or 0) else 1
+            factor = self.network_pooling(options, card)  # the translation runs at the network's spacing
             with torch.inference_mode():
                 warped = downsample_image(warp(inputs.moving, ddf.detach()), factor)
                 fixed = downsample_image(inputs.fixed, factor)

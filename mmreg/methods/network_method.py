@@ -1,13 +1,15 @@
 """What every learned registration network method shares (``mi``, ``multiscale``, ...).
 
 A :class:`NetworkRegistration` reads its trained model (card + weights, :mod:`mmreg.models`),
-registers on the model's network grid (its ``spacing_mm``, sizes padded to its ``multiple``) with
-one forward pass, integrates the output by scaling and squaring when the model predicts a
-stationary velocity (``diffeomorphic`` in its card), and optionally refines the field with the
-engine's instance optimisation (``refinement_steps`` > 0). With refinement the images are prepared
-on a grid :data:`REFINEMENT_GRID_FACTOR` times finer: the network reads them average-pooled to its
-own spacing (:meth:`NetworkGrid.coarsen`), its field is upsampled, and the refinement compares the
-images at the finer spacing while optimising a residual velocity at the network's spacing.
+registers on a network grid over the fixed image (the network spacing, :meth:`NetworkRegistration.network_spacing`:
+the ``network_spacing_mm`` option, else the card's ``inference_spacing_mm``, else the training
+``spacing_mm``; sizes padded to the card's ``multiple``) with one forward pass, integrates the output by
+scaling and squaring when the model predicts a stationary velocity (``diffeomorphic`` in its card),
+and optionally refines the field with the engine's instance optimisation (``refinement_steps`` > 0).
+With refinement the images are prepared on a grid :data:`REFINEMENT_GRID_FACTOR` times finer than
+the training spacing: the network reads them average-pooled by the whole factor nearest to the
+network spacing (:meth:`NetworkGrid.coarsen`), its field is upsampled, and the refinement compares
+the images at the finer spacing while optimising a velocity at the training spacing.
 
 Single-slice (2-D) pairs with a 3-D model run as a slab: the slice repeated ``multiple`` times
 along a new first axis (an image constant across the slab), the network's field read at the middle
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import abc
 import json
+import math
 
 import torch
 
@@ -80,10 +83,12 @@ class NetworkRegistration(RegistrationMethod):
         (velocity models only): run the network on both orders of the pair and use half the difference
         of the two velocities, ``(v(fixed, moving) - v(moving, fixed)) / 2``, since the inverse of
         ``exp(v)`` is ``exp(-v)``: the result is inverse-consistent (swapping the images negates it) and
-        a deformation the network applies to every pair alike cancels; twice the network time."""
+        a deformation the network applies to every pair alike cancels; twice the network time;
+        ``network_spacing_mm``: spacing (mm) of the grid the network reads (None: the model's default,
+        :meth:`network_spacing`)."""
         return {"model": None, "refinement_steps": 0, "refine_similarity": "mind", "refine_from": "velocity",
                 "diffeomorphic": None, "max_voxels": 4_000_000, "refinement_max_voxels": 2_000_000,
-                "symmetric": False}
+                "symmetric": False, "network_spacing_mm": None}
 
     def chosen_model(self, options: dict):
         """The model the options select: ``options["model"]``, else :attr:`default_model` when installed,
@@ -110,19 +115,45 @@ class NetworkRegistration(RegistrationMethod):
         """Name, folder, weights sha256, network spacing (mm) and diffeomorphic of the chosen model."""
         folder = resolve_model(self.name, self.chosen_model(options))
         card = self._card_in(folder)
-        return {"name": card.name, "path": str(folder),
-                "sha256": card.sha256, "spacing_mm": card.spacing_mm, "diffeomorphic": card.diffeomorphic}
+        return {"name": card.name, "path": str(folder), "sha256": card.sha256, "spacing_mm": card.spacing_mm,
+                "network_spacing_mm": self.network_spacing(options, card), "diffeomorphic": card.diffeomorphic}
+
+    def network_spacing(self, options: dict, card: ModelCard | None = None) -> float:
+        """Isotropic spacing (mm) of the grid the network reads: ``options["network_spacing_mm"]`` when set;
+        else, for the network alone, the card's ``inference_spacing_mm`` (a spacing a benchmark found
+        better than the training one), and with refinement (or without that field) the training
+        ``spacing_mm``: the refinement does the fine work, and ``mi_brain`` read at 2 mm gave it no
+        better start than at 4 mm, only a slower one (docs/mi_training.md). The network is
+        convolutional, so it runs at any spacing; its output stays in voxels of the grid it read."""
+        card = card or self.card(options)
+        chosen = options.get("network_spacing_mm")
+        if chosen is None:
+            refining = int(options.get("refinement_steps") or 0) > 0
+            chosen = card.inference_spacing_mm if card.inference_spacing_mm and not refining else card.spacing_mm
+        return float(chosen)
+
+    def network_pooling(self, options: dict, card: ModelCard | None = None) -> int:
+        """With refinement: the whole factor by which the network reads the refinement grid (spacing
+        ``spacing_mm`` / :data:`REFINEMENT_GRID_FACTOR`), the nearest to the network spacing (at least 1);
+        without refinement 1 (the grid is the network's)."""
+        card = card or self.card(options)
+        if not int(options.get("refinement_steps") or 0):
+            return 1
+        fine = float(card.spacing_mm) / REFINEMENT_GRID_FACTOR
+        return max(1, int(round(self.network_spacing(options, card) / fine)))
 
     def grid_for(self, fixed, options: dict) -> NetworkGrid:
-        """The model's grid (its spacing in mm and size multiple) over the fixed image's extent; with
-        refinement, a grid :data:`REFINEMENT_GRID_FACTOR` times finer whose coarsening is a network grid."""
+        """The network grid (:meth:`network_spacing`, the card's size multiple) over the fixed image's
+        extent; with refinement, a grid :data:`REFINEMENT_GRID_FACTOR` times finer than the training
+        spacing, sized so that pooling it by :meth:`network_pooling` and by the refinement factor both
+        give whole grids."""
         card = self.card(options)
         if int(options.get("refinement_steps") or 0) > 0:
             factor = REFINEMENT_GRID_FACTOR
-            return NetworkGrid.for_image(fixed, spacing=float(card.spacing_mm) / factor,
-                                         multiple=int(card.multiple) * factor,
+            multiple = int(card.multiple) * math.lcm(factor, self.network_pooling(options, card))
+            return NetworkGrid.for_image(fixed, spacing=float(card.spacing_mm) / factor, multiple=multiple,
                                          max_voxels=options.get("refinement_max_voxels"))
-        return NetworkGrid.for_image(fixed, spacing=float(card.spacing_mm), multiple=int(card.multiple),
+        return NetworkGrid.for_image(fixed, spacing=self.network_spacing(options, card), multiple=int(card.multiple),
                                      max_voxels=options.get("max_voxels"))
 
     def run_network(self, network: torch.nn.Module, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
@@ -147,6 +178,11 @@ class NetworkRegistration(RegistrationMethod):
         model that predicts a velocity; ``refinement_steps`` an integer >= 0; with refinement, ``refine_from``
         one of :data:`REFINE_FROM` and ``refine_similarity`` one of the instance optimisation's similarities."""
         card = self.card(options)
+        spacing = options.get("network_spacing_mm")
+        if spacing is not None and (isinstance(spacing, bool) or not isinstance(spacing, (int, float))
+                                    or not math.isfinite(spacing) or spacing <= 0):
+            raise InputError(f"network_spacing_mm must be a spacing in mm > 0 (or unset for the model's default, "
+                             f"{self.network_spacing({}, card):g} mm), got {spacing!r}.")
         symmetric = options.get("symmetric", False)
         if not isinstance(symmetric, bool):
             raise InputError(f"symmetric must be true or false, got {symmetric!r}.")
@@ -182,7 +218,7 @@ class NetworkRegistration(RegistrationMethod):
             raise InputError(f"Model '{card.name}' predicts a {'velocity (diffeomorphic)' if card.diffeomorphic else 'displacement'}"
                              f"; diffeomorphic={wanted} needs a model trained that way (leave the option unset).")
         steps = int(options.get("refinement_steps") or 0)
-        factor = REFINEMENT_GRID_FACTOR if steps else 1
+        factor = self.network_pooling(options, card)  # network grid = inputs.grid pooled by factor
         symmetric = bool(options.get("symmetric", False))
         progress(0.0, "network (both orders of the pair)" if symmetric else "network")
         with torch.inference_mode():
@@ -210,7 +246,7 @@ class NetworkRegistration(RegistrationMethod):
         mode = options.get("refine_from", "velocity")
         begin = {"init_velocity": start} if mode == "velocity" else {"init_ddf": ddf}
         return instance_optimise(inputs, **begin, similarity=options.get("refine_similarity", "mind"),
-                                 levels=1, iterations=[steps], finest_factor=factor,
+                                 levels=1, iterations=[steps], finest_factor=REFINEMENT_GRID_FACTOR,
                                  diffeomorphic=True, progress=progress.sub(0.3, 1.0))
 
     def extra_outputs(self) -> dict:
