@@ -111,6 +111,16 @@ def test_shipped_config_is_valid_and_toml_errors_are_input_errors(tmp_path):
         assert recorded[key] == getattr(cfg, key), key
     assert recorded["data"]["sources"] == cfg.data.sources and recorded["augment"] == dataclasses.asdict(cfg.augment)
     assert card["training"]["stages"][0]["learning_rate"] == stage1.learning_rate
+    # mi_brain_3mm: mi_brain trained on at 3 mm; its card records the run its recipe repeats (500 steps)
+    fine = load_config(REPO / "Resources" / "Training" / "mi_brain_3mm.toml")
+    card = json.loads((REPO / "Resources" / "Models" / "mi" / "mi_brain_3mm" / "model.json").read_text())
+    recorded = card["training"]["config"]
+    assert fine.base_model == "mi_brain" and fine.spacing_mm == recorded["spacing_mm"] == card["spacing_mm"] == 3.0
+    for key in ("learning_rate", "smoothness", "mi_blur_voxels", "base_model", "seed", "batch_size"):
+        assert recorded[key] == getattr(fine, key), key
+    assert recorded["data"]["sources"] == fine.data.sources and recorded["augment"] == dataclasses.asdict(fine.augment)
+    assert card["training"]["validation"]["best"]["step"] == fine.steps == 500
+    assert card["inference_spacing_mm"] == 2.0
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = [\n")
     with pytest.raises(InputError, match="not valid TOML"):

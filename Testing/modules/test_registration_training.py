@@ -290,12 +290,12 @@ def test_base_model_choices(lib):
 
 # ---------------------------------------------------------------------------- Logic without a training process
 def test_default_base_model_is_the_methods_default(module, folders):
-    # two shipped mi models (mi_brain, mi_brain_mind): the training panel's default base model is the one
-    # `mmreg register --method mi` uses without --model, not "ambiguous"
+    # three shipped mi models (mi_brain, mi_brain_3mm, mi_brain_mind): the training panel's default base model is
+    # the one `mmreg register --method mi` uses without --model, not "ambiguous"
     logic = module.RegistrationTrainingLogic
     shipped = {m["name"] for m in logic.list_models("mi") if m["source"] == "shipped"}
-    assert {"mi_brain", "mi_brain_mind"} <= shipped
-    assert logic.default_model("mi") == "mi_brain" == mmreg.methods.get_method("mi").chosen_model({})
+    assert {"mi_brain", "mi_brain_3mm", "mi_brain_mind"} <= shipped
+    assert logic.default_model("mi") == "mi_brain_3mm" == mmreg.methods.get_method("mi").chosen_model({})
     assert logic.default_model("optimize") is None  # no models at all
 
 

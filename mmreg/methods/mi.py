@@ -8,14 +8,17 @@ truth to minimise ``-MI(fixed, moving o phi) + lambda * |grad u|^2`` with a Parz
 MONAI) and the diffusion regulariser. One network serves same-modality and cross-modality pairs
 without being told which it gets (MI does not care).
 
-Inference: the images on the model's network grid (its ``spacing_mm``, sizes padded to its
+Inference: the images on the network grid (the model's training ``spacing_mm``, or the
+``inference_spacing_mm`` of its card, or the ``network_spacing_mm`` option; sizes padded to its
 ``multiple``) -> one forward pass -> the field (integrated by scaling and squaring when the
 model predicts a stationary velocity: ``diffeomorphic`` in its card) -> optionally refined by the
 engine's instance optimisation (``refinement_steps`` > 0, MIND-SSC by default) starting from it.
-With refinement the images are prepared on a grid twice as fine (:data:`REFINEMENT_GRID_FACTOR`):
-the network reads them average-pooled to its own spacing (:meth:`NetworkGrid.coarsen`), its field is
-upsampled, and the refinement compares the images at the finer spacing while optimising a residual
-velocity at the network's spacing (as the ``optimize`` method's finest level does).
+With refinement the images are prepared on a grid twice as fine as the training spacing
+(:data:`REFINEMENT_GRID_FACTOR`): the network reads them average-pooled to (about) its network
+spacing (:meth:`NetworkGrid.coarsen`), its field is upsampled, and the refinement compares the
+images at the finer spacing while optimising a velocity at the training spacing (as the
+``optimize`` method's finest level does). ``mi_brain`` was trained on a 4 mm grid and runs on a 2 mm
+one: it gains more Dice there (docs/mi_training.md, "Network spacing at inference").
 
 Input features: the paper's network reads the two images; a model whose architecture has
 ``input_features = "mind"`` reads their MIND-SSC descriptors instead (12 channels per image,
@@ -85,9 +88,10 @@ class MIRegistration(NetworkRegistration):
     inference and refinement are :class:`~mmreg.methods.network_method.NetworkRegistration`'s."""
 
     name = "mi"
-    #: With no model chosen: the intensity network of the paper (``mi_brain_mind``, which reads MIND-SSC
+    #: With no model chosen: the intensity network of the paper, ``mi_brain`` trained on at 3 mm (more Dice on
+    #: T1-T1 pairs, alone and refined; ``mi_brain`` stays shipped, ``mi_brain_mind``, which reads MIND-SSC
     #: descriptors, is the alternative for pairs in an unseen contrast; docs/mi_training.md).
-    default_model = "mi_brain"
+    default_model = "mi_brain_3mm"
     description = ("Unsupervised CNN trained with Parzen-window mutual information and a smoothness penalty; one "
                    "network for mono- and multi-modal pairs; optional instance-optimisation refinement.")
     modalities = "mono+multi"
