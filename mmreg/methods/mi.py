@@ -17,8 +17,9 @@ With refinement the images are prepared on a grid twice as fine as the training 
 (:data:`REFINEMENT_GRID_FACTOR`): the network reads them average-pooled to (about) its network
 spacing (:meth:`NetworkGrid.coarsen`), its field is upsampled, and the refinement compares the
 images at the finer spacing while optimising a velocity at the training spacing (as the
-``optimize`` method's finest level does). ``mi_brain`` was trained on a 4 mm grid and runs on a 2 mm
-one: it gains more Dice there (docs/mi_training.md, "Network spacing at inference").
+``optimize`` method's finest level does). The shipped ``mi_brain`` (4 mm) and ``mi_brain_3mm`` (3 mm)
+were trained on coarser grids than the 2 mm one they run on alone: they gain more Dice there
+(docs/mi_training.md, "Network spacing at inference").
 
 Input features: the paper's network reads the two images; a model whose architecture has
 ``input_features = "mind"`` reads their MIND-SSC descriptors instead (12 channels per image,
