@@ -194,12 +194,16 @@ def _cmd_train(args) -> int:
     if base and (base.endswith(".pt") or Path(base).expanduser().is_dir()):
         base = str(Path(base).expanduser().resolve())  # a path from the shell's folder, not the config's
     output = str(Path(args.output).expanduser().resolve()) if args.output else None
+    teacher = args.teacher_model
+    if teacher and Path(teacher).expanduser().is_dir():
+        teacher = str(Path(teacher).expanduser().resolve())  # a folder from the shell's folder, not the config's
     if args.config:
         overrides = dict(steps=args.steps, device=args.device, threads=args.threads, base_model=base, output=output,
                          data_root=data_root, manifest=manifest, method=args.method, name=args.name,
                          learning_rate=args.learning_rate, batch_size=args.batch_size, spacing_mm=args.spacing,
                          smoothness=args.smoothness, validation_fraction=args.validation_fraction,
-                         warmup_steps=args.warmup_steps, gradient_clip=args.gradient_clip, seed=args.seed)
+                         warmup_steps=args.warmup_steps, gradient_clip=args.gradient_clip, seed=args.seed,
+                         teacher_model=teacher, teacher_weight=args.teacher_weight)
         if args.no_augment:
             import dataclasses
             overrides["augment"] = dataclasses.asdict(AugmentConfig.off())
@@ -213,7 +217,9 @@ def _cmd_train(args) -> int:
                                             ("--smoothness", args.smoothness), ("--no-augment", args.no_augment),
                                             ("--validation-fraction", args.validation_fraction),
                                             ("--warmup-steps", args.warmup_steps),
-                                            ("--gradient-clip", args.gradient_clip)) if value]
+                                            ("--gradient-clip", args.gradient_clip),
+                                            ("--teacher-model", args.teacher_model),
+                                            ("--teacher-weight", args.teacher_weight)) if value]
         if args.seed is not None:
             changed.append("--seed")
         if changed:
@@ -228,7 +234,8 @@ def _cmd_train(args) -> int:
                                   spacing_mm=args.spacing, augment=not args.no_augment, smoothness=args.smoothness,
                                   validation_fraction=args.validation_fraction, device=args.device,
                                   threads=args.threads, warmup_steps=args.warmup_steps,
-                                  gradient_clip=args.gradient_clip, seed=args.seed)
+                                  gradient_clip=args.gradient_clip, seed=args.seed, teacher_model=teacher,
+                                  teacher_weight=args.teacher_weight)
     main_process = int(os.environ.get("RANK", "0")) == 0  # under torchrun only process 0 reports
     bar = _Bar(not args.quiet and main_process)
 
@@ -469,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--seed", type=int, default=None,
                     help="random seed of the weights' initialisation, the pair sampling and the augmentation "
                          "(default: the config's, else 0); a second seed shows how much a result depends on chance")
+    tr.add_argument("--teacher-model", default=None,
+                    help="distillation: also teach the network to reproduce this trained model's fields (name or "
+                         "folder of the same method; it reads each pair before any random intensity curve)")
+    tr.add_argument("--teacher-weight", type=float, default=None,
+                    help="weight of the teacher term, mean squared difference of the outputs in grid voxels "
+                         "(default 1)")
     tr.add_argument("--spacing", type=float, default=None, help="network grid spacing in mm (default: the base model's)")
     tr.add_argument("--smoothness", type=float, default=None, help="weight of the field's smoothness term")
     tr.add_argument("--no-augment", action="store_true", help="no augmentation (bias, noise, deformations)")

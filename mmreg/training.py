@@ -33,6 +33,7 @@ convention: fixed voxel x <-> moving voxel x + u(x) (``warp(moving, u)`` looks l
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import json
@@ -259,7 +260,13 @@ class TrainConfig:
     start from trained weights instead of a fresh network (fine-tuning): a model name or folder of
     this method (see :func:`mmreg.models.resolve_model`), or a ``.pt`` file (a model's weights, a
     run's ``best.pt`` or a checkpoint); the architecture must match. Relative paths are taken from
-    the config file's folder.
+    the config file's folder. ``teacher_model``: a trained model of this method (name or folder) whose
+    output on each training pair the network is also taught to reproduce (distillation), with weight
+    ``teacher_weight`` on the mean squared difference of the two outputs (voxels of the training grid,
+    velocity or displacement as the models predict); the teacher reads the pair before any
+    ``t1_t1_remap`` / ``t1_self`` intensity curve, so a student learns to give the teacher's T1-T1
+    field for a pair in another contrast (:func:`teacher_loss`). Registration networks only; None: no
+    teacher.
     """
 
     method: str = "mi"
@@ -291,6 +298,8 @@ class TrainConfig:
     device: str = "auto"
     architecture: dict = field(default_factory=dict)
     base_model: str | None = None
+    teacher_model: str | None = None
+    teacher_weight: float = 1.0
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     metric: MetricTrainConfig = field(default_factory=MetricTrainConfig)
@@ -459,6 +468,10 @@ def validate_config(cfg: TrainConfig) -> None:
          "warmup_steps and gradient_clip apply to registration networks; the metric and the disentangled RDM stage "
          "have their own trainers: leave them at 0.")
     need(cfg.smoothness >= 0, f"smoothness must be >= 0, got {cfg.smoothness}.")
+    need(not (own_trainer and cfg.teacher_model), "teacher_model applies to registration networks; the metric and the "
+         "disentangled RDM stage have their own trainers: leave it unset.")
+    need(cfg.teacher_weight > 0, f"teacher_weight must be > 0 (leave teacher_model unset for no teacher), got "
+         f"{cfg.teacher_weight}.")
     need(cfg.integration_steps >= 1, f"integration_steps must be >= 1, got {cfg.integration_steps}.")
     need(cfg.mi_bins >= 2, f"mi_bins must be >= 2, got {cfg.mi_bins}.")
     need(cfg.mi_max_voxels >= 100, f"mi_max_voxels must be >= 100, got {cfg.mi_max_voxels}.")
@@ -577,6 +590,9 @@ def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
         cfg.output = str(base / cfg.output)
     if cfg.base_model and cfg.base_model.endswith(".pt") and not Path(cfg.base_model).expanduser().is_absolute():
         cfg.base_model = str(base / cfg.base_model)
+    if cfg.teacher_model and ("/" in cfg.teacher_model or "\\" in cfg.teacher_model) \
+            and not Path(cfg.teacher_model).expanduser().is_absolute():  # a folder, not a model name
+        cfg.teacher_model = str(base / cfg.teacher_model)
     for key in ("root", "cache_dir", "manifest"):
         value = getattr(cfg.data, key)
         if value and not Path(value).expanduser().is_absolute():
@@ -589,7 +605,8 @@ def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str |
                         batch_size: int | None = None, spacing_mm: float | None = None, augment: bool = True,
                         smoothness: float | None = None, validation_fraction: float | None = None,
                         device: str | None = None, threads: int | None = None, warmup_steps: int | None = None,
-                        gradient_clip: float | None = None, seed: int | None = None) -> TrainConfig:
+                        gradient_clip: float | None = None, seed: int | None = None,
+                        teacher_model: str | None = None, teacher_weight: float | None = None) -> TrainConfig:
     """A training config for a user's own pairs without a config file (``mmreg train --method NAME
     --data MANIFEST``, the Slicer training module); None keeps the default of each setting.
 
@@ -599,7 +616,8 @@ def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str |
     the objective is the one it was trained with; ``spacing_mm`` / ``smoothness`` may still override)
     or a ``.pt`` file (the default architecture).
     ``augment`` False switches every augmentation off (:meth:`AugmentConfig.off`), else the
-    defaults of :class:`AugmentConfig`. ``warmup_steps`` / ``gradient_clip`` / ``seed``: see :class:`TrainConfig`.
+    defaults of :class:`AugmentConfig`. ``warmup_steps`` / ``gradient_clip`` / ``seed`` / ``teacher_model`` /
+    ``teacher_weight``: see :class:`TrainConfig`.
     :class:`InputError` on a bad value or an unknown model.
     """
     from .models import resolve_model  # noqa: PLC0415
@@ -630,9 +648,13 @@ def config_for_manifest(method: str, manifest: str | os.PathLike, *, name: str |
     for key, value in (("steps", steps), ("learning_rate", learning_rate), ("batch_size", batch_size),
                        ("spacing_mm", spacing_mm), ("smoothness", smoothness), ("device", device),
                        ("threads", threads), ("warmup_steps", warmup_steps), ("gradient_clip", gradient_clip),
-                       ("seed", seed)):
+                       ("seed", seed), ("teacher_weight", teacher_weight)):
         if value is not None:
-            table[key] = float(value) if key in ("learning_rate", "spacing_mm", "smoothness", "gradient_clip") else value
+            table[key] = float(value) if key in ("learning_rate", "spacing_mm", "smoothness", "gradient_clip",
+                                                 "teacher_weight") else value
+    if teacher_model:
+        ref = str(teacher_model)
+        table["teacher_model"] = str(Path(ref).expanduser().resolve()) if Path(ref).expanduser().is_dir() else ref
     if validation_fraction is not None:
         table["data"]["validation_fraction"] = float(validation_fraction)
     if not augment:
@@ -1104,35 +1126,43 @@ class PairSampler:
     def _tensor(self, arr: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(np.ascontiguousarray(arr, dtype=np.float32))[None, None].to(self.device)
 
-    def raw_pair(self, rng: np.random.Generator) -> tuple:
-        """(fixed, moving, source name) before augmentation, each ``(1, 1, *spatial)``."""
+    def raw_pair(self, rng: np.random.Generator, original: bool = False) -> tuple:
+        """(fixed, moving, source name) before augmentation, each ``(1, 1, *spatial)``; with
+        ``original`` a fourth item, the moving image before a ``t1_t1_remap`` / ``t1_self`` intensity
+        curve (the moving image itself for the other sources): what a teacher network reads."""
+        fixed, moving, source, before = self._raw_pair(rng)
+        return (fixed, moving, source, before) if original else (fixed, moving, source)
+
+    def _raw_pair(self, rng: np.random.Generator) -> tuple:
         source = self.names[int(rng.choice(len(self.names), p=self.p))]
         if source == "pairs":  # a manifest's pair, as it is (already pre-aligned)
             pair = self.data.train_pairs[int(rng.integers(len(self.data.train_pairs)))]
-            return self._tensor(pair.fixed), self._tensor(pair.moving), "pairs"
+            moving = self._tensor(pair.moving)
+            return self._tensor(pair.fixed), moving, "pairs", moving
         subjects = self.data.training
         i = int(rng.integers(len(subjects)))
         fixed = self._tensor(subjects[i].image)
         if source in ("t1_t1", "t1_t1_remap"):
             j = int(rng.integers(len(subjects) - 1))
             j = j + 1 if j >= i else j
-            moving = self._tensor(subjects[j].image)
+            moving = before = self._tensor(subjects[j].image)
             if source == "t1_t1_remap":
                 moving = remap_intensities(moving, rng)
         elif source in ("t1_template", "template_t1"):
             names = sorted(self.data.templates)
             template = self._tensor(self.data.templates[names[int(rng.integers(len(names)))]])
             fixed, moving = (fixed, template) if source == "t1_template" else (template, fixed)
+            before = moving
         elif source == "t1_self":
-            moving = fixed
+            moving = before = fixed
             if rng.uniform() < 0.5:
                 moving = remap_intensities(fixed, rng)
         else:
             s = self.labelled[int(rng.integers(len(self.labelled)))]
-            moving = synthesise_contrast(s.labels, rng, self.cfg.augment.synth_blur_voxels, self.device)
+            moving = before = synthesise_contrast(s.labels, rng, self.cfg.augment.synth_blur_voxels, self.device)
             if subjects[i].labels is not None:  # label maps cover the brain only: compare brain with brain
                 fixed = fixed * self._tensor(brain_mask(subjects[i].labels))
-        return fixed, moving, source
+        return fixed, moving, source, before
 
     def augment(self, fixed: torch.Tensor, moving: torch.Tensor, rng: np.random.Generator) -> tuple:
         """Moving: smooth deformation + affine jitter (composed), then bias/noise; fixed: bias/noise."""
@@ -1153,17 +1183,24 @@ class PairSampler:
             fixed = random_bias_and_noise(fixed, a.bias_strength, a.noise_std, rng)
         return fixed, moving
 
-    def batch(self, step: int, indices) -> tuple:
+    def batch(self, step: int, indices, teacher: bool = False) -> tuple:
         """``(fixed, moving, sources)``: ``(B, 1, *spatial)`` tensors of the augmented pairs with the
-        global batch ``indices`` at ``step`` (all of ``range(batch_size)`` in a single process)."""
-        fs, ms, srcs = [], [], []
+        global batch ``indices`` at ``step`` (all of ``range(batch_size)`` in a single process). With
+        ``teacher`` a fourth item: the moving images before any intensity curve, through the same
+        augmentation (deformation, bias field, noise), for a teacher network (:func:`teacher_loss`)."""
+        fs, ms, srcs, ts = [], [], [], []
         for index in indices:
             rng = pair_rng(self.cfg.seed, step, index)
-            f, m, s = self.raw_pair(rng)
-            f, m = self.augment(f, m, rng)
-            fs.append(f)
-            ms.append(m)
+            f, m, s, before = self.raw_pair(rng, original=True)
+            again = copy.deepcopy(rng)  # the same draws again: the same augmentation for the teacher's copy
+            f_aug, m_aug = self.augment(f, m, rng)
+            if teacher:
+                ts.append(m_aug if before is m else self.augment(f, before, again)[1])
+            fs.append(f_aug)
+            ms.append(m_aug)
             srcs.append(s)
+        if teacher:
+            return torch.cat(fs), torch.cat(ms), srcs, torch.cat(ts)
         return torch.cat(fs), torch.cat(ms), srcs
 
 
@@ -1360,6 +1397,39 @@ def start_from_base_model(network, cfg: TrainConfig, device, say) -> str | None:
                          "architecture it was trained with.") from None
     say(f"starting from base model {description}")
     return description
+
+
+def load_teacher(cfg: TrainConfig, device, say=None):
+    """The frozen teacher network of ``cfg.teacher_model`` (a model of ``cfg.method``: name or folder,
+    checksum verified), in eval mode on ``device``; None without a teacher. :class:`InputError` when it
+    is missing, or predicts another kind of field than this run (velocity vs displacement, integration
+    steps): its outputs would not be comparable."""
+    if not cfg.teacher_model:
+        return None
+    from .models import load_model  # noqa: PLC0415
+    network, card = load_model(cfg.method, cfg.teacher_model, training_spec(cfg.method).build_network, device)
+    if bool(card.diffeomorphic) != bool(cfg.diffeomorphic) or (
+            cfg.diffeomorphic and int(card.integration_steps) != int(cfg.integration_steps)):
+        raise InputError(f"teacher_model {card.name} predicts a {'velocity' if card.diffeomorphic else 'displacement'} "
+                         f"({card.integration_steps} integration steps), this run a "
+                         f"{'velocity' if cfg.diffeomorphic else 'displacement'} ({cfg.integration_steps}); "
+                         "choose a teacher of the same kind or set diffeomorphic / integration_steps to match it.")
+    if abs(float(card.spacing_mm) - float(cfg.spacing_mm)) > 1e-6 and say is not None:
+        say(f"note: teacher {card.name} was trained at {card.spacing_mm:g} mm; it reads this run's "
+            f"{cfg.spacing_mm:g} mm grid")
+    network.eval()
+    for param in network.parameters():
+        param.requires_grad_(False)
+    if say is not None:
+        say(f"teacher: {card.name} (sha256 {card.sha256}), weight {cfg.teacher_weight:g}")
+    return network
+
+
+def teacher_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight`` x the mean over voxels and components of ``(student - teacher)^2``: the two networks'
+    raw outputs ``(B, ndim, *spatial)`` on one grid, in its voxels (velocities when the models integrate
+    them). The teacher's output carries no gradient."""
+    return float(weight) * torch.mean((student - teacher.detach()) ** 2)
 
 
 def save_checkpoint(path: Path, network, optimizer, step: int, cfg: TrainConfig, history: dict, device) -> Path:
@@ -1698,6 +1768,7 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
     if spec.prepare_network is not None:  # e.g. load and freeze the parts another stage trained
         spec.prepare_network(network, cfg, device, say)
     optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=cfg.learning_rate)
+    teacher = load_teacher(cfg, device, say)
     history = {"loss": [], "source": [], "seconds_per_step": [], "validation": [], "best": None, "wall_seconds": 0.0,
                "base_model": base_description, "skipped_steps": 0}
     step = 0
@@ -1826,10 +1897,19 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            fixed, moving, sources = sampler.batch(step, indices)
+            if teacher is None:
+                fixed, moving, sources = sampler.batch(step, indices)
+            else:
+                fixed, moving, sources, teacher_moving = sampler.batch(step, indices, teacher=True)
             output = model(torch.cat([fixed, moving], dim=1))
             loss = 0.0
             parts_sum: dict = {}
+            if teacher is not None:
+                with torch.no_grad():
+                    target = teacher(torch.cat([fixed, teacher_moving], dim=1))
+                distill = teacher_loss(output, target, cfg.teacher_weight)
+                loss = loss + distill
+                parts_sum["teacher"] = float(distill.detach())
             for k, index in enumerate(indices):  # per pair: its loss randomness does not depend on the batch
                 item_loss, parts = spec.loss(fixed[k:k + 1], moving[k:k + 1], output[k:k + 1], cfg,
                                              loss_generator(cfg.seed, step, index), **_network_argument(spec, network))

@@ -79,6 +79,8 @@ def tiny(tmp_path, **kw) -> dict:
     ({"warmup_steps": -5}, "warmup_steps must be an integer >= 0"),
     ({"gradient_clip": -1.0}, "gradient_clip must be >= 0"),
     ({"method": "metric", "warmup_steps": 10}, "their own trainers"),
+    ({"method": "metric", "teacher_model": "mi_brain"}, "their own trainers"),
+    ({"teacher_weight": -1.0}, "teacher_weight must be > 0"),
 ])
 def test_config_errors_name_the_key(table, words):
     with pytest.raises(InputError) as err:
@@ -193,6 +195,68 @@ def test_self_pairs_are_the_same_anatomy_in_another_contrast():
                              remap=True)
     assert [p["name"] for p in pairs] == ["c<-d T1", "c<-d remapped", "d<-c T1", "d<-c remapped"]
     assert float((pairs[1]["moving"] - pairs[0]["moving"]).abs().max()) > 0.1
+
+
+def test_teacher_reads_the_pair_before_the_intensity_curve_through_the_same_augmentation():
+    """batch(teacher=True): a fourth tensor, the moving image before t1_t1_remap's intensity curve, through the
+    same augmentation draws (same deformation); the pairs themselves do not change."""
+    from mmreg.training import PairSampler, pair_rng
+    data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [blob("c")], {})
+    plain = config_from_dict(tiny(Path("unused"), data={"sources": {"t1_t1_remap": 1.0}}, augment=NO_AUGMENT))
+    sampler = PairSampler(data, plain, {"t1_t1_remap": 1.0}, "cpu")
+    fixed, moving, sources, before = sampler.batch(0, [0], teacher=True)
+    assert sources == ["t1_t1_remap"] and before.shape == moving.shape
+    subjects = [torch.from_numpy(s.image)[None, None] for s in data.training]
+    assert any(torch.equal(before, s) for s in subjects) and not torch.equal(before, moving)
+    warped = config_from_dict(tiny(Path("unused"), data={"sources": {"t1_t1_remap": 1.0}},
+                                   augment=dict(NO_AUGMENT, deformation_max_mm=12.0, deformation_control_mm=16.0)))
+    sampler = PairSampler(data, warped, {"t1_t1_remap": 1.0}, "cpu")
+    for step in range(3):
+        f1, m1, _ = sampler.batch(step, [0])
+        f2, m2, _, t2 = sampler.batch(step, [0], teacher=True)
+        assert torch.equal(f1, f2) and torch.equal(m1, m2)
+        unwarped = sampler.raw_pair(pair_rng(warped.seed, step, 0), original=True)[3]
+
+        def explained(a, b):  # correlation ratio: how far b is a function of a (1: entirely)
+            a, b = a.flatten().numpy(), b.flatten().numpy()
+            bins = np.digitize(a, np.linspace(a.min(), a.max(), 41))
+            within = sum(((b[bins == k] - b[bins == k].mean()) ** 2).sum() for k in np.unique(bins))
+            return 1.0 - within / ((b - b.mean()) ** 2).sum()
+        # the moving image is the teacher's copy through the intensity curve: (nearly) a function of it, more than
+        # of the same image without the deformation
+        assert explained(t2, m2) > 0.98 and explained(t2, m2) > explained(unwarped, m2) + 0.02
+
+
+def test_teacher_model_pulls_the_network_towards_its_fields(tmp_path):
+    """Distillation: with teacher_model (a trained model of the method) the network's output moves towards the
+    teacher's on the training pairs, much closer than the same run without a teacher; a teacher that predicts
+    another kind of field is an InputError naming teacher_model."""
+    data = TrainingData(grid(), [blob("a")], [blob("c"), blob("d", 3.0)], {"T2": blob("t", 3.0).image})
+    shift = dict(data={"sources": {"t1_template": 1.0}}, augment=NO_AUGMENT, smoothness=0.1, final_model="last",
+                 validation_every=0, checkpoint_every=0)
+    teacher = train(config_from_dict(tiny(tmp_path / "teacher", steps=30, learning_rate=4e-3, **shift)), data)
+    teacher_net, _ = load_model("mi", teacher.model_dir, registration_unet)
+    pair = torch.cat([torch.from_numpy(data.training[0].image)[None, None],
+                      torch.from_numpy(data.templates["T2"])[None, None]], 1)
+
+    def distance(model_dir):
+        net, _ = load_model("mi", model_dir, registration_unet)
+        with torch.no_grad():
+            return float(torch.mean((net(pair) - teacher_net(pair)) ** 2))
+    # students: the same fresh start, seed and pairs, with a low learning rate so MI alone moves them little
+    student = dict(shift, steps=12, learning_rate=1e-3, seed=5)
+    alone = train(config_from_dict(tiny(tmp_path / "alone", **student)), data)
+    taught = train(config_from_dict(tiny(tmp_path / "taught", teacher_model=str(teacher.model_dir),
+                                         teacher_weight=20.0, **student)), data)
+    assert distance(taught.model_dir) < 0.5 * distance(alone.model_dir), (distance(taught.model_dir),
+                                                                          distance(alone.model_dir))
+    assert taught.card.training["config"]["teacher_model"] == str(teacher.model_dir)
+    assert len(taught.history["teacher"]) == 12 and taught.history["teacher"][-1] < taught.history["teacher"][0]
+    with pytest.raises(InputError, match="teacher_model"):
+        train(config_from_dict(tiny(tmp_path / "bad", teacher_model=str(teacher.model_dir), diffeomorphic=False,
+                                    **student)), data)
+    with pytest.raises(InputError, match="teacher_weight must be > 0"):
+        config_from_dict(tiny(tmp_path / "w", teacher_model="x", teacher_weight=0.0))
 
 
 # ----------------------------------------------------------------------------- training
