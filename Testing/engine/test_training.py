@@ -123,6 +123,19 @@ def test_shipped_config_is_valid_and_toml_errors_are_input_errors(tmp_path):
     assert recorded["data"]["sources"] == fine.data.sources and recorded["augment"] == dataclasses.asdict(fine.augment)
     assert card["training"]["validation"]["best"]["step"] == fine.steps == 500
     assert card["inference_spacing_mm"] == 2.0
+    # mi_brain_mind_distilled: mi_brain_mind taught by mi_brain_3mm at 3 mm; its card records the run (750 steps, the
+    # weights of its best validation at step 500, the recipe's steps)
+    taught = load_config(REPO / "Resources" / "Training" / "mi_brain_mind_distilled.toml")
+    card = json.loads((REPO / "Resources" / "Models" / "mi" / "mi_brain_mind_distilled" / "model.json").read_text())
+    recorded = card["training"]["config"]
+    assert taught.base_model == "mi_brain_mind" and taught.teacher_model == "mi_brain_3mm"
+    assert taught.full_architecture()["input_features"] == card["architecture"]["input_features"] == "mind"
+    for key in ("learning_rate", "smoothness", "mi_blur_voxels", "base_model", "teacher_model", "teacher_weight",
+                "seed", "batch_size", "spacing_mm"):
+        assert recorded[key] == getattr(taught, key), key
+    assert recorded["data"]["sources"] == taught.data.sources and recorded["augment"] == dataclasses.asdict(taught.augment)
+    assert card["training"]["validation"]["best"]["step"] == taught.steps == 500
+    assert card["inference_spacing_mm"] == 2.0 and card["spacing_mm"] == 3.0
     bad = tmp_path / "bad.toml"
     bad.write_text("steps = [\n")
     with pytest.raises(InputError, match="not valid TOML"):

@@ -290,11 +290,11 @@ def test_base_model_choices(lib):
 
 # ---------------------------------------------------------------------------- Logic without a training process
 def test_default_base_model_is_the_methods_default(module, folders):
-    # three shipped mi models (mi_brain, mi_brain_3mm, mi_brain_mind): the training panel's default base model is
-    # the one `mmreg register --method mi` uses without --model, not "ambiguous"
+    # four shipped mi models (mi_brain, mi_brain_3mm, mi_brain_mind, mi_brain_mind_distilled): the training panel's
+    # default base model is the one `mmreg register --method mi` uses without --model, not "ambiguous"
     logic = module.RegistrationTrainingLogic
     shipped = {m["name"] for m in logic.list_models("mi") if m["source"] == "shipped"}
-    assert {"mi_brain", "mi_brain_3mm", "mi_brain_mind"} <= shipped
+    assert {"mi_brain", "mi_brain_3mm", "mi_brain_mind", "mi_brain_mind_distilled"} <= shipped
     assert logic.default_model("mi") == "mi_brain_3mm" == mmreg.methods.get_method("mi").chosen_model({})
     assert logic.default_model("optimize") is None  # no models at all
 

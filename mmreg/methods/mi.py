@@ -26,6 +26,10 @@ Input features: the paper's network reads the two images; a model whose architec
 :class:`mmreg.networks.FeatureInputNetwork`), the same loss and training otherwise. Trained on T1-T1
 pairs only, such a network reads a T1-T2 or T1-PD pair much as a T1-T1 one, where the intensity
 network misreads the unseen contrast (docs/mi_training.md, "A contrast-insensitive input").
+``mi_brain_mind_distilled`` is such a network also taught to reproduce ``mi_brain_3mm``'s velocity on T1
+pairs whose moving image went through a random intensity curve (``teacher_model`` in the training config):
+alone at 2 mm it ends above the affine on every multi-modal brain case measured (docs/mi_training.md,
+"Distillation").
 
 Training (:func:`training_loss`) is shared with ``mmreg train``.
 """
@@ -90,8 +94,9 @@ class MIRegistration(NetworkRegistration):
 
     name = "mi"
     #: With no model chosen: the intensity network of the paper, ``mi_brain`` trained on at 3 mm (more Dice on
-    #: T1-T1 pairs, alone and refined; ``mi_brain`` stays shipped, ``mi_brain_mind``, which reads MIND-SSC
-    #: descriptors, is the alternative for pairs in an unseen contrast; docs/mi_training.md).
+    #: T1-T1 pairs, alone and refined; ``mi_brain`` stays shipped). For pairs in another contrast (T1 vs T2/PD/CT):
+    #: ``mi_brain_mind_distilled``, which reads MIND-SSC descriptors and was taught by ``mi_brain_3mm``
+    #: (:func:`mmreg.training.teacher_loss`), or its base ``mi_brain_mind``; docs/mi_training.md.
     default_model = "mi_brain_3mm"
     description = ("Unsupervised CNN trained with Parzen-window mutual information and a smoothness penalty; one "
                    "network for mono- and multi-modal pairs; optional instance-optimisation refinement.")
