@@ -1192,10 +1192,11 @@ class PairSampler:
         for index in indices:
             rng = pair_rng(self.cfg.seed, step, index)
             f, m, s, before = self.raw_pair(rng, original=True)
-            again = copy.deepcopy(rng)  # the same draws again: the same augmentation for the teacher's copy
+            # the teacher's copy of a remapped pair: the same augmentation draws again (a copy of the generator)
+            again = copy.deepcopy(rng) if teacher and before is not m else None
             f_aug, m_aug = self.augment(f, m, rng)
             if teacher:
-                ts.append(m_aug if before is m else self.augment(f, before, again)[1])
+                ts.append(m_aug if again is None else self.augment(f, before, again)[1])
             fs.append(f_aug)
             ms.append(m_aug)
             srcs.append(s)
