@@ -287,6 +287,21 @@ def test_learned_method_and_refinement_are_recorded_in_the_model_card(case, iden
     assert f"the cases {case.name} contain training subjects" in text
 
 
+def test_ixi_template_cases_take_the_t1_template_and_any_subject(shared_data):
+    """ixi-template:T1|T2|PD[:SUBJECT]: the T1 case is the same inter-subject pair as the T2 one in one contrast
+    (same fixed image, same template labels), marked mono-modal; bad modality or subject are InputErrors."""
+    from mmreg.bench.cases import build_cases
+    t1, t2 = build_cases("ixi-template:T1:ixi049 ixi-template:T2:IXI049", shared_data)
+    assert (t1.name, t2.name) == ("IXI049<-avg152T1", "IXI049<-avg152T2")
+    assert t1.mono_modal and not t2.mono_modal and t1.fixed == t2.fixed and t1.label_ids == t2.label_ids
+    assert np.array_equal(sitk.GetArrayFromImage(t1.moving_labels), sitk.GetArrayFromImage(t2.moving_labels))
+    assert build_cases("ixi-template:PD", shared_data)[0].name == "IXI012<-avg152PD"
+    with pytest.raises(InputError, match="unknown subject 'IXI999'"):
+        build_cases("ixi-template:T2:IXI999", shared_data)
+    with pytest.raises(InputError, match="'T1', 'T2' or 'PD'"):
+        build_cases("ixi-template:CT", shared_data)
+
+
 def test_swapped_cases_exchange_images_labels_and_modalities(shared_data):
     from mmreg.bench.cases import build_cases, swapped_case
     (plain,) = build_cases("ixi-template:T2", shared_data)

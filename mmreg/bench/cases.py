@@ -438,12 +438,13 @@ def ct_template_known_deformation(seed: int = 0, root: str | os.PathLike | None 
 
 
 def ixi_vs_template(modality: str = "T2", subject: str = "IXI012", root: str | os.PathLike | None = None) -> Case:
-    """Fixed = an IXI T1 (+ DLMUSE); moving = avg152T2/PD (+ Neuromorphometrics on its 2 mm grid).
+    """Fixed = an IXI T1 (+ DLMUSE); moving = avg152T2/PD (+ Neuromorphometrics on its 2 mm grid), or
+    avg152T1: the same inter-subject pair in one contrast (a mono-modal reference for the T2/PD cases).
 
     Scored on the label IDs present in both maps (the MUSE/Neuromorphometrics numbering is shared).
     """
-    if modality not in ("T2", "PD"):
-        raise InputError(f"ixi_vs_template: modality must be 'T2' or 'PD', got '{modality}'.")
+    if modality not in ("T1", "T2", "PD"):
+        raise InputError(f"ixi_vs_template: modality must be 'T1', 'T2' or 'PD', got '{modality}'.")
     subjects = {sid: (img, lab) for sid, img, lab in ixi_subjects(root)}
     if subject not in subjects:
         raise InputError(f"ixi_vs_template: unknown subject '{subject}'; known: {', '.join(subjects)}.")
@@ -454,8 +455,8 @@ def ixi_vs_template(modality: str = "T2", subject: str = "IXI012", root: str | o
     ids = _shared_ids(read_labels(flab), moving_labels)
     return Case(name=f"{subject}<-avg152{modality}", group=f"IXI T1<-template {modality}", fixed=fimg, moving=moving,
                 fixed_labels=flab, moving_labels=moving_labels, label_ids=ids, fixed_modality="MR",
-                moving_modality="MR",
-                notes=f"inter-subject multi-modal; Neuromorphometrics labels (CC BY-NC) nearest-resampled onto the "
+                moving_modality="MR", mono_modal=modality == "T1",
+                notes=f"inter-subject {'mono' if modality == 'T1' else 'multi'}-modal; Neuromorphometrics labels (CC BY-NC) nearest-resampled onto the "
                       f"avg152 grid; {len(ids)} shared label IDs")
 
 
@@ -523,7 +524,7 @@ CASE_SETS = {
 }
 
 SPEC_HELP = ("case specs: ixi[:N] (first N IXI T1-T1 pairs, default 5), template:T2|PD[:SEED] (known deformation), "
-             "ct[:SEED] (CT template <- warped avg152T1), ixi-template:T2|PD (IXI012 <- avg152T2/PD), spine (spinal cord "
+             "ct[:SEED] (CT template <- warped avg152T1), ixi-template:T1|T2|PD[:SUBJECT] (IXI T1, default IXI012, <- avg152T1/T2/PD), spine (spinal cord "
              "T2 <- T1), abdomen (abdominal MR <- CT), swap:SPEC (the same pairs the other way round), or a set: "
              + ", ".join(f"{k} = {' '.join(v)}" for k, v in CASE_SETS.items()))
 
@@ -562,8 +563,8 @@ def build_cases(specs, root: str | os.PathLike | None = None) -> list:
                 out.append(template_known_deformation(parts[1].upper(), int(parts[2]) if len(parts) > 2 else 0, root))
             elif kind == "ct" and len(parts) <= 2:
                 out.append(ct_template_known_deformation(int(parts[1]) if len(parts) > 1 else 0, root))
-            elif kind == "ixi-template" and len(parts) == 2:
-                out.append(ixi_vs_template(parts[1].upper(), root=root))
+            elif kind == "ixi-template" and 2 <= len(parts) <= 3:
+                out.append(ixi_vs_template(parts[1].upper(), parts[2].upper() if len(parts) > 2 else "IXI012", root=root))
             elif kind == "spine" and len(parts) == 1:
                 out.append(spinal_cord_case(root))
             elif kind == "abdomen" and len(parts) == 1:
