@@ -85,6 +85,9 @@ class DataConfig:
     held out for validation when none is marked "validation" (at least one when there are two
     pairs or more; 0: no validation). ``prealign``: "affine" (the moving image affinely aligned to
     the fixed one first, as ``mmreg register`` does) or "none" (pairs already roughly aligned).
+    ``validate_templates``: also validate on each held-out subject's T1 <- each template of
+    ``template_modalities``, scored with the templates' Neuromorphometrics labels (kind "template"; the
+    best checkpoint then counts them too).
     """
 
     root: str | None = None
@@ -96,6 +99,7 @@ class DataConfig:
     manifest: str | None = None
     validation_fraction: float = 0.2
     prealign: str = "affine"
+    validate_templates: bool = False
 
 
 @dataclass
@@ -108,8 +112,11 @@ class AugmentConfig:
     ``rotation_deg`` / ``scale`` / ``translation_mm``: uniform affine jitter of the moving image
     (per axis, +-). ``bias_strength``: a smooth multiplicative field ``exp(s * g)`` with g in
     [-1, 1]; ``noise_std``: Gaussian noise (intensities in [0, 1]); ``synth_blur_voxels``: largest
-    Gaussian sigma of the synthesised contrasts; ``augment_fixed``: bias and noise on the fixed
-    image too.
+    Gaussian sigma of the synthesised contrasts; ``moving_blur_voxels``: largest Gaussian sigma
+    (voxels of the training grid, drawn uniformly in [0, max] per pair) of a blur of the moving T1 of
+    ``t1_t1`` / ``t1_t1_remap`` pairs, before the intensity curve (template-like images: the avg152
+    templates are averages of many brains); a teacher reads the sharp image; ``augment_fixed``: bias
+    and noise on the fixed image too.
 
     Defaults: bias and noise only. The spatial augmentations are off because on our data they cost
     the ``mi`` network validation Dice at CPU budgets (docs/mi_training.md: 0.438 after 900 steps
@@ -125,6 +132,7 @@ class AugmentConfig:
     bias_strength: float = 0.3
     noise_std: float = 0.02
     synth_blur_voxels: float = 1.0
+    moving_blur_voxels: float = 0.0
     augment_fixed: bool = True
 
     @classmethod
@@ -527,7 +535,7 @@ def validate_config(cfg: TrainConfig) -> None:
     need(cfg.data.prealign in ("affine", "none"), f"data.prealign must be \"affine\" or \"none\", got {cfg.data.prealign!r}.")
     a = cfg.augment
     for key in ("deformation_max_mm", "rotation_deg", "scale", "translation_mm", "bias_strength", "noise_std",
-                "synth_blur_voxels"):
+                "synth_blur_voxels", "moving_blur_voxels"):
         need(getattr(a, key) >= 0, f"augment.{key} must be >= 0, got {getattr(a, key)}.")
     need(a.deformation_control_mm > 0, f"augment.deformation_control_mm must be > 0, got {a.deformation_control_mm}.")
     need(a.scale < 0.5, f"augment.scale is a relative jitter (e.g. 0.05), got {a.scale}.")
@@ -695,6 +703,10 @@ class TrainingData:
     ``grid``: the training grid (its spacing is the model's network spacing). ``training`` /
     ``validation``: subjects (T1 + labels), all on ``grid``. ``templates``: modality name -> image
     already aligned with the grid (e.g. avg152 "T2", "PD") for the ``t1_template`` source.
+    ``template_t1``: the T1 image aligned with those templates (avg152T1) on ``grid``, or None: what a
+    teacher network reads in place of the template of a ``t1_template`` pair. ``template_labels``: a
+    label map of the templates on ``grid`` (Neuromorphometrics, numbered as the subjects' DLMUSE
+    labels), or None: scores the held-out subjects against the templates in validation.
     ``train_pairs`` / ``val_pairs``: :class:`Pair` objects of a manifest (each on its own fixed
     image's grid of ``grid``'s size and spacing); when there are pairs, training draws from them
     only. ``info``: where the data came from (goes into the model card). Build from the shared data
@@ -709,6 +721,8 @@ class TrainingData:
     info: dict = field(default_factory=dict)
     train_pairs: list = field(default_factory=list)
     val_pairs: list = field(default_factory=list)
+    template_t1: np.ndarray | None = None
+    template_labels: np.ndarray | None = None
 
     def check(self, cfg: TrainConfig) -> dict:
         """Validate against ``cfg`` and return the normalised source weights (only sources with data)."""
@@ -791,8 +805,10 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     network. Each IXI T1 is normalised (:func:`mmreg.intensity.normalize_intensity`, MR),
     affinely aligned to the normalised template (fixed) with :func:`mmreg.affine.affine_prealign`
     and resampled onto the grid (linear; its DLMUSE labels nearest neighbour). avg152 T2/PD are
-    normalised and resampled onto the grid (same world space). Subjects are split per
-    ``cfg.data``; the affine of each subject is recorded in ``info``.
+    normalised and resampled onto the grid (same world space), and so are avg152T1 itself
+    (``template_t1``) and the Neuromorphometrics labels of the templates (``template_labels``, nearest
+    neighbour; None when the file is missing). Subjects are split per ``cfg.data``; the affine of each
+    subject is recorded in ``info``.
     """
     from .affine import affine_prealign  # noqa: PLC0415
     from .bench.cases import CT_DIR, SPM_DIR, data_dir, ixi_subjects  # noqa: PLC0415
@@ -837,6 +853,13 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
             img, _ = normalize_intensity(sitk.ReadImage(str(p), sitk.sitkFloat32), "MR")
             return {"image": to_grid(img).astype(np.float32)}
         templates[mod] = cached("scct_cormack" if mod == "CT" else f"avg152{mod}", [p], make_template)["image"]
+    template_t1 = cached("avg152T1", [template_path],
+                         lambda: {"image": to_grid(template_norm).astype(np.float32)})["image"]
+    template_labels = None
+    labels_path = root / SPM_DIR / "tpm_labels_Neuromorphometrics.nii.gz"
+    if labels_path.is_file():
+        template_labels = cached("neuromorphometrics", [labels_path], lambda: {"labels": to_grid(
+            sitk.ReadImage(str(labels_path)), None, sitk.sitkNearestNeighbor).astype(np.int16)})["labels"]
 
     train, val = [], []
     for k, (sid, t1_path, lab_path) in enumerate(wanted):
@@ -859,7 +882,7 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     info["training_subjects"] = [s.id for s in train]
     info["validation_subjects"] = [s.id for s in val]
     info["templates"] = sorted(templates)
-    return TrainingData(grid, train, val, templates, info)
+    return TrainingData(grid, train, val, templates, info, template_t1=template_t1, template_labels=template_labels)
 
 
 def prepare_manifest(cfg: TrainConfig, progress: ProgressCallback | None = None, log=None) -> TrainingData:
@@ -1128,8 +1151,9 @@ class PairSampler:
 
     def raw_pair(self, rng: np.random.Generator, original: bool = False) -> tuple:
         """(fixed, moving, source name) before augmentation, each ``(1, 1, *spatial)``; with
-        ``original`` a fourth item, the moving image before a ``t1_t1_remap`` / ``t1_self`` intensity
-        curve (the moving image itself for the other sources): what a teacher network reads."""
+        ``original`` a fourth item, what a teacher network reads as the moving image: the moving image
+        before a ``t1_t1_remap`` / ``t1_self`` intensity curve and the ``moving_blur_voxels`` blur, the T1 template (``data.template_t1``)
+        in place of the T2/PD template of a ``t1_template`` pair, else the moving image itself."""
         fixed, moving, source, before = self._raw_pair(rng)
         return (fixed, moving, source, before) if original else (fixed, moving, source)
 
@@ -1146,6 +1170,8 @@ class PairSampler:
             j = int(rng.integers(len(subjects) - 1))
             j = j + 1 if j >= i else j
             moving = before = self._tensor(subjects[j].image)
+            if self.cfg.augment.moving_blur_voxels > 0:
+                moving = _gaussian_blur(moving, float(rng.uniform(0.0, self.cfg.augment.moving_blur_voxels)))
             if source == "t1_t1_remap":
                 moving = remap_intensities(moving, rng)
         elif source in ("t1_template", "template_t1"):
@@ -1153,6 +1179,8 @@ class PairSampler:
             template = self._tensor(self.data.templates[names[int(rng.integers(len(names)))]])
             fixed, moving = (fixed, template) if source == "t1_template" else (template, fixed)
             before = moving
+            if source == "t1_template" and self.data.template_t1 is not None:
+                before = self._tensor(self.data.template_t1)  # the same anatomy in T1: the teacher's view
         elif source == "t1_self":
             moving = before = fixed
             if rng.uniform() < 0.5:
@@ -1186,13 +1214,14 @@ class PairSampler:
     def batch(self, step: int, indices, teacher: bool = False) -> tuple:
         """``(fixed, moving, sources)``: ``(B, 1, *spatial)`` tensors of the augmented pairs with the
         global batch ``indices`` at ``step`` (all of ``range(batch_size)`` in a single process). With
-        ``teacher`` a fourth item: the moving images before any intensity curve, through the same
-        augmentation (deformation, bias field, noise), for a teacher network (:func:`teacher_loss`)."""
+        ``teacher`` a fourth item: the teacher's moving images (:meth:`raw_pair`: before any intensity
+        curve or blur, the T1 template for a ``t1_template`` pair), through the same augmentation (deformation,
+        bias field, noise), for a teacher network (:func:`teacher_loss`)."""
         fs, ms, srcs, ts = [], [], [], []
         for index in indices:
             rng = pair_rng(self.cfg.seed, step, index)
             f, m, s, before = self.raw_pair(rng, original=True)
-            # the teacher's copy of a remapped pair: the same augmentation draws again (a copy of the generator)
+            # the teacher's copy of a remapped / template pair: the same augmentation draws again (a copy of the generator)
             again = copy.deepcopy(rng) if teacher and before is not m else None
             f_aug, m_aug = self.augment(f, m, rng)
             if teacher:
@@ -1209,13 +1238,14 @@ class PairSampler:
 
 
 def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: int = 4, synth: bool = True,
-                     remap: bool = False) -> list:
+                     remap: bool = False, templates: bool = False) -> list:
     """Fixed validation pairs among the held-out subjects with labels: for the first
     ``max_subject_pairs`` ordered pairs (a <- b), a mono pair (T1_a, T1_b) and a multi-modal pair
     (T1_a inside its labelled brain, a contrast synthesised from b's labels with a fixed seed). With a single held-out
     subject, b runs over the training subjects instead (the fixed image stays unseen). ``synth``
     False: the mono pairs only. ``remap``: also (T1_a, T1_b through a random intensity curve with a
-    fixed seed, :func:`remap_intensities`). Dicts with name, fixed,
+    fixed seed, :func:`remap_intensities`). ``templates`` (with ``data.template_labels``): also each
+    held-out subject's T1 <- each template of ``data.templates`` (kind "template"). Dicts with name, fixed,
     moving (``(1, 1, *spatial)`` CPU tensors), fixed_labels, moving_labels (numpy).
 
     With a manifest (``data.val_pairs``), its validation pairs as they are (labels may be None)."""
@@ -1242,6 +1272,12 @@ def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: i
         out.append({"name": f"{a.id}<-{b.id} synth", "fixed": fixed * torch.from_numpy(brain_mask(a.labels))[None, None],
                     "moving": synthesise_contrast(b.labels, rng, 1.0), "fixed_labels": a.labels,
                     "moving_labels": b.labels})
+    if templates and data.template_labels is not None:
+        for a in subs:
+            for mod in sorted(data.templates):
+                out.append({"name": f"{a.id}<-avg152{mod} template", "fixed": torch.from_numpy(a.image)[None, None].float(),
+                            "moving": torch.from_numpy(data.templates[mod])[None, None].float(),
+                            "fixed_labels": a.labels, "moving_labels": data.template_labels})
     return out
 
 
@@ -1267,12 +1303,12 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
 
 
 #: The kinds of the built-in validation pairs (the last word of their names).
-_KINDS = ("T1", "synth", "remapped")
+_KINDS = ("T1", "synth", "remapped", "template")
 
 
 def _dice_by_kind(result: dict) -> dict:
     """Mean Dice per kind of validation pair (the word after the pair's ids: "T1", "synth",
-    "remapped"; a manifest's pairs are "pairs"), over the pairs with labels."""
+    "remapped", "template"; a manifest's pairs are "pairs"), over the pairs with labels."""
     groups: dict = {}
     for name, entry in result.get("pairs", {}).items():
         if entry.get("dice") is None:
@@ -1790,7 +1826,7 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
     wall_before = float(history.get("wall_seconds", 0.0))
     sampler = PairSampler(data, cfg, weights, device)
     val_pairs = validation_pairs(data, synth="t1_synth" in weights,  # validate on the kinds of pairs trained
-                                 remap="t1_t1_remap" in weights) if main else []
+                                 remap="t1_t1_remap" in weights, templates=cfg.data.validate_templates) if main else []
     files.event("start", method=cfg.method, name=cfg.name, steps=cfg.steps, start_step=step, output=str(out_dir),
                 processes=world, pairs={"training": len(data.train_pairs) or len(data.training),
                                         "validation": len(val_pairs)},

@@ -81,6 +81,8 @@ def tiny(tmp_path, **kw) -> dict:
     ({"method": "metric", "warmup_steps": 10}, "their own trainers"),
     ({"method": "metric", "teacher_model": "mi_brain"}, "their own trainers"),
     ({"teacher_weight": -1.0}, "teacher_weight must be > 0"),
+    ({"augment": {"moving_blur_voxels": -1.0}}, "augment.moving_blur_voxels must be >= 0"),
+    ({"data": {"validate_templates": "yes"}}, "validate_templates"),
 ])
 def test_config_errors_name_the_key(table, words):
     with pytest.raises(InputError) as err:
@@ -238,6 +240,57 @@ def test_teacher_reads_the_pair_before_the_intensity_curve_through_the_same_augm
         # the moving image is the teacher's copy through the intensity curve: (nearly) a function of it, more than
         # of the same image without the deformation
         assert explained(t2, m2) > 0.98 and explained(t2, m2) > explained(unwarped, m2) + 0.02
+
+
+def test_teacher_reads_the_sharp_t1_of_blurred_moving_images_and_the_t1_template_of_template_pairs():
+    """augment.moving_blur_voxels blurs the network's moving T1 of t1_t1 pairs while a teacher reads it sharp; in a
+    t1_template pair the teacher reads the T1 template (data.template_t1) in place of the T2 template."""
+    from mmreg.training import PairSampler
+    subjects = [blob("a"), blob("b", 2.0)]
+    t2 = blob("t", 3.0, contrast=(0, 0.9, 0.2, 0.6, 0.4)).image
+    t1 = blob("t", 3.0).image
+    data = TrainingData(grid(), subjects, [blob("c")], {"T2": t2}, template_t1=t1)
+    cfg = config_from_dict(tiny(Path("unused"), data={"sources": {"t1_t1": 1.0}},
+                                augment=dict(NO_AUGMENT, moving_blur_voxels=3.0)))
+    sampler = PairSampler(data, cfg, {"t1_t1": 1.0}, "cpu")
+
+    def roughness(x):  # mean absolute difference of neighbouring voxels
+        return float(sum(torch.diff(x, dim=d).abs().mean() for d in (2, 3, 4)))
+    images = [torch.from_numpy(s.image)[None, None] for s in subjects]
+    ratios = []
+    for step in range(6):
+        _, moving, _, teacher_moving = sampler.batch(step, [0], teacher=True)
+        sharp = [im for im in images if torch.allclose(im, teacher_moving)]
+        assert len(sharp) == 1  # the teacher reads a subject's T1 as it is
+        ratios.append(roughness(moving) / roughness(sharp[0]))
+    # sigma ~ U(0, 3) voxels on already smooth images: never sharper, most draws visibly smoother
+    assert max(ratios) <= 1.0 + 1e-6 and sum(r < 0.97 for r in ratios) >= 4
+    pairs = config_from_dict(tiny(Path("unused"), data={"sources": {"t1_template": 1.0}}, augment=NO_AUGMENT))
+    _, moving, sources, teacher_moving = PairSampler(data, pairs, {"t1_template": 1.0}, "cpu").batch(0, [0], teacher=True)
+    assert sources == ["t1_template"]
+    assert torch.allclose(moving[0, 0], torch.from_numpy(t2)) and torch.allclose(teacher_moving[0, 0], torch.from_numpy(t1))
+    data.template_t1 = None  # no T1 view of the templates: the teacher reads the pair as it is
+    _, moving, _, teacher_moving = PairSampler(data, pairs, {"t1_template": 1.0}, "cpu").batch(0, [0], teacher=True)
+    assert torch.equal(moving, teacher_moving)
+
+
+def test_template_validation_pairs_score_held_out_subjects_against_each_template(tmp_path):
+    """data.validate_templates: each held-out subject's T1 <- each template, scored with the templates' labels
+    (kind "template" in the run's validation numbers)."""
+    tmpl = blob("t", 3.0)
+    data = TrainingData(grid(), [blob("a")], [blob("c"), blob("d", 3.0)], {"T2": tmpl.image, "PD": tmpl.image},
+                        template_labels=tmpl.labels)
+    from mmreg.training import validation_pairs
+    assert [p["name"] for p in validation_pairs(data, synth=False, templates=True)] == [
+        "c<-d T1", "d<-c T1", "c<-avg152PD template", "c<-avg152T2 template", "d<-avg152PD template",
+        "d<-avg152T2 template"]
+    assert [p["name"] for p in validation_pairs(data, synth=False)] == ["c<-d T1", "d<-c T1"]
+    run = train(config_from_dict(tiny(tmp_path, steps=1, validation_every=1, checkpoint_every=0, augment=NO_AUGMENT,
+                                      data={"sources": {"t1_template": 1.0}, "validate_templates": True})), data)
+    kinds = next(e for e in read_progress(run.model_dir)[0] if e.get("event") == "validation")["dice_by_kind"]
+    assert set(kinds) == {"T1", "template"}
+    # at step 0: d lies where the templates lie (Dice near 1 against them), c 3 voxels away (as from d)
+    assert kinds["template"] > kinds["T1"] + 0.1
 
 
 def test_teacher_model_pulls_the_network_towards_its_fields(tmp_path):
