@@ -85,9 +85,9 @@ class DataConfig:
     held out for validation when none is marked "validation" (at least one when there are two
     pairs or more; 0: no validation). ``prealign``: "affine" (the moving image affinely aligned to
     the fixed one first, as ``mmreg register`` does) or "none" (pairs already roughly aligned).
-    ``validate_templates``: also validate on each held-out subject's T1 <- each template of
+    ``validate_templates``: also validate on each held-out subject's T1 <- each MR template of
     ``template_modalities``, scored with the templates' Neuromorphometrics labels (kind "template"; the
-    best checkpoint then counts them too).
+    best checkpoint then counts them too). Shared data only (not with a manifest).
     """
 
     root: str | None = None
@@ -533,6 +533,9 @@ def validate_config(cfg: TrainConfig) -> None:
     need(0.0 <= cfg.data.validation_fraction <= 0.9,
          f"data.validation_fraction must be in [0, 0.9], got {cfg.data.validation_fraction}.")
     need(cfg.data.prealign in ("affine", "none"), f"data.prealign must be \"affine\" or \"none\", got {cfg.data.prealign!r}.")
+    need(not (cfg.data.validate_templates and cfg.data.manifest),
+         "data.validate_templates scores the shared data's held-out subjects against the avg152 templates; "
+         "a manifest run validates on its own pairs: remove validate_templates.")
     a = cfg.augment
     for key in ("deformation_max_mm", "rotation_deg", "scale", "translation_mm", "bias_strength", "noise_std",
                 "synth_blur_voxels", "moving_blur_voxels"):
@@ -857,6 +860,9 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
                          lambda: {"image": to_grid(template_norm).astype(np.float32)})["image"]
     template_labels = None
     labels_path = root / SPM_DIR / "tpm_labels_Neuromorphometrics.nii.gz"
+    if cfg.data.validate_templates and not labels_path.is_file():
+        raise InputError(f"data.validate_templates needs the templates' labels '{labels_path}', which are missing; "
+                         "fix the data folder or remove validate_templates.")
     if labels_path.is_file():
         template_labels = cached("neuromorphometrics", [labels_path], lambda: {"labels": to_grid(
             sitk.ReadImage(str(labels_path)), None, sitk.sitkNearestNeighbor).astype(np.int16)})["labels"]
@@ -1152,8 +1158,9 @@ class PairSampler:
     def raw_pair(self, rng: np.random.Generator, original: bool = False) -> tuple:
         """(fixed, moving, source name) before augmentation, each ``(1, 1, *spatial)``; with
         ``original`` a fourth item, what a teacher network reads as the moving image: the moving image
-        before a ``t1_t1_remap`` / ``t1_self`` intensity curve and the ``moving_blur_voxels`` blur, the T1 template (``data.template_t1``)
-        in place of the T2/PD template of a ``t1_template`` pair, else the moving image itself."""
+        before a ``t1_t1_remap`` / ``t1_self`` intensity curve and the ``moving_blur_voxels`` blur, the
+        T1 template (``data.template_t1``) in place of the template of a ``t1_template`` pair, else the
+        moving image itself."""
         fixed, moving, source, before = self._raw_pair(rng)
         return (fixed, moving, source, before) if original else (fixed, moving, source)
 
@@ -1215,13 +1222,14 @@ class PairSampler:
         """``(fixed, moving, sources)``: ``(B, 1, *spatial)`` tensors of the augmented pairs with the
         global batch ``indices`` at ``step`` (all of ``range(batch_size)`` in a single process). With
         ``teacher`` a fourth item: the teacher's moving images (:meth:`raw_pair`: before any intensity
-        curve or blur, the T1 template for a ``t1_template`` pair), through the same augmentation (deformation,
-        bias field, noise), for a teacher network (:func:`teacher_loss`)."""
+        curve or blur, the T1 template for a ``t1_template`` pair), through the same augmentation
+        (deformation, bias field, noise), for a teacher network (:func:`teacher_loss`)."""
         fs, ms, srcs, ts = [], [], [], []
         for index in indices:
             rng = pair_rng(self.cfg.seed, step, index)
             f, m, s, before = self.raw_pair(rng, original=True)
-            # the teacher's copy of a remapped / template pair: the same augmentation draws again (a copy of the generator)
+            # the teacher's copy of a remapped / blurred / template pair: the same augmentation draws again (a copy
+            # of the generator)
             again = copy.deepcopy(rng) if teacher and before is not m else None
             f_aug, m_aug = self.augment(f, m, rng)
             if teacher:
@@ -1245,7 +1253,8 @@ def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: i
     subject, b runs over the training subjects instead (the fixed image stays unseen). ``synth``
     False: the mono pairs only. ``remap``: also (T1_a, T1_b through a random intensity curve with a
     fixed seed, :func:`remap_intensities`). ``templates`` (with ``data.template_labels``): also each
-    held-out subject's T1 <- each template of ``data.templates`` (kind "template"). Dicts with name, fixed,
+    held-out subject's T1 <- each MR template of ``data.templates`` (not "CT": the labels are of the MR
+    templates; kind "template"). Dicts with name, fixed,
     moving (``(1, 1, *spatial)`` CPU tensors), fixed_labels, moving_labels (numpy).
 
     With a manifest (``data.val_pairs``), its validation pairs as they are (labels may be None)."""
@@ -1274,7 +1283,7 @@ def validation_pairs(data: TrainingData, seed: int = 12345, max_subject_pairs: i
                     "moving_labels": b.labels})
     if templates and data.template_labels is not None:
         for a in subs:
-            for mod in sorted(data.templates):
+            for mod in sorted(m for m in data.templates if m != "CT"):
                 out.append({"name": f"{a.id}<-avg152{mod} template", "fixed": torch.from_numpy(a.image)[None, None].float(),
                             "moving": torch.from_numpy(data.templates[mod])[None, None].float(),
                             "fixed_labels": a.labels, "moving_labels": data.template_labels})

@@ -82,6 +82,7 @@ def tiny(tmp_path, **kw) -> dict:
     ({"method": "metric", "teacher_model": "mi_brain"}, "their own trainers"),
     ({"teacher_weight": -1.0}, "teacher_weight must be > 0"),
     ({"augment": {"moving_blur_voxels": -1.0}}, "augment.moving_blur_voxels must be >= 0"),
+    ({"data": {"manifest": "pairs.csv", "validate_templates": True}}, "remove validate_templates"),
     ({"data": {"validate_templates": "yes"}}, "validate_templates"),
 ])
 def test_config_errors_name_the_key(table, words):
@@ -282,11 +283,11 @@ def test_teacher_reads_the_sharp_t1_of_blurred_moving_images_and_the_t1_template
 
 
 def test_template_validation_pairs_score_held_out_subjects_against_each_template(tmp_path):
-    """data.validate_templates: each held-out subject's T1 <- each template, scored with the templates' labels
-    (kind "template" in the run's validation numbers)."""
+    """data.validate_templates: each held-out subject's T1 <- each MR template (the labels are not the CT
+    template's), scored with the templates' labels (kind "template" in the run's validation numbers)."""
     tmpl = blob("t", 3.0)
-    data = TrainingData(grid(), [blob("a")], [blob("c"), blob("d", 3.0)], {"T2": tmpl.image, "PD": tmpl.image},
-                        template_labels=tmpl.labels)
+    data = TrainingData(grid(), [blob("a")], [blob("c"), blob("d", 3.0)],
+                        {"T2": tmpl.image, "PD": tmpl.image, "CT": tmpl.image}, template_labels=tmpl.labels)
     from mmreg.training import validation_pairs
     assert [p["name"] for p in validation_pairs(data, synth=False, templates=True)] == [
         "c<-d T1", "d<-c T1", "c<-avg152PD template", "c<-avg152T2 template", "d<-avg152PD template",

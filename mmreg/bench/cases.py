@@ -456,8 +456,8 @@ def ixi_vs_template(modality: str = "T2", subject: str = "IXI012", root: str | o
     return Case(name=f"{subject}<-avg152{modality}", group=f"IXI T1<-template {modality}", fixed=fimg, moving=moving,
                 fixed_labels=flab, moving_labels=moving_labels, label_ids=ids, fixed_modality="MR",
                 moving_modality="MR", mono_modal=modality == "T1",
-                notes=f"inter-subject {'mono' if modality == 'T1' else 'multi'}-modal; Neuromorphometrics labels (CC BY-NC) nearest-resampled onto the "
-                      f"avg152 grid; {len(ids)} shared label IDs")
+                notes=f"inter-subject {'mono' if modality == 'T1' else 'multi'}-modal; Neuromorphometrics labels (CC BY-NC) "
+                      f"nearest-resampled onto the avg152 grid; {len(ids)} shared label IDs")
 
 
 def spinal_cord_case(root: str | os.PathLike | None = None) -> Case:
