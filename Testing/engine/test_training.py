@@ -102,15 +102,8 @@ def test_every_recipe_in_resources_loads():
     assert mind["input_features"] == "mind" and mind["channels"] == DEFAULT_ARCHITECTURE["channels"]
 
 
-def same_augment(recorded: dict, augment) -> bool:
-    """A model card's recorded [augment] is the recipe's; keys added to AugmentConfig after the card was written are
-    absent from it and must be at their defaults in the recipe."""
-    now, default = dataclasses.asdict(augment), dataclasses.asdict(type(augment)())
-    return set(recorded) <= set(now) and all(now[k] == recorded.get(k, default[k]) for k in now)
-
-
 def test_shipped_config_is_valid_and_toml_errors_are_input_errors(tmp_path):
-    from conftest import REPO
+    from conftest import REPO, same_augment
     cfg = load_config(REPO / "Resources" / "Training" / "mi_brain.toml")
     assert cfg.method == "mi" and cfg.spacing_mm == 4.0 and cfg.data.validation_subjects
     assert cfg.data.sources["t1_synth"] == 0.0  # measured to hurt with MI (see the config)
