@@ -14,15 +14,6 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
-def same_augment(recorded: dict, augment) -> bool:
-    """Whether a model card's recorded ``[augment]`` table is the recipe's ``augment`` (an
-    :class:`mmreg.training.AugmentConfig`): keys added to the config after the card was written are
-    absent from the card and must be at their defaults in the recipe."""
-    import dataclasses  # noqa: PLC0415
-    now, default = dataclasses.asdict(augment), dataclasses.asdict(type(augment)())
-    return set(recorded) <= set(now) and all(now[k] == recorded.get(k, default[k]) for k in now)
-
-
 def shared_data_path() -> Path:
     """Where the shared data is expected (``$MMREG_DATA`` or ``<repo>/../shared/data``); may not exist."""
     env = os.environ.get("MMREG_DATA")
