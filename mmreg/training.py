@@ -809,8 +809,8 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     affinely aligned to the normalised template (fixed) with :func:`mmreg.affine.affine_prealign`
     and resampled onto the grid (linear; its DLMUSE labels nearest neighbour). avg152 T2/PD are
     normalised and resampled onto the grid (same world space), and so are avg152T1 itself
-    (``template_t1``) and the Neuromorphometrics labels of the templates (``template_labels``, nearest
-    neighbour; None when the file is missing). Subjects are split per ``cfg.data``; the affine of each
+    (``template_t1``) and, with ``data.validate_templates``, the Neuromorphometrics labels of the
+    templates (``template_labels``, nearest neighbour; else None). Subjects are split per ``cfg.data``; the affine of each
     subject is recorded in ``info``.
     """
     from .affine import affine_prealign  # noqa: PLC0415
@@ -859,11 +859,11 @@ def prepare_ixi(cfg: TrainConfig, progress: ProgressCallback | None = None) -> T
     template_t1 = cached("avg152T1", [template_path],
                          lambda: {"image": to_grid(template_norm).astype(np.float32)})["image"]
     template_labels = None
-    labels_path = root / SPM_DIR / "tpm_labels_Neuromorphometrics.nii.gz"
-    if cfg.data.validate_templates and not labels_path.is_file():
-        raise InputError(f"data.validate_templates needs the templates' labels '{labels_path}', which are missing; "
-                         "fix the data folder or remove validate_templates.")
-    if labels_path.is_file():
+    if cfg.data.validate_templates:  # the labels are read only for the validation that uses them
+        labels_path = root / SPM_DIR / "tpm_labels_Neuromorphometrics.nii.gz"
+        if not labels_path.is_file():
+            raise InputError(f"data.validate_templates needs the templates' labels '{labels_path}', which are missing; "
+                             "fix the data folder or remove validate_templates.")
         template_labels = cached("neuromorphometrics", [labels_path], lambda: {"labels": to_grid(
             sitk.ReadImage(str(labels_path)), None, sitk.sitkNearestNeighbor).astype(np.int16)})["labels"]
 

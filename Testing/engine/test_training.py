@@ -1,7 +1,6 @@
 """`mmreg train`: config validation, a tiny synthetic run, checkpoint/resume, the saved model in use."""
 from __future__ import annotations
 
-import dataclasses
 import json
 from pathlib import Path
 
