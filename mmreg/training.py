@@ -56,6 +56,10 @@ from .progress import Progress, ProgressCallback
 SOURCES = ("t1_t1", "t1_t1_remap", "t1_template", "template_t1", "t1_synth", "t1_self")
 #: Templates the ``t1_template`` / ``template_t1`` sources can use (avg152 T1/T2/PD; "CT": the scct_cormack head CT).
 TEMPLATE_MODALITIES = ("T1", "T2", "PD", "CT")
+#: Options of :func:`mmreg.methods.optimize.instance_optimise` a ``teacher_optimisation`` table may set.
+TEACHER_OPTIMISATION_KEYS = ("similarity", "levels", "iterations", "learning_rate", "smoothness", "finest_factor",
+                             "schedule", "integration_factor", "integration_steps", "mind_radius", "mind_dilation",
+                             "mi_bins", "mi_max_voxels")
 #: Bump when the prepared-data layout or recipe changes (invalidates the cache).
 PREP_VERSION = 1
 CHECKPOINT_DIR = "training"
@@ -274,7 +278,13 @@ class TrainConfig:
     velocity or displacement as the models predict); the teacher reads the pair before any
     ``t1_t1_remap`` / ``t1_self`` intensity curve, so a student learns to give the teacher's T1-T1
     field for a pair in another contrast (:func:`teacher_loss`). Registration networks only; None: no
-    teacher.
+    teacher. ``teacher_optimisation``: options of :func:`mmreg.methods.optimize.instance_optimise`
+    (e.g. ``{similarity = "mind", finest_factor = 1}``); when given, the teacher is the engine's instance
+    optimisation run on each training pair as a teacher reads it (before augmentation, the sharp T1 /
+    T1 template view, see :meth:`PairSampler.raw_pair`), and the network's displacement is pulled to its
+    displacement with ``teacher_weight`` inside the fixed image's foreground (:class:`OptimisationTeacher`;
+    fields cached per pair).
+    Not with ``teacher_model``; needs no geometric augmentation and no ``t1_synth`` pairs. Empty: none.
     """
 
     method: str = "mi"
@@ -308,6 +318,7 @@ class TrainConfig:
     base_model: str | None = None
     teacher_model: str | None = None
     teacher_weight: float = 1.0
+    teacher_optimisation: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     metric: MetricTrainConfig = field(default_factory=MetricTrainConfig)
@@ -480,6 +491,19 @@ def validate_config(cfg: TrainConfig) -> None:
          "disentangled RDM stage have their own trainers: leave it unset.")
     need(cfg.teacher_weight > 0, f"teacher_weight must be > 0 (leave teacher_model unset for no teacher), got "
          f"{cfg.teacher_weight}.")
+    if cfg.teacher_optimisation:
+        need(not cfg.teacher_model, "teacher_model and teacher_optimisation are two teachers; give one of them.")
+        need(not own_trainer, "teacher_optimisation applies to registration networks; the metric and the "
+             "disentangled RDM stage have their own trainers: leave it empty.")
+        bad = sorted(set(cfg.teacher_optimisation) - set(TEACHER_OPTIMISATION_KEYS))
+        need(not bad, f"teacher_optimisation has unknown key(s) {', '.join(bad)}; known: "
+             f"{', '.join(TEACHER_OPTIMISATION_KEYS)} (options of mmreg.methods.optimize.instance_optimise).")
+        geometric = [k for k in ("deformation_max_mm", "rotation_deg", "scale", "translation_mm")
+                     if getattr(cfg.augment, k) > 0]
+        need(not geometric, f"teacher_optimisation caches the optimiser's field of each training pair, which a random "
+             f"deformation would change: set augment.{', augment.'.join(geometric)} to 0.")
+        need(not cfg.data.sources.get("t1_synth"), "teacher_optimisation caches the optimiser's field of each training "
+             "pair; t1_synth draws a new image every step: set data.sources.t1_synth to 0.")
     need(cfg.integration_steps >= 1, f"integration_steps must be >= 1, got {cfg.integration_steps}.")
     need(cfg.mi_bins >= 2, f"mi_bins must be >= 2, got {cfg.mi_bins}.")
     need(cfg.mi_max_voxels >= 100, f"mi_max_voxels must be >= 100, got {cfg.mi_max_voxels}.")
@@ -1218,16 +1242,22 @@ class PairSampler:
             fixed = random_bias_and_noise(fixed, a.bias_strength, a.noise_std, rng)
         return fixed, moving
 
-    def batch(self, step: int, indices, teacher: bool = False) -> tuple:
+    def batch(self, step: int, indices, teacher: bool = False, raw: bool = False) -> tuple:
         """``(fixed, moving, sources)``: ``(B, 1, *spatial)`` tensors of the augmented pairs with the
         global batch ``indices`` at ``step`` (all of ``range(batch_size)`` in a single process). With
         ``teacher`` a fourth item: the teacher's moving images (:meth:`raw_pair`: before any intensity
         curve or blur, the T1 template for a ``t1_template`` pair), through the same augmentation
-        (deformation, bias field, noise), for a teacher network (:func:`teacher_loss`)."""
+        (deformation, bias field, noise), for a teacher network (:func:`teacher_loss`). With ``raw``
+        (not with ``teacher``) a fourth item: the list of the teacher's ``(fixed, moving)`` pairs before
+        any augmentation, for :class:`OptimisationTeacher`."""
+        if teacher and raw:
+            raise ValueError("batch(): teacher and raw are two kinds of teacher input; ask for one.")
         fs, ms, srcs, ts = [], [], [], []
         for index in indices:
             rng = pair_rng(self.cfg.seed, step, index)
             f, m, s, before = self.raw_pair(rng, original=True)
+            if raw:
+                ts.append((f, before))
             # the teacher's copy of a remapped / blurred / template pair: the same augmentation draws again (a copy
             # of the generator)
             again = copy.deepcopy(rng) if teacher and before is not m else None
@@ -1239,6 +1269,8 @@ class PairSampler:
             srcs.append(s)
         if teacher:
             return torch.cat(fs), torch.cat(ms), srcs, torch.cat(ts)
+        if raw:
+            return torch.cat(fs), torch.cat(ms), srcs, ts
         return torch.cat(fs), torch.cat(ms), srcs
 
 
@@ -1471,11 +1503,99 @@ def load_teacher(cfg: TrainConfig, device, say=None):
     return network
 
 
-def teacher_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float) -> torch.Tensor:
+def teacher_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     """``weight`` x the mean over voxels and components of ``(student - teacher)^2``: the two networks'
     raw outputs ``(B, ndim, *spatial)`` on one grid, in its voxels (velocities when the models integrate
-    them). The teacher's output carries no gradient."""
-    return float(weight) * torch.mean((student - teacher.detach()) ** 2)
+    them). The teacher's output carries no gradient. ``mask`` ``(B, 1, *spatial)`` (0..1): the mean is
+    taken over the voxels it weighs (e.g. where the fixed image has signal)."""
+    squared = (student - teacher.detach()) ** 2
+    if mask is None:
+        return float(weight) * torch.mean(squared)
+    mask = mask.to(squared.dtype)
+    return float(weight) * torch.sum(squared * mask) / (torch.sum(mask) * squared.shape[1]).clamp_min(1.0)
+
+
+class OptimisationTeacher:
+    """The engine's instance optimisation as a teacher (``teacher_optimisation`` of the config): the
+    voxel displacement ``(B, ndim, *spatial)`` it finds for each training pair on the training grid
+    (:func:`mmreg.methods.optimize.instance_optimise` with the config's options, field-of-view masks of
+    ones), pulling the network's displacement towards it (:func:`teacher_loss`). A field depends only on
+    the pair before augmentation, so each is computed once and kept in memory and in ``cache_dir`` (one
+    ``.pt`` file per pair, named by a hash of the two images, the grid and the options), where a resumed or
+    repeated run finds it. ``say``: called with a line per field computed.
+
+    The comparison is restricted to the fixed image's foreground (:meth:`mask`): in the empty background
+    the similarity has no signal and the optimiser's field there is whatever the regulariser and noise
+    left (measured on IXI T1 pairs, 3 mm grid: its RMS is larger there than in the brain), which a network
+    cannot and should not learn to predict."""
+
+    #: Foreground of the fixed image: above this fraction of its maximum after a Gaussian blur (voxels below).
+    FOREGROUND_FRACTION, FOREGROUND_BLUR_VOXELS, FOREGROUND_DILATION_VOXELS = 0.05, 1.0, 2
+
+    def __init__(self, options: dict, grid: NetworkGrid, cache_dir: Path | None, device, say=None):
+        self.options, self.grid, self.device, self.say = dict(options), grid, device, say
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.fields: dict = {}
+        self.computed = 0
+        self._key = hashlib.sha256(json.dumps({"options": self.options, "shape": list(grid.spatial_shape),
+                                               "spacing": [float(v) for v in grid.spacing]},
+                                              sort_keys=True).encode())
+
+    def _pair_key(self, fixed: torch.Tensor, moving: torch.Tensor) -> str:
+        h = self._key.copy()
+        for image in (fixed, moving):
+            h.update(np.ascontiguousarray(image.detach().cpu().numpy(), dtype=np.float32).tobytes())
+        return h.hexdigest()[:24]
+
+    def field(self, fixed: torch.Tensor, moving: torch.Tensor) -> torch.Tensor:
+        """The optimiser's voxel displacement ``(1, ndim, *spatial)`` for ``fixed`` / ``moving``
+        ``(1, 1, *spatial)`` on the training grid (resampling convention: moving at x + ddf(x))."""
+        key = self._pair_key(fixed, moving)
+        if key in self.fields:
+            return self.fields[key].to(self.device)
+        path = self.cache_dir / f"{key}.pt" if self.cache_dir is not None else None
+        ddf = None
+        if path is not None and path.is_file():
+            try:
+                ddf = torch.load(path, map_location="cpu", weights_only=True)
+            except Exception:  # noqa: BLE001 - a torn file from a killed run: compute it again
+                ddf = None
+        if ddf is None or tuple(ddf.shape) != (1, fixed.dim() - 2) + tuple(fixed.shape[2:]):
+            from .methods.base import GridInputs  # noqa: PLC0415
+            from .methods.optimize import instance_optimise  # noqa: PLC0415
+            t0 = time.perf_counter()
+            ones = torch.ones_like(fixed)
+            inputs = GridInputs(self.grid, fixed.detach(), moving.detach(), ones, ones, fixed.device)
+            ddf = instance_optimise(inputs, **self.options).detach().cpu()
+            self.computed += 1
+            if path is not None:
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+                torch.save(ddf, tmp)
+                os.replace(tmp, path)
+            if self.say is not None:
+                self.say(f"teacher: instance optimisation of a new training pair in {time.perf_counter() - t0:.1f} s "
+                         f"({len(self.fields) + 1} pairs known)")
+        self.fields[key] = ddf
+        return ddf.to(self.device)
+
+    def __call__(self, pairs: list) -> torch.Tensor:
+        """The fields of a batch's ``(fixed, moving)`` pairs (:meth:`PairSampler.batch` with ``raw``),
+        concatenated ``(B, ndim, *spatial)``."""
+        return torch.cat([self.field(f, m) for f, m in pairs])
+
+    def mask(self, pairs: list) -> torch.Tensor:
+        """``(B, 1, *spatial)`` 0/1 masks of where the teacher's field is compared: each fixed image's
+        foreground (blurred by :attr:`FOREGROUND_BLUR_VOXELS`, above :attr:`FOREGROUND_FRACTION` of its
+        maximum, dilated by :attr:`FOREGROUND_DILATION_VOXELS`)."""
+        masks = []
+        for fixed, _ in pairs:
+            smooth = _gaussian_blur(fixed.detach().to(self.device), self.FOREGROUND_BLUR_VOXELS)
+            inside = (smooth > self.FOREGROUND_FRACTION * smooth.max()).to(smooth.dtype)
+            k = 2 * self.FOREGROUND_DILATION_VOXELS + 1
+            masks.append(F.max_pool3d(inside, k, stride=1, padding=k // 2))
+        return torch.cat(masks)
 
 
 def save_checkpoint(path: Path, network, optimizer, step: int, cfg: TrainConfig, history: dict, device) -> Path:
@@ -1520,6 +1640,7 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
     for d in (now["data"], saved["data"]):  # keys added later: absent in older checkpoints = their defaults
         d.setdefault("manifest", None), d.setdefault("validation_fraction", 0.2), d.setdefault("prealign", "affine")
     saved.setdefault("warmup_steps", 0), saved.setdefault("gradient_clip", 0.0)
+    saved.setdefault("teacher_optimisation", {})
     diff = sorted(k for k in set(now) | set(saved) if k not in _RESUMABLE and now.get(k) != saved.get(k))
     if diff:
         raise InputError(f"The config differs from the one of the checkpoint '{path}' in: {', '.join(diff)}. Resume "
@@ -1815,6 +1936,12 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
         spec.prepare_network(network, cfg, device, say)
     optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=cfg.learning_rate)
     teacher = load_teacher(cfg, device, say)
+    optimisation_teacher = None
+    if cfg.teacher_optimisation:
+        optimisation_teacher = OptimisationTeacher(cfg.teacher_optimisation, data.grid,
+                                                   _cache_root(cfg) / "teacher_fields", device, say)
+        say(f"teacher: instance optimisation {json.dumps(cfg.teacher_optimisation, sort_keys=True)} on each training "
+            f"pair (cached in {optimisation_teacher.cache_dir}), weight {cfg.teacher_weight:g}")
     history = {"loss": [], "source": [], "seconds_per_step": [], "validation": [], "best": None, "wall_seconds": 0.0,
                "base_model": base_description, "skipped_steps": 0}
     step = 0
@@ -1943,10 +2070,12 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            if teacher is None:
-                fixed, moving, sources = sampler.batch(step, indices)
-            else:
+            if teacher is not None:
                 fixed, moving, sources, teacher_moving = sampler.batch(step, indices, teacher=True)
+            elif optimisation_teacher is not None:
+                fixed, moving, sources, teacher_pairs = sampler.batch(step, indices, raw=True)
+            else:
+                fixed, moving, sources = sampler.batch(step, indices)
             output = model(torch.cat([fixed, moving], dim=1))
             loss = 0.0
             parts_sum: dict = {}
@@ -1954,6 +2083,11 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
                 with torch.no_grad():
                     target = teacher(torch.cat([fixed, teacher_moving], dim=1))
                 distill = teacher_loss(output, target, cfg.teacher_weight)
+                loss = loss + distill
+                parts_sum["teacher"] = float(distill.detach())
+            elif optimisation_teacher is not None:  # displacements: the optimiser's field is not a network output
+                distill = teacher_loss(spec.displacement(output, cfg), optimisation_teacher(teacher_pairs),
+                                       cfg.teacher_weight, mask=optimisation_teacher.mask(teacher_pairs))
                 loss = loss + distill
                 parts_sum["teacher"] = float(distill.detach())
             for k, index in enumerate(indices):  # per pair: its loss randomness does not depend on the batch

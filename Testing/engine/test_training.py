@@ -78,6 +78,12 @@ def tiny(tmp_path, **kw) -> dict:
     ({"warmup_steps": -5}, "warmup_steps must be an integer >= 0"),
     ({"gradient_clip": -1.0}, "gradient_clip must be >= 0"),
     ({"method": "metric", "warmup_steps": 10}, "their own trainers"),
+    ({"teacher_model": "mi_brain_3mm", "teacher_optimisation": {"similarity": "mind"}}, "give one of them"),
+    ({"teacher_optimisation": {"similarity": "mind", "steps": 5}}, "teacher_optimisation has unknown key(s) steps"),
+    ({"teacher_optimisation": {"levels": 2}, "augment": {"deformation_max_mm": 4.0}}, "augment.deformation_max_mm to 0"),
+    ({"teacher_optimisation": {"levels": 2}, "augment": NO_AUGMENT, "data": {"sources": {"t1_t1": 1.0, "t1_synth": 1.0}}},
+     "data.sources.t1_synth to 0"),
+    ({"teacher_optimisation": "mind"}, "teacher_optimisation must be a table"),
     ({"method": "metric", "teacher_model": "mi_brain"}, "their own trainers"),
     ({"teacher_weight": -1.0}, "teacher_weight must be > 0"),
     ({"augment": {"moving_blur_voxels": -1.0}}, "augment.moving_blur_voxels must be >= 0"),
@@ -329,6 +335,51 @@ def test_teacher_model_pulls_the_network_towards_its_fields(tmp_path):
                                     **student)), data)
     with pytest.raises(InputError, match="teacher_weight must be > 0"):
         config_from_dict(tiny(tmp_path / "w", teacher_model="x", teacher_weight=0.0))
+
+
+def test_optimisation_teacher_finds_the_shift_once_and_pulls_the_network_to_it(tmp_path):
+    """teacher_optimisation: the engine's instance optimisation is the teacher. Its field of a pair shifted 3 voxels
+    along x is ~ +3 voxels along x; it is computed once per pair (kept in memory and in the cache folder, where a new
+    teacher finds it); a network trained with it ends much closer to that field than the same run without it."""
+    from mmreg.training import OptimisationTeacher, PairSampler
+    data = TrainingData(grid(), [blob("a")], [blob("c"), blob("d", 3.0)], {"T2": blob("t", 3.0).image})
+    options = {"similarity": "mind", "levels": 2, "finest_factor": 1, "iterations": [30, 30]}
+    lines = []
+    teacher = OptimisationTeacher(options, data.grid, tmp_path / "fields", "cpu", lines.append)
+    f = torch.from_numpy(data.training[0].image)[None, None]
+    m = torch.from_numpy(data.templates["T2"])[None, None]
+    u = teacher([(f, m)])
+    inside = torch.from_numpy(data.training[0].labels > 0)
+    assert 2.5 < float(u[0, 2][inside].mean()) < 3.5 and abs(float(u[0, 0][inside].mean())) < 0.3
+    assert torch.equal(teacher([(f, m)]), u) and teacher.computed == 1 and len(lines) == 1
+    mask = teacher.mask([(f, m)])[0, 0]  # compared inside the fixed image's foreground only
+    assert float(mask[inside].min()) == 1.0 and float(mask[0, 0, 0]) == 0.0 and 0.1 < float(mask.mean()) < 0.6
+    again = OptimisationTeacher(options, data.grid, tmp_path / "fields", "cpu")
+    assert torch.equal(again([(f, m)]), u) and again.computed == 0  # read from the cache folder
+    assert OptimisationTeacher(dict(options, levels=1), data.grid, tmp_path / "fields", "cpu")._pair_key(f, m) \
+        != teacher._pair_key(f, m)  # other options, another field
+
+    common = dict(data={"sources": {"t1_template": 1.0}}, augment=NO_AUGMENT, smoothness=0.1, final_model="last",
+                  validation_every=0, checkpoint_every=0, steps=12, learning_rate=3e-3, seed=5)
+    cache = {"data": {"sources": {"t1_template": 1.0}, "cache_dir": str(tmp_path / "cache")}}
+    alone = train(config_from_dict(tiny(tmp_path / "alone", **dict(common, **cache))), data)
+    taught = train(config_from_dict(tiny(tmp_path / "taught", teacher_optimisation=options, teacher_weight=20.0,
+                                         **dict(common, **cache))), data)
+    sampler = PairSampler(data, config_from_dict(tiny(tmp_path / "s", **common)), {"t1_template": 1.0}, "cpu")
+    pairs = [sampler.batch(0, [0], raw=True)[3][0]]  # (fixed, template) before augmentation
+    target = OptimisationTeacher(options, data.grid, tmp_path / "cache" / "teacher_fields", "cpu")
+
+    def distance(model_dir) -> float:
+        """Mean squared displacement difference (voxels^2) inside the foreground, where the teacher is compared."""
+        net, card = load_model("mi", model_dir, registration_unet)
+        with torch.no_grad():
+            squared = (integrate_velocity(net(torch.cat(pairs[0], 1)), card.integration_steps) - target(pairs)) ** 2
+        return float(squared.sum(1, keepdim=True)[target.mask(pairs) > 0].mean())
+    assert target.computed == 0  # the run filled the cache
+    assert distance(taught.model_dir) < 0.5 * distance(alone.model_dir), (distance(taught.model_dir),
+                                                                          distance(alone.model_dir))
+    assert taught.card.training["config"]["teacher_optimisation"] == options
+    assert len(taught.history["teacher"]) == 12 and taught.history["teacher"][-1] < taught.history["teacher"][0]
 
 
 # ----------------------------------------------------------------------------- training
