@@ -84,6 +84,7 @@ def tiny(tmp_path, **kw) -> dict:
     ({"teacher_optimisation": {"levels": 2}, "augment": NO_AUGMENT, "data": {"sources": {"t1_t1": 1.0, "t1_synth": 1.0}}},
      "data.sources.t1_synth to 0"),
     ({"teacher_optimisation": "mind"}, "teacher_optimisation must be a table"),
+    ({"teacher_optimisation": {"similarity": "ncc"}}, "teacher_optimisation.similarity must be one of mind"),
     ({"method": "metric", "teacher_model": "mi_brain"}, "their own trainers"),
     ({"teacher_weight": -1.0}, "teacher_weight must be > 0"),
     ({"augment": {"moving_blur_voxels": -1.0}}, "augment.moving_blur_voxels must be >= 0"),
