@@ -1513,11 +1513,9 @@ def teacher_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float,
     raw outputs ``(B, ndim, *spatial)`` on one grid, in its voxels (velocities when the models integrate
     them). The teacher's output carries no gradient. ``mask`` ``(B, 1, *spatial)`` (0..1): the mean is
     taken over the voxels it weighs (e.g. where the fixed image has signal)."""
+    from .losses import _check_mask, _masked_mean  # noqa: PLC0415
     squared = (student - teacher.detach()) ** 2
-    if mask is None:
-        return float(weight) * torch.mean(squared)
-    mask = mask.to(squared.dtype)
-    return float(weight) * torch.sum(squared * mask) / (torch.sum(mask) * squared.shape[1]).clamp_min(1.0)
+    return float(weight) * _masked_mean(squared, _check_mask(mask, squared))
 
 
 class OptimisationTeacher:
