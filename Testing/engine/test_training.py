@@ -360,12 +360,12 @@ def test_optimisation_teacher_finds_the_shift_once_and_pulls_the_network_to_it(t
     assert OptimisationTeacher(dict(options, levels=1), data.grid, tmp_path / "fields", "cpu")._pair_key(f, m) \
         != teacher._pair_key(f, m)  # other options, another field
 
-    common = dict(data={"sources": {"t1_template": 1.0}}, augment=NO_AUGMENT, smoothness=0.1, final_model="last",
-                  validation_every=0, checkpoint_every=0, steps=12, learning_rate=3e-3, seed=5)
-    cache = {"data": {"sources": {"t1_template": 1.0}, "cache_dir": str(tmp_path / "cache")}}
-    alone = train(config_from_dict(tiny(tmp_path / "alone", **dict(common, **cache))), data)
+    common = dict(data={"sources": {"t1_template": 1.0}, "cache_dir": str(tmp_path / "cache")}, augment=NO_AUGMENT,
+                  smoothness=0.1, final_model="last", validation_every=0, checkpoint_every=0, steps=12,
+                  learning_rate=3e-3, seed=5)
+    alone = train(config_from_dict(tiny(tmp_path / "alone", **common)), data)
     taught = train(config_from_dict(tiny(tmp_path / "taught", teacher_optimisation=options, teacher_weight=20.0,
-                                         **dict(common, **cache))), data)
+                                         **common)), data)
     sampler = PairSampler(data, config_from_dict(tiny(tmp_path / "s", **common)), {"t1_template": 1.0}, "cpu")
     pairs = [sampler.batch(0, [0], raw=True)[3][0]]  # (fixed, template) before augmentation
     target = OptimisationTeacher(options, data.grid, tmp_path / "cache" / "teacher_fields", "cpu")
