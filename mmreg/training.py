@@ -48,7 +48,7 @@ import SimpleITK as sitk
 import torch
 import torch.nn.functional as F
 
-from .errors import CancelledError, InputError
+from .errors import CancelledError, InputError, WeightsError
 from .grid import NetworkGrid
 from .progress import Progress, ProgressCallback
 
@@ -278,13 +278,16 @@ class TrainConfig:
     velocity or displacement as the models predict); the teacher reads the pair before any
     ``t1_t1_remap`` / ``t1_self`` intensity curve, so a student learns to give the teacher's T1-T1
     field for a pair in another contrast (:func:`teacher_loss`). Registration networks only; None: no
-    teacher. ``teacher_optimisation``: options of :func:`mmreg.methods.optimize.instance_optimise`
+    teacher. ``teacher_models``: per-source teachers, ``{source: model}`` (e.g. ``{t1_template =
+    "mi_brain_mind_distilled"}``): a pair of that source is taught by that model instead of
+    ``teacher_model`` (sources in neither are not taught); the same rules as ``teacher_model``.
+    ``teacher_optimisation``: options of :func:`mmreg.methods.optimize.instance_optimise`
     (e.g. ``{similarity = "mind", finest_factor = 1}``); when given, the teacher is the engine's instance
     optimisation run on each training pair as a teacher reads it (before augmentation, the sharp T1 /
     T1 template view, see :meth:`PairSampler.raw_pair`), and the network's displacement is pulled to its
     displacement with ``teacher_weight`` inside the fixed image's foreground (:class:`OptimisationTeacher`;
     fields cached per pair).
-    Not with ``teacher_model``; needs no geometric augmentation and no ``t1_synth`` pairs. Empty: none.
+    Not with ``teacher_model`` / ``teacher_models``; needs no geometric augmentation and no ``t1_synth`` pairs. Empty: none.
     """
 
     method: str = "mi"
@@ -318,6 +321,7 @@ class TrainConfig:
     base_model: str | None = None
     teacher_model: str | None = None
     teacher_weight: float = 1.0
+    teacher_models: dict = field(default_factory=dict)
     teacher_optimisation: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -491,8 +495,19 @@ def validate_config(cfg: TrainConfig) -> None:
          "disentangled RDM stage have their own trainers: leave it unset.")
     need(cfg.teacher_weight > 0, f"teacher_weight must be > 0 (leave teacher_model unset for no teacher), got "
          f"{cfg.teacher_weight}.")
+    if cfg.teacher_models:
+        need(not own_trainer, "teacher_models applies to registration networks; the metric and the disentangled "
+             "RDM stage have their own trainers: leave it empty.")
+        bad = sorted(set(cfg.teacher_models) - set(SOURCES))
+        need(not bad, f"teacher_models has unknown source(s) {', '.join(bad)}; known: {', '.join(SOURCES)}.")
+        bad = sorted(k for k, v in cfg.teacher_models.items() if not isinstance(v, str) or not v)
+        need(not bad, f"teacher_models.{bad[0] if bad else ''} must be a model name or folder (a string).")
+        unused = sorted(k for k in cfg.teacher_models if not cfg.data.sources.get(k))
+        need(not unused, f"teacher_models names source(s) {', '.join(unused)} that this run does not draw "
+             "(data.sources weight 0); drop them or give them a weight.")
     if cfg.teacher_optimisation:
-        need(not cfg.teacher_model, "teacher_model and teacher_optimisation are two teachers; give one of them.")
+        need(not cfg.teacher_model and not cfg.teacher_models,
+             "teacher_model / teacher_models and teacher_optimisation are two teachers; give one of them.")
         need(not own_trainer, "teacher_optimisation applies to registration networks; the metric and the "
              "disentangled RDM stage have their own trainers: leave it empty.")
         bad = sorted(set(cfg.teacher_optimisation) - set(TEACHER_OPTIMISATION_KEYS))
@@ -632,6 +647,9 @@ def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
     if cfg.teacher_model and ("/" in cfg.teacher_model or "\\" in cfg.teacher_model) \
             and not Path(cfg.teacher_model).expanduser().is_absolute():  # a folder, not a model name
         cfg.teacher_model = str(base / cfg.teacher_model)
+    for source, ref in cfg.teacher_models.items():
+        if isinstance(ref, str) and ("/" in ref or "\\" in ref) and not Path(ref).expanduser().is_absolute():
+            cfg.teacher_models[source] = str(base / ref)
     for key in ("root", "cache_dir", "manifest"):
         value = getattr(cfg.data, key)
         if value and not Path(value).expanduser().is_absolute():
@@ -1481,18 +1499,24 @@ def start_from_base_model(network, cfg: TrainConfig, device, say) -> str | None:
     return description
 
 
-def load_teacher(cfg: TrainConfig, device, say=None):
-    """The frozen teacher network of ``cfg.teacher_model`` (a model of ``cfg.method``: name or folder,
-    checksum verified), in eval mode on ``device``; None without a teacher. :class:`InputError` when it
-    is missing, or predicts another kind of field than this run (velocity vs displacement, integration
-    steps): its outputs would not be comparable."""
-    if not cfg.teacher_model:
+def load_teacher(cfg: TrainConfig, device, say=None, ref: str | None = None, key: str = "teacher_model",
+                 taught: str = ""):
+    """The frozen teacher network ``ref`` (default ``cfg.teacher_model``; a model of ``cfg.method``: name or
+    folder, checksum verified), in eval mode on ``device``; None without a teacher. :class:`InputError`
+    naming ``key`` when it is missing, or predicts another kind of field than this run (velocity vs
+    displacement, integration steps): its outputs would not be comparable. ``taught``: which pairs it
+    teaches, for the message to ``say``."""
+    ref = cfg.teacher_model if ref is None else ref
+    if not ref:
         return None
     from .models import load_model  # noqa: PLC0415
-    network, card = load_model(cfg.method, cfg.teacher_model, training_spec(cfg.method).build_network, device)
+    try:
+        network, card = load_model(cfg.method, ref, training_spec(cfg.method).build_network, device)
+    except (InputError, WeightsError) as err:  # the same kind of error, naming the config key
+        raise type(err)(f"{key}: {err}") from err
     if bool(card.diffeomorphic) != bool(cfg.diffeomorphic) or (
             cfg.diffeomorphic and int(card.integration_steps) != int(cfg.integration_steps)):
-        raise InputError(f"teacher_model {card.name} predicts a {'velocity' if card.diffeomorphic else 'displacement'} "
+        raise InputError(f"{key} {card.name} predicts a {'velocity' if card.diffeomorphic else 'displacement'} "
                          f"({card.integration_steps} integration steps), this run a "
                          f"{'velocity' if cfg.diffeomorphic else 'displacement'} ({cfg.integration_steps}); "
                          "choose a teacher of the same kind or set diffeomorphic / integration_steps to match it.")
@@ -1503,8 +1527,28 @@ def load_teacher(cfg: TrainConfig, device, say=None):
     for param in network.parameters():
         param.requires_grad_(False)
     if say is not None:
-        say(f"teacher: {card.name} (sha256 {card.sha256}), weight {cfg.teacher_weight:g}")
+        say(f"teacher{' of ' + taught + ' pairs' if taught else ''}: {card.name} (sha256 {card.sha256}), "
+            f"weight {cfg.teacher_weight:g}")
     return network
+
+
+def load_teachers(cfg: TrainConfig, device, say=None) -> dict:
+    """The teacher networks of a run, ``{source: network}`` for ``cfg.teacher_models`` and ``{None: network}``
+    for ``cfg.teacher_model`` (the teacher of every other source); empty without teachers. A model named
+    twice is loaded once. See :func:`load_teacher`."""
+    by_model: dict = {}  # model -> the sources it teaches (None: every source without its own teacher)
+    if cfg.teacher_model:
+        by_model[cfg.teacher_model] = [None]
+    for source, ref in sorted(cfg.teacher_models.items()):
+        by_model.setdefault(ref, []).append(source)
+    teachers: dict = {}
+    for ref, sources in by_model.items():
+        own = [s for s in sources if s is not None]
+        key = "teacher_model" if None in sources else f"teacher_models.{own[0]}"
+        taught = ", ".join(own) + (" and all other" if None in sources else "") if own else ""
+        network = load_teacher(cfg, device, say, ref=ref, key=key, taught=taught)
+        teachers.update({source: network for source in sources})
+    return teachers
 
 
 def teacher_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float,
@@ -1643,7 +1687,7 @@ def _check_resume(cfg: TrainConfig, saved: dict, path: Path) -> None:
     for d in (now["data"], saved["data"]):  # keys added later: absent in older checkpoints = their defaults
         d.setdefault("manifest", None), d.setdefault("validation_fraction", 0.2), d.setdefault("prealign", "affine")
     saved.setdefault("warmup_steps", 0), saved.setdefault("gradient_clip", 0.0)
-    saved.setdefault("teacher_optimisation", {})
+    saved.setdefault("teacher_optimisation", {}), saved.setdefault("teacher_models", {})
     diff = sorted(k for k in set(now) | set(saved) if k not in _RESUMABLE and now.get(k) != saved.get(k))
     if diff:
         raise InputError(f"The config differs from the one of the checkpoint '{path}' in: {', '.join(diff)}. Resume "
@@ -1938,7 +1982,7 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
     if spec.prepare_network is not None:  # e.g. load and freeze the parts another stage trained
         spec.prepare_network(network, cfg, device, say)
     optimizer = torch.optim.Adam([p for p in network.parameters() if p.requires_grad], lr=cfg.learning_rate)
-    teacher = load_teacher(cfg, device, say)
+    teachers = load_teachers(cfg, device, say)
     optimisation_teacher = None
     if cfg.teacher_optimisation:
         optimisation_teacher = OptimisationTeacher(cfg.teacher_optimisation, data.grid,
@@ -2073,7 +2117,7 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
     try:
         while step < cfg.steps:
             t0 = time.perf_counter()
-            if teacher is not None:
+            if teachers:
                 fixed, moving, sources, teacher_moving = sampler.batch(step, indices, teacher=True)
             elif optimisation_teacher is not None:
                 fixed, moving, sources, teacher_pairs = sampler.batch(step, indices, raw=True)
@@ -2082,12 +2126,16 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
             output = model(torch.cat([fixed, moving], dim=1))
             loss = 0.0
             parts_sum: dict = {}
-            if teacher is not None:
-                with torch.no_grad():
-                    target = teacher(torch.cat([fixed, teacher_moving], dim=1))
-                distill = teacher_loss(output, target, cfg.teacher_weight)
+            if teachers:
+                distill = 0.0
+                for k, source in enumerate(sources):  # each pair by its source's teacher (none: not taught)
+                    teacher = teachers.get(source, teachers.get(None))
+                    if teacher is not None:
+                        with torch.no_grad():
+                            target = teacher(torch.cat([fixed[k:k + 1], teacher_moving[k:k + 1]], dim=1))
+                        distill = distill + teacher_loss(output[k:k + 1], target, cfg.teacher_weight) / local
                 loss = loss + distill
-                parts_sum["teacher"] = float(distill.detach())
+                parts_sum["teacher"] = float(distill.detach()) if torch.is_tensor(distill) else distill
             elif optimisation_teacher is not None:  # displacements: the optimiser's field is not a network output
                 distill = teacher_loss(spec.displacement(output, cfg), optimisation_teacher(teacher_pairs),
                                        cfg.teacher_weight, mask=optimisation_teacher.mask(teacher_pairs))

@@ -10,7 +10,7 @@ import SimpleITK as sitk
 import torch
 
 import mmreg
-from mmreg.errors import CancelledError, InputError
+from mmreg.errors import CancelledError, InputError, WeightsError
 from mmreg.grid import NetworkGrid
 from mmreg.models import load_model
 from mmreg.networks import DEFAULT_ARCHITECTURE, registration_unet
@@ -86,6 +86,11 @@ def tiny(tmp_path, **kw) -> dict:
     ({"teacher_optimisation": "mind"}, "teacher_optimisation must be a table"),
     ({"teacher_optimisation": {"similarity": "ncc"}}, "teacher_optimisation.similarity must be one of mind"),
     ({"method": "metric", "teacher_model": "mi_brain"}, "their own trainers"),
+    ({"teacher_models": {"t1_templates": "mi_brain"}}, "teacher_models has unknown source(s) t1_templates"),
+    ({"teacher_models": {"t1_template": 3}}, "teacher_models.t1_template must be a model name"),
+    ({"teacher_models": {"t1_self": "mi_brain"}}, "names source(s) t1_self that this run does not draw"),
+    ({"teacher_models": {"t1_t1": "mi_brain"}, "teacher_optimisation": {"levels": 2}}, "give one of them"),
+    ({"teacher_models": "mi_brain"}, "teacher_models must be a table"),
     ({"teacher_weight": -1.0}, "teacher_weight must be > 0"),
     ({"augment": {"moving_blur_voxels": -1.0}}, "augment.moving_blur_voxels must be >= 0"),
     ({"data": {"manifest": "pairs.csv", "validate_templates": True}}, "remove validate_templates"),
@@ -336,6 +341,34 @@ def test_teacher_model_pulls_the_network_towards_its_fields(tmp_path):
                                     **student)), data)
     with pytest.raises(InputError, match="teacher_weight must be > 0"):
         config_from_dict(tiny(tmp_path / "w", teacher_model="x", teacher_weight=0.0))
+
+
+def test_teacher_models_teach_each_source_with_its_own_teacher(tmp_path):
+    """teacher_models: a pair of a listed source is taught by its own teacher (the teacher term is > 0 on exactly
+    those steps when no teacher_model covers the rest); a model named for two sources is loaded once, the
+    default teacher covers the other sources, and an unknown model is an InputError naming the source's key."""
+    from mmreg.training import load_teachers
+    data = TrainingData(grid(), [blob("a"), blob("b", 2.0)], [blob("c"), blob("d", 3.0)],
+                        {"T2": blob("t", 3.0).image})
+    mixed = dict(data={"sources": {"t1_t1": 1.0, "t1_template": 1.0}}, augment=NO_AUGMENT, final_model="last",
+                 validation_every=0, checkpoint_every=0)
+    teacher = train(config_from_dict(tiny(tmp_path / "teacher", steps=2, **mixed)), data)
+    run = train(config_from_dict(tiny(tmp_path / "taught", steps=12, teacher_weight=20.0,
+                                      teacher_models={"t1_template": str(teacher.model_dir)}, **mixed)), data)
+    sources, taught = run.history["source"], run.history["teacher"]
+    assert {"t1_t1", "t1_template"} <= set(sources) and len(taught) == len(sources) == 12
+    assert all((t > 0) == (s == "t1_template") for s, t in zip(sources, taught)), list(zip(sources, taught))
+    assert run.card.training["config"]["teacher_models"] == {"t1_template": str(teacher.model_dir)}
+
+    other = train(config_from_dict(tiny(tmp_path / "other", steps=2, seed=3, **mixed)), data)
+    cfg = config_from_dict(tiny(tmp_path / "x", teacher_model=str(other.model_dir), teacher_models={
+        "t1_template": str(teacher.model_dir), "t1_t1": str(teacher.model_dir)}, **mixed))
+    teachers = load_teachers(cfg, torch.device("cpu"))
+    assert set(teachers) == {None, "t1_t1", "t1_template"} and teachers["t1_t1"] is teachers["t1_template"]
+    assert teachers[None] is not teachers["t1_t1"]
+    cfg.teacher_models = {"t1_template": str(tmp_path / "no_such_model")}
+    with pytest.raises(WeightsError, match="teacher_models.t1_template"):
+        load_teachers(cfg, torch.device("cpu"))
 
 
 def test_optimisation_teacher_finds_the_shift_once_and_pulls_the_network_to_it(tmp_path):
