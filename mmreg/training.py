@@ -1502,10 +1502,10 @@ def start_from_base_model(network, cfg: TrainConfig, device, say) -> str | None:
 def load_teacher(cfg: TrainConfig, device, say=None, ref: str | None = None, key: str = "teacher_model",
                  taught: str = ""):
     """The frozen teacher network ``ref`` (default ``cfg.teacher_model``; a model of ``cfg.method``: name or
-    folder, checksum verified), in eval mode on ``device``; None without a teacher. :class:`InputError`
-    naming ``key`` when it is missing, or predicts another kind of field than this run (velocity vs
-    displacement, integration steps): its outputs would not be comparable. ``taught``: which pairs it
-    teaches, for the message to ``say``."""
+    folder, checksum verified), in eval mode on ``device``; None without a teacher. Errors name ``key``:
+    :class:`WeightsError` when the model is missing or its weights do not verify, :class:`InputError` when
+    it predicts another kind of field than this run (velocity vs displacement, integration steps): its
+    outputs would not be comparable. ``taught``: which pairs it teaches, for the message to ``say``."""
     ref = cfg.teacher_model if ref is None else ref
     if not ref:
         return None
