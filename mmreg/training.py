@@ -644,12 +644,12 @@ def load_config(path: str | os.PathLike, **overrides) -> TrainConfig:
         cfg.output = str(base / cfg.output)
     if cfg.base_model and cfg.base_model.endswith(".pt") and not Path(cfg.base_model).expanduser().is_absolute():
         cfg.base_model = str(base / cfg.base_model)
-    if cfg.teacher_model and ("/" in cfg.teacher_model or "\\" in cfg.teacher_model) \
-            and not Path(cfg.teacher_model).expanduser().is_absolute():  # a folder, not a model name
-        cfg.teacher_model = str(base / cfg.teacher_model)
-    for source, ref in cfg.teacher_models.items():
+    def model_ref(ref):  # a relative folder (it has a path separator) from the config's folder; a name as it is
         if isinstance(ref, str) and ("/" in ref or "\\" in ref) and not Path(ref).expanduser().is_absolute():
-            cfg.teacher_models[source] = str(base / ref)
+            return str(base / ref)
+        return ref
+    cfg.teacher_model = model_ref(cfg.teacher_model)
+    cfg.teacher_models = {source: model_ref(ref) for source, ref in cfg.teacher_models.items()}
     for key in ("root", "cache_dir", "manifest"):
         value = getattr(cfg.data, key)
         if value and not Path(value).expanduser().is_absolute():
