@@ -19,12 +19,13 @@ from torch import nn
 #: themselves) or "mind" (the MIND-SSC descriptor of each image, :func:`mmreg.losses.mind_ssc` with
 #: ``mind_radius`` / ``mind_dilation`` in network voxels, 12 channels per image in 3-D: a fixed,
 #: non-trainable, contrast-insensitive input, so that a network trained on T1-T1 pairs reads a T1-T2
-#: pair much as it reads a T1-T1 one; see docs/mi_training.md).
+#: pair much as it reads a T1-T1 one; see docs/mi_training.md) or "intensity_and_mind" (both: the images,
+#: then their descriptors, 1 + 12 channels per image in 3-D).
 DEFAULT_ARCHITECTURE = {"kind": "voxelmorph_unet", "spatial_dims": 3, "channels": [16, 32, 32, 32, 32, 32, 32, 32],
                         "final_conv_channels": [16, 16]}
 
 #: What a ``voxelmorph_unet`` can read of its two images (``architecture["input_features"]``).
-INPUT_FEATURES = ("intensity", "mind")
+INPUT_FEATURES = ("intensity", "mind", "intensity_and_mind")
 
 
 def size_multiple(architecture: dict) -> int:
@@ -36,18 +37,22 @@ class FeatureInputNetwork(nn.Module):
     """A registration network that reads fixed, non-trainable features of its input images instead of
     the images: input ``(B, C, *spatial)`` (C images, e.g. fixed and moving), each channel turned into
     its MIND-SSC descriptor (:func:`mmreg.losses.mind_ssc`, ``radius`` / ``dilation`` in voxels of the
-    input grid), the descriptors concatenated in channel order and passed to ``network``. The output is
+    input grid), the descriptors concatenated in channel order and passed to ``network``; with
+    ``with_intensity`` the C images themselves come first, then the descriptors. The output is
     ``network``'s (a field in voxels). The features have no parameters, so the weights are those of
     ``network`` (state-dict keys prefixed ``network.``)."""
 
-    def __init__(self, network: nn.Module, radius: int = 1, dilation: int = 1):
+    def __init__(self, network: nn.Module, radius: int = 1, dilation: int = 1, with_intensity: bool = False):
         super().__init__()
         self.network, self.radius, self.dilation = network, int(radius), int(dilation)
+        self.with_intensity = bool(with_intensity)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """The MIND-SSC descriptors of every input channel, ``(B, C * K, *spatial)`` (K = 12 in 3-D, 4 in 2-D)."""
+        """The MIND-SSC descriptors of every input channel, ``(B, C * K, *spatial)`` (K = 12 in 3-D, 4 in 2-D),
+        after the C input images when ``with_intensity`` (``(B, C + C * K, *spatial)``)."""
         from .losses import mind_ssc  # noqa: PLC0415
-        return mind_ssc(x, radius=self.radius, dilation=self.dilation)  # per channel, in channel order
+        descriptors = mind_ssc(x, radius=self.radius, dilation=self.dilation)  # per channel, in channel order
+        return torch.cat([x, descriptors], dim=1) if self.with_intensity else descriptors
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.network(self.features(x))
@@ -68,8 +73,9 @@ def check_input_features(arch: dict) -> None:
 def registration_unet(architecture: dict | None = None, in_channels: int = 2) -> nn.Module:
     """Build the network described by ``architecture`` (see :data:`DEFAULT_ARCHITECTURE`) reading
     ``in_channels`` input channels (2: fixed and moving image; ``grad``'s branches read 2 or 4). With
-    ``input_features = "mind"`` the U-Net reads the images' MIND-SSC descriptors
-    (:class:`FeatureInputNetwork`); the input is still the ``in_channels`` images."""
+    ``input_features = "mind"`` the U-Net reads the images' MIND-SSC descriptors, with
+    ``"intensity_and_mind"`` the images and then their descriptors (:class:`FeatureInputNetwork`); the
+    input is still the ``in_channels`` images."""
     from monai.networks.nets import VoxelMorphUNet  # noqa: PLC0415
 
     arch = dict(DEFAULT_ARCHITECTURE, **(architecture or {}))
@@ -77,10 +83,9 @@ def registration_unet(architecture: dict | None = None, in_channels: int = 2) ->
         raise ValueError(f"Unknown network kind '{arch.get('kind')}'; this version builds 'voxelmorph_unet'.")
     check_input_features(arch)
     dims = int(arch["spatial_dims"])
-    mind = arch.get("input_features", "intensity") == "mind"
-    if mind:
-        from .losses import mind_ssc_channels  # noqa: PLC0415
-        in_channels = int(in_channels) * mind_ssc_channels(dims)
+    layout = input_channel_layout(arch, in_channels)
+    mind = "mind" in layout
+    in_channels = max(part.stop for part in layout.values())
     net = VoxelMorphUNet(spatial_dims=dims, in_channels=int(in_channels), unet_out_channels=int(arch["final_conv_channels"][0]),
                          channels=tuple(int(c) for c in arch["channels"]),
                          final_conv_channels=tuple(int(c) for c in arch["final_conv_channels"]),
@@ -92,8 +97,56 @@ def registration_unet(architecture: dict | None = None, in_channels: int = 2) ->
         nn.init.normal_(last.weight, std=1e-5)
         nn.init.zeros_(last.bias)
     if mind:
-        return FeatureInputNetwork(net, radius=int(arch.get("mind_radius", 1)), dilation=int(arch.get("mind_dilation", 1)))
+        return FeatureInputNetwork(net, radius=int(arch.get("mind_radius", 1)), dilation=int(arch.get("mind_dilation", 1)),
+                                   with_intensity="intensity" in layout)
     return net
+
+
+def input_channel_layout(architecture: dict, images: int = 2) -> dict:
+    """Which channels of the U-Net's first convolution read what, for ``images`` input images:
+    ``{"intensity": slice, "mind": slice}`` with the kinds ``architecture["input_features"]`` has
+    (intensity: one channel per image; mind: K = 12 per image in 3-D, 4 in 2-D; intensity first)."""
+    from .losses import mind_ssc_channels  # noqa: PLC0415
+    arch = dict(DEFAULT_ARCHITECTURE, **(architecture or {}))
+    kind = arch.get("input_features", "intensity")
+    layout, start = {}, 0
+    for part, width in (("intensity", int(images)), ("mind", int(images) * mind_ssc_channels(int(arch["spatial_dims"])))):
+        if part in kind.split("_and_"):
+            layout[part] = slice(start, start + width)
+            start += width
+    return layout
+
+
+def first_convolution_key(network: nn.Module) -> str:
+    """State-dict key of the weight of ``network``'s first convolution (the one that reads the input)."""
+    name = next(n for n, m in network.named_modules() if isinstance(m, (nn.Conv2d, nn.Conv3d)))
+    return f"{name}.weight"
+
+
+def widen_input_weights(state: dict, network: nn.Module, base_architecture: dict, architecture: dict,
+                        images: int = 2) -> dict:
+    """``state`` (weights of a network built from ``base_architecture``) made to load into ``network`` (built
+    from ``architecture``) when ``architecture`` reads more input features than the base, e.g. a ``"mind"``
+    model continued as ``"intensity_and_mind"``: the first convolution's weights of the kinds the base read are
+    copied to their new channels, the weights of the new kinds start at zero, so the widened network
+    predicts exactly the base model's field until it is trained. Every other weight is unchanged.
+    ``ValueError`` when the base reads a kind ``architecture`` does not, or another layer differs."""
+    old, new = input_channel_layout(base_architecture, images), input_channel_layout(architecture, images)
+    if old == new:
+        return state
+    missing = sorted(set(old) - set(new))
+    if missing:
+        raise ValueError(f"the base model reads {', '.join(missing)} input features, which this architecture does not")
+    key = first_convolution_key(network)
+    if key.startswith("network.") and not any(k.startswith("network.") for k in state):
+        state = {f"network.{k}": v for k, v in state.items()}  # an intensity base under the feature wrapper
+    target = network.state_dict()[key]
+    if key not in state or state[key].shape[0] != target.shape[0] or state[key].shape[2:] != target.shape[2:]:
+        raise ValueError(f"the base model's first convolution ({key}) does not match this architecture's")
+    weight = torch.zeros_like(target, dtype=state[key].dtype)
+    for part, where in old.items():
+        weight[:, new[part]] = state[key][:, where]
+    return dict(state, **{key: weight})
 
 
 def parameter_count(network: nn.Module) -> int:

@@ -1473,29 +1473,41 @@ def read_weights_file(path, what: str) -> dict:
 
 
 def load_base_weights(cfg: TrainConfig) -> tuple:
-    """``(state_dict, description)`` of ``cfg.base_model``: a ``.pt`` file (plain weights, or a
-    checkpoint's ``network``) or a model of ``cfg.method`` (name or folder; checksum verified by
-    :func:`mmreg.models.load_model`). :class:`InputError` when it is missing or unreadable."""
+    """``(state_dict, description, architecture)`` of ``cfg.base_model``: a ``.pt`` file (plain weights, or a
+    checkpoint's ``network``; architecture None: taken to be the config's) or a model of ``cfg.method``
+    (name or folder; checksum verified by :func:`mmreg.models.load_model`; its card's architecture).
+    :class:`InputError` when it is missing or unreadable."""
     from .models import load_model  # noqa: PLC0415
     ref = str(cfg.base_model)
     if ref.endswith(".pt"):
-        return read_weights_file(ref, "base_model"), str(Path(ref).expanduser())
+        return read_weights_file(ref, "base_model"), str(Path(ref).expanduser()), None
     network, card = load_model(cfg.method, ref, training_spec(cfg.method).build_network, "cpu")
-    return network.state_dict(), f"{card.name} (sha256 {card.sha256})"
+    return network.state_dict(), f"{card.name} (sha256 {card.sha256})", dict(card.architecture)
 
 
 def start_from_base_model(network, cfg: TrainConfig, device, say) -> str | None:
     """Load ``cfg.base_model``'s weights into ``network`` (fine-tuning); returns its description, or None
-    without a base model. :class:`InputError` when the weights do not fit the architecture."""
+    without a base model. A base model that read fewer input features than this config's architecture
+    (``architecture.input_features``, e.g. ``"mind"`` continued as ``"intensity_and_mind"``) is widened by
+    :func:`mmreg.networks.widen_input_weights`: the new inputs start at zero weight, so training starts from
+    the base model's fields. :class:`InputError` when the weights do not fit the architecture."""
     if not cfg.base_model:
         return None
-    state, description = load_base_weights(cfg)
+    state, description, base_architecture = load_base_weights(cfg)
+    arch = cfg.full_architecture()
     try:
+        if base_architecture is not None and arch.get("kind") == "voxelmorph_unet":
+            from .networks import widen_input_weights  # noqa: PLC0415
+            state = widen_input_weights(state, network, base_architecture, arch)
         network.load_state_dict({k: v.to(device) for k, v in state.items()})
-    except RuntimeError as exc:
+    except (RuntimeError, ValueError) as exc:
         raise InputError(f"base_model {description} does not fit this config's architecture ({exc}); use the "
                          "architecture it was trained with.") from None
-    say(f"starting from base model {description}")
+    widened = base_architecture is not None and base_architecture.get("input_features", "intensity") != \
+        arch.get("input_features", "intensity")
+    say(f"starting from base model {description}" + (
+        f" (input widened from {base_architecture.get('input_features', 'intensity')} to "
+        f"{arch.get('input_features')}; the new inputs start at zero weight)" if widened else ""))
     return description
 
 

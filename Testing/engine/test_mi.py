@@ -72,6 +72,39 @@ def test_mind_input_network_reads_descriptors_and_ignores_contrast_inversion():
         registration_unet(dict(SMALL, input_features="edges"))
 
 
+def test_intensity_and_mind_network_reads_both_and_widens_a_base_exactly():
+    # input_features = "intensity_and_mind": 2 image channels then 2 x 12 MIND-SSC channels. A "mind" or an
+    # "intensity" network widened into it (new inputs at zero weight) predicts exactly the base's field.
+    from mmreg.networks import first_convolution_key, input_channel_layout, widen_input_weights
+    both = dict(SMALL, input_features="intensity_and_mind")
+    assert input_channel_layout(both) == {"intensity": slice(0, 2), "mind": slice(2, 26)}
+    assert input_channel_layout(dict(both, spatial_dims=2)) == {"intensity": slice(0, 2), "mind": slice(2, 10)}
+    torch.manual_seed(0)
+    x = torch.rand(1, 2, 16, 16, 16)
+    for base_kind in ("mind", "intensity"):
+        base = registration_unet(dict(SMALL, input_features=base_kind)).eval()
+        with torch.no_grad():
+            [m for m in base.modules() if isinstance(m, torch.nn.Conv3d)][-1].weight.normal_(0.0, 1.0)
+        wide = registration_unet(both).eval()
+        key = first_convolution_key(wide)
+        assert key == "network.net.0.0.conv.weight" and wide.state_dict()[key].shape[1] == 26
+        wide.load_state_dict(widen_input_weights(base.state_dict(), wide, dict(SMALL, input_features=base_kind), both))
+        with torch.no_grad():
+            expected = base(x)
+            torch.testing.assert_close(wide(x), expected, rtol=0, atol=1e-5)  # float sums over more channels
+            assert float(expected.abs().mean()) > 0.05
+            new = slice(0, 2) if base_kind == "mind" else slice(2, 26)
+            assert float(wide.state_dict()[key][:, new].abs().max()) == 0.0
+            # once the new inputs have weight, the field depends on them: with intensity, a contrast inversion
+            # of the moving image now changes the field (the MIND-only base ignored it)
+            wide.state_dict()[key][:, new].normal_(0.0, 0.5)
+            inverted = torch.cat([x[:, :1], 1.0 - 0.5 * x[:, 1:]], dim=1)
+            assert float((wide(x) - wide(inverted)).abs().mean()) > 0.01 * float(expected.abs().mean())
+    mind = registration_unet(dict(SMALL, input_features="mind"))
+    with pytest.raises(ValueError, match="reads mind input features"):
+        widen_input_weights(mind.state_dict(), registration_unet(SMALL), dict(SMALL, input_features="mind"), SMALL)
+
+
 def test_mind_input_model_round_trips_and_registers(model_root):
     arch = dict(SMALL, input_features="mind")
     _save(model_root, "mind", arch=arch, shift_voxels=[0.0, 0.0, 1.0])

@@ -70,7 +70,7 @@ def tiny(tmp_path, **kw) -> dict:
     ({"data": {"validation_subjects": ["IXI012"], "training_subjects": ["IXI012", "IXI013"]}}, "held-out"),
     ({"augment": {"scale": -0.1}}, "augment.scale must be >= 0"),
     ({"architecture": {"channels": [8, 8, 8]}}, "even-length"),
-    ({"architecture": {"input_features": "sobel"}}, "input_features must be one of intensity, mind"),
+    ({"architecture": {"input_features": "sobel"}}, "input_features must be one of intensity, mind, intensity_and_mind"),
     ({"architecture": {"input_features": "mind", "mind_dilation": 0}}, "mind_dilation must be an integer >= 1"),
     ({"final_model": "first"}, "final_model"),
     ({"mi_blur_voxels": -1.0}, "mi_blur_voxels must be >= 0"),
@@ -559,6 +559,22 @@ def test_base_model_starts_from_trained_weights_and_bad_steps_are_skipped(tmp_pa
         train(config_from_dict(tiny(tmp_path / "y", base_model=str(first.model_dir),
                                     architecture={"channels": [4, 4, 4, 4], "final_conv_channels": [4]}, **common)),
               data)
+    # a "mind" model continued with intensity inputs too: the widened run starts exactly at the base's fields,
+    # and the card says what it started from; the other way round (dropping an input kind) does not fit
+    mind_arch = dict(TINY_ARCH, input_features="mind")
+    mind = train(config_from_dict(tiny(tmp_path / "m", steps=2, architecture=mind_arch, **common)), data)
+    widened = train(config_from_dict(tiny(tmp_path / "w", steps=1, learning_rate=1e-12, base_model=str(mind.model_dir),
+                                          architecture=dict(mind_arch, input_features="intensity_and_mind"), **common)),
+                    data)
+    base_net, _ = load_model("mi", mind.model_dir, registration_unet)
+    wide_net, wide_card = load_model("mi", widened.model_dir, registration_unet)
+    assert wide_card.architecture["input_features"] == "intensity_and_mind"
+    x = torch.rand(1, 2, 16, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(wide_net(x), base_net(x), rtol=0, atol=1e-5)
+    assert mind.card.name in widened.card.training["base_model"]
+    with pytest.raises(InputError, match="does not fit.*reads mind input features"):
+        train(config_from_dict(tiny(tmp_path / "v", base_model=str(mind.model_dir), **common)), data)
 
     import mmreg.methods.mi
     real = mmreg.methods.mi.training_loss

@@ -29,7 +29,9 @@ network misreads the unseen contrast (docs/mi_training.md, "A contrast-insensiti
 ``mi_brain_mind_distilled`` is such a network also taught to reproduce ``mi_brain_3mm``'s velocity on T1
 pairs whose moving image went through a random intensity curve (``teacher_model`` in the training config):
 alone at 2 mm it ends above the affine on every multi-modal brain case measured (docs/mi_training.md,
-"Distillation").
+"Distillation"). ``input_features = "intensity_and_mind"`` reads both, the images and then their
+descriptors; a ``"mind"`` or ``"intensity"`` model given as ``base_model`` to such a config starts with the
+new inputs at zero weight, i.e. as the base model (docs/mi_training.md, "Intensity and MIND-SSC together").
 
 Training (:func:`training_loss`) is shared with ``mmreg train``.
 """
