@@ -1495,19 +1495,18 @@ def start_from_base_model(network, cfg: TrainConfig, device, say) -> str | None:
         return None
     state, description, base_architecture = load_base_weights(cfg)
     arch = cfg.full_architecture()
+    reads, base_reads = arch.get("input_features", "intensity"), (base_architecture or arch).get("input_features", "intensity")
+    widened = base_reads != reads and arch.get("kind") == "voxelmorph_unet"
     try:
-        if base_architecture is not None and arch.get("kind") == "voxelmorph_unet":
+        if widened:
             from .networks import widen_input_weights  # noqa: PLC0415
             state = widen_input_weights(state, network, base_architecture, arch)
         network.load_state_dict({k: v.to(device) for k, v in state.items()})
     except (RuntimeError, ValueError) as exc:
         raise InputError(f"base_model {description} does not fit this config's architecture ({exc}); use the "
                          "architecture it was trained with.") from None
-    widened = base_architecture is not None and base_architecture.get("input_features", "intensity") != \
-        arch.get("input_features", "intensity")
     say(f"starting from base model {description}" + (
-        f" (input widened from {base_architecture.get('input_features', 'intensity')} to "
-        f"{arch.get('input_features')}; the new inputs start at zero weight)" if widened else ""))
+        f" (input widened from {base_reads} to {reads}; the new inputs start at zero weight)" if widened else ""))
     return description
 
 
@@ -2140,12 +2139,15 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
             parts_sum: dict = {}
             if teachers:
                 distill = 0.0
-                for k, source in enumerate(sources):  # each pair by its source's teacher (none: not taught)
+                taught: dict = {}  # teacher -> the batch indices of the pairs it teaches (by their source)
+                for k, source in enumerate(sources):  # a source without a teacher is not taught
                     teacher = teachers.get(source, teachers.get(None))
                     if teacher is not None:
-                        with torch.no_grad():
-                            target = teacher(torch.cat([fixed[k:k + 1], teacher_moving[k:k + 1]], dim=1))
-                        distill = distill + teacher_loss(output[k:k + 1], target, cfg.teacher_weight) / local
+                        taught.setdefault(teacher, []).append(k)
+                for teacher, rows in taught.items():  # one forward pass per teacher; the mean over taught pairs
+                    with torch.no_grad():
+                        target = teacher(torch.cat([fixed[rows], teacher_moving[rows]], dim=1))
+                    distill = distill + teacher_loss(output[rows], target, cfg.teacher_weight) * (len(rows) / local)
                 loss = loss + distill
                 parts_sum["teacher"] = float(distill.detach()) if torch.is_tensor(distill) else distill
             elif optimisation_teacher is not None:  # displacements: the optimiser's field is not a network output
