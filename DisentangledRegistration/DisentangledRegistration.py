@@ -34,7 +34,7 @@ from MMRegCommonLib.module import configure_module
 from MMRegCommonLib.networkoptions import read_card
 from MMRegCommonLib.parameters import COMBO_PARAMETERS as SHARED_COMBO_PARAMETERS
 from MMRegCommonLib.parameters import RegistrationParameters
-from MMRegCommonLib.testing import RegistrationModuleTest, set_constant_output, user_models
+from MMRegCommonLib.testing import RegistrationModuleTest, node_ids, set_constant_output, user_models
 from MMRegCommonLib.widget import RegistrationWidget
 
 #: The engine method this module runs (``mmreg register --method disentangled``).
@@ -390,7 +390,7 @@ class DisentangledRegistrationTest(RegistrationModuleTest):
             info = METHOD_OPTIONS.info_text(METHOD_OPTIONS.values(p), status)
             default = METHOD_OPTIONS.default_model(status)
             scene = slicer.mrmlScene
-            before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+            before = node_ids(scene)
             with self.assertRaises(mmreg.InputError) as raised:
                 logic.run_with_parameters(p)
         self.assertTrue(labels["disentangled_selftest_rdm"].startswith(
@@ -400,7 +400,7 @@ class DisentangledRegistrationTest(RegistrationModuleTest):
         message = str(raised.exception)
         self.assertIn("Model 'disentangled_selftest_rdm' holds only the representation model (stage 1 of training)",
                       message)
-        after = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        after = node_ids(scene)
         self.assertEqual(after, before)
         for name, array in voxels.items():
             np.testing.assert_array_equal(slicer.util.arrayFromVolume(case[name]), array)

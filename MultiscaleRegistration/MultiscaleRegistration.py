@@ -26,7 +26,7 @@ from MMRegCommonLib.logic import ExtraImageOutput, RegistrationLogic
 from MMRegCommonLib.module import configure_module
 from MMRegCommonLib.parameters import COMBO_PARAMETERS as SHARED_COMBO_PARAMETERS
 from MMRegCommonLib.parameters import PropagationParameters, RegistrationParameters
-from MMRegCommonLib.testing import RegistrationModuleTest
+from MMRegCommonLib.testing import RegistrationModuleTest, node_ids
 from MMRegCommonLib.widget import RegistrationWidget
 from MultiscaleRegistrationLib.options import METHOD_OPTIONS, default_model
 
@@ -343,7 +343,7 @@ class MultiscaleRegistrationTest(RegistrationModuleTest):
         atlas_segments = [(segmentation.GetNthSegmentID(i), segmentation.GetNthSegment(i).GetName(),
                            tuple(round(c, 4) for c in segmentation.GetNthSegment(i).GetColor()))
                           for i in range(segmentation.GetNumberOfSegments())]
-        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        before = node_ids(scene)
         logic = self._logic()
         method, options = self.registration_method()
         seen = []
@@ -352,7 +352,7 @@ class MultiscaleRegistrationTest(RegistrationModuleTest):
 
         self.assertEqual([n.GetName() for n in nodes], ["Phantom moving segments on Phantom fixed",
                                                          "Phantom moving segments on Phantom target 2"])
-        added = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())} - before
+        added = node_ids(scene) - before
         self.assertEqual(added, {n.GetID() for n in nodes} | {n.GetDisplayNode().GetID() for n in nodes})
         fractions = [f for f, _ in seen]
         self.assertEqual(fractions, sorted(fractions))
@@ -433,7 +433,7 @@ class MultiscaleRegistrationTest(RegistrationModuleTest):
         import mmreg
         case = self._propagation_case()
         scene = slicer.mrmlScene
-        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        before = node_ids(scene)
         logic = self._logic()
 
         def progress(fraction, message):
@@ -444,7 +444,7 @@ class MultiscaleRegistrationTest(RegistrationModuleTest):
         with self.assertRaises(mmreg.CancelledError):
             logic.propagate_segmentation(case["moving"], case["moving_seg"], [case["fixed"], case["target2"]],
                                          method=method, progress=progress, **options)
-        self.assertEqual({scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}, before)
+        self.assertEqual(node_ids(scene), before)
         self.assertFalse(logic.is_running)
         self.delayDisplay("Propagation: cancel leaves the scene unchanged")
 

@@ -590,30 +590,15 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
     import os  # noqa: PLC0415
     import time  # noqa: PLC0415
 
-    from .device import choose_device, set_threads  # noqa: PLC0415
     from .errors import CancelledError  # noqa: PLC0415
     from .models import ModelCard, save_model  # noqa: PLC0415
     from .networks import parameter_count  # noqa: PLC0415
-    from .progress import Progress  # noqa: PLC0415
-    from .training import (RunFiles, _check_resume, _set_rng_state, after_own_step, finish_own_run,  # noqa: PLC0415
-                           load_checkpoint, pair_rng, run_paths, save_checkpoint, start_from_base_model, stop_own_run,
-                           stopped_error)
+    from .training import (after_own_step, finish_own_run, open_own_run, pair_rng,  # noqa: PLC0415
+                           resume_checkpoint, save_checkpoint, start_from_base_model, stop_own_run, stopped_error)
 
     t_start = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError("The learned metric trains in one process (its steps take well under a second); run it "
-                         "without torchrun.")
-    device = choose_device(cfg.device)
-    threads = set_threads(cfg.threads)
-    prog = Progress(progress)
-    out_dir, ck_dir, last_path, best_path = run_paths(cfg, resume)
-    files = RunFiles(ck_dir)
-
-    def say(line: str) -> None:
-        files.line(line)
-        if log:
-            log(line)
-
+    device, threads, prog, (out_dir, ck_dir, last_path, best_path), files, say = open_own_run(
+        cfg, resume, progress, log, "The learned metric (its steps take well under a second)")
     try:
         if data is None:
             data = prepare_metric_pairs(cfg, prog.sub(0.0, 0.05), say)
@@ -643,13 +628,7 @@ def train_metric(cfg, data=None, *, resume: bool = False, progress=None, log=Non
                    "base_model": base_description}
         step = 0
         if resume:
-            ck = load_checkpoint(last_path)
-            _check_resume(cfg, ck["config"], last_path)
-            network.load_state_dict(ck["network"])
-            optimizer.load_state_dict(ck["optimizer"])
-            _set_rng_state(ck["rng"], device)
-            history, step = ck["history"], int(ck["step"])
-            say(f"resumed from {last_path} at step {step}")
+            history, step = resume_checkpoint(cfg, last_path, network, optimizer, device, say)
         wall_before = float(history.get("wall_seconds", 0.0))
         files.event("start", method=cfg.method, name=cfg.name, steps=cfg.steps, start_step=step, output=str(out_dir),
                     processes=1, pairs={"training": len(train_pairs), "validation": len(val_pairs)},

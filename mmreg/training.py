@@ -1809,6 +1809,47 @@ def finish_own_run(step: int, history: dict, checkpoint, write_model, files: Run
     return TrainResult(model_dir, card, history, time.perf_counter() - t_start, step)
 
 
+def open_own_run(cfg: TrainConfig, resume: bool, progress, log, trainer: str) -> tuple:
+    """The start of a method's own single-process training loop (the learned metric, the RDM of ``disentangled``):
+    :class:`InputError` under torchrun (``trainer`` names what trains, e.g. "The learned metric"), the device and
+    torch threads of ``cfg``, the progress wrapper, the run's paths (:func:`run_paths`), its :class:`RunFiles` and
+    ``say(line)``, which writes a line to the run's log (and to ``log`` when given). Returns
+    ``(device, threads, progress, (out_dir, ck_dir, last_path, best_path), files, say)``."""
+    from .device import choose_device, set_threads  # noqa: PLC0415
+    from .progress import Progress  # noqa: PLC0415
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise InputError(f"{trainer} trains in one process; run it without torchrun.")
+    device = choose_device(cfg.device)
+    threads = set_threads(cfg.threads)
+    paths = run_paths(cfg, resume)
+    files = RunFiles(paths[1])
+
+    def say(line: str) -> None:
+        files.line(line)
+        if log:
+            log(line)
+    return device, threads, Progress(progress), paths, files, say
+
+
+def resume_checkpoint(cfg: TrainConfig, last_path: Path, network: torch.nn.Module, optimizers, device, say) -> tuple:
+    """Continue a run from its checkpoint ``last_path`` (:func:`load_checkpoint`): check that ``cfg`` is the
+    run's configuration (:func:`_check_resume`), load the network, the optimiser state (``optimizers``: one
+    optimiser, or ``{name: optimiser}`` for a checkpoint that holds several) and the random number generators,
+    and say so. Returns ``(history, step)``."""
+    ck = load_checkpoint(last_path)
+    _check_resume(cfg, ck["config"], last_path)
+    network.load_state_dict(ck["network"])
+    if isinstance(optimizers, dict):
+        for name, optimizer in optimizers.items():
+            optimizer.load_state_dict(ck["optimizer"][name])
+    else:
+        optimizers.load_state_dict(ck["optimizer"])
+    _set_rng_state(ck["rng"], device)
+    step = int(ck["step"])
+    say(f"resumed from {last_path} at step {step}")
+    return ck["history"], step
+
+
 def request_stop(output: str | os.PathLike) -> Path:
     """Ask the run writing into ``output`` to stop: it finishes its step, saves the checkpoint and
     the model so far, and exits (``mmreg train`` with code 130); ``--resume`` continues it.
@@ -2004,13 +2045,7 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
                "base_model": base_description, "skipped_steps": 0}
     step = 0
     if resume:
-        ck = load_checkpoint(last_path)
-        _check_resume(cfg, ck["config"], last_path)
-        network.load_state_dict(ck["network"])
-        optimizer.load_state_dict(ck["optimizer"])
-        _set_rng_state(ck["rng"], device)
-        history, step = ck["history"], int(ck["step"])
-        say(f"resumed from {last_path} at step {step}")
+        history, step = resume_checkpoint(cfg, last_path, network, optimizer, device, say)
         if step >= cfg.steps:
             say(f"the checkpoint is already at step {step} >= steps = {cfg.steps}; writing the model")
     model = network

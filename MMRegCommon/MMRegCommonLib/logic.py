@@ -244,6 +244,20 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         method ships several models names its default here."""
         return None
 
+    def _engine_call(self, method, model, options: dict, refinement_steps, diffeomorphic) -> tuple:
+        """``(method, status, model, engine options)`` of a run: ``method`` None = the module's own; its
+        :func:`~MMRegCommonLib.panel.method_status`, ``mmreg.InputError`` with the reason when it cannot run;
+        ``model`` None = :meth:`default_model_name` for the module's own method; the keyword ``options`` with the
+        panel's refinement and diffeomorphic settings (:func:`~MMRegCommonLib.panel.engine_options`)."""
+        import mmreg
+        method = method or self.method_name
+        status = panel.method_status(method)
+        if not status.available:
+            raise mmreg.InputError(status.reason)
+        if model is None and method == self.method_name:
+            model = self.default_model_name(status)
+        return method, status, model, dict(options, **panel.engine_options(status, refinement_steps, diffeomorphic))
+
     def cancel(self) -> None:
         """Ask the running registration to stop; it raises ``mmreg.CancelledError`` at its next progress report."""
         self._cancel_requested = True
@@ -293,13 +307,7 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         ``mmreg.MMRegError`` subclasses with a readable message for bad input.
         """
         import mmreg
-        method = method or self.method_name
-        status = panel.method_status(method)
-        if not status.available:
-            raise mmreg.InputError(status.reason)
-        if model is None and method == self.method_name:
-            model = self.default_model_name(status)
-        options = dict(options, **panel.engine_options(status, refinement_steps, diffeomorphic))
+        method, status, model, options = self._engine_call(method, model, options, refinement_steps, diffeomorphic)
         scene = self._check_nodes(fixed_volume, moving_volume, moving_segmentation, fixed_segmentation,
                                   output_transform, output_volume, output_segmentation)
         extras = self._extra_outputs(method, extra_images, output_extra_images, scene,
@@ -465,13 +473,7 @@ class RegistrationLogic(ScriptedLoadableModuleLogic):
         import mmreg
         from mmreg.propagation import propagate_labels
         from mmreg_slicer import bridge
-        method = method or self.method_name
-        status = panel.method_status(method)
-        if not status.available:
-            raise mmreg.InputError(status.reason)
-        if model is None and method == self.method_name:
-            model = self.default_model_name(status)
-        options = dict(options, **panel.engine_options(status, refinement_steps, diffeomorphic))
+        method, status, model, options = self._engine_call(method, model, options, refinement_steps, diffeomorphic)
         scene, targets = self._check_propagation(atlas_volume, atlas_segmentation, target_volumes)
         self._cancel_requested = False
         self.trace = None

@@ -183,6 +183,26 @@ def reload_module_node(scene, module_name: str):
     return reloaded, next(n for n in nodes if n.GetAttribute("ModuleName") == module_name)
 
 
+def node_ids(scene) -> set:
+    """The IDs of every node in ``scene`` (to check that a run added or left exactly the nodes it should)."""
+    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+
+
+def oblique_volume(scene, name: str, seed: int = 0) -> tuple:
+    """A noise volume (values 0-100) on an oblique (25 deg about z, then 15 deg about x), anisotropic
+    (2.2 x 3.1 x 3.7 mm) 30 x 26 x 22 grid, as a volume node named ``name`` in ``scene``; returns
+    ``(node, SimpleITK image)`` (the image in LPS, as the engine reads it)."""
+    from mmreg_slicer import bridge
+    image = sitk.GetImageFromArray(np.random.default_rng(seed).random((22, 26, 30)).astype(np.float32) * 100.0)
+    image.SetSpacing((2.2, 3.1, 3.7))
+    image.SetOrigin((-30.0, 20.0, -40.0))
+    a, b = np.deg2rad(25.0), np.deg2rad(15.0)
+    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
+    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
+    image.SetDirection(tuple((rz @ rx).ravel()))
+    return bridge.volume_node_from_image(image, scene, name), image
+
+
 def dice(a: np.ndarray, b: np.ndarray) -> float:
     """Dice of two boolean masks (the engine's :func:`mmreg.metrics.dice_per_label`; 0 when both are empty)."""
     from mmreg.metrics import dice_per_label
@@ -315,7 +335,7 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
         import mmreg
         case = make_synthetic_pair(slicer.mrmlScene)
         scene = slicer.mrmlScene
-        before = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        before = node_ids(scene)
         logic = self._logic()
         seen = []
 
@@ -328,7 +348,7 @@ class RegistrationModuleTest(ScriptedLoadableModuleTest):
         with self.assertRaises(mmreg.CancelledError):
             logic.run(case["fixed"], case["moving"], case["moving_seg"], case["fixed_seg"], method=method,
                       progress=progress, **options)
-        after = {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
+        after = node_ids(scene)
         self.assertEqual(after, before)
         self.assertIsNone(case["moving"].GetParentTransformNode())
         self.assertLess(max(seen), 0.9)

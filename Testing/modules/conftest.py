@@ -38,3 +38,11 @@ def scene():
     slicer.vtkMRMLSubjectHierarchyNode.ResolveSubjectHierarchy(slicer.mrmlScene)
     yield slicer.mrmlScene
     slicer.mrmlScene.Clear(0)
+
+
+@pytest.fixture
+def case(scene):
+    """The shared synthetic pair in the scene (:func:`MMRegCommonLib.testing.make_synthetic_pair`): fixed and
+    moving volumes on different grids, moving = fixed translated by a known vector, a segmentation each."""
+    from MMRegCommonLib.testing import make_synthetic_pair
+    return make_synthetic_pair(scene)

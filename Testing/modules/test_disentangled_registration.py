@@ -32,6 +32,7 @@ import pytest
 import SimpleITK as sitk
 
 import mmreg
+from MMRegCommonLib.testing import node_ids, oblique_volume
 
 HAS_METHOD = "disentangled" in mmreg.method_names()
 needs_method = pytest.mark.skipif(not HAS_METHOD, reason="the engine has no 'disentangled' method")
@@ -86,16 +87,6 @@ def options():
     return importlib.import_module("DisentangledRegistrationLib.options")
 
 
-@pytest.fixture
-def case(scene):
-    from MMRegCommonLib.testing import make_synthetic_pair
-    return make_synthetic_pair(scene)
-
-
-def node_ids(scene) -> set:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
-
-
 def arrays(node):
     import slicer
     return slicer.util.arrayFromVolume(node)
@@ -131,19 +122,6 @@ def card_folder(tmp_path, folder, domains=None, stage=None, description=""):
         card["training"] = {"stage": stage}
     (path / "model.json").write_text(json.dumps(card))
     return str(path)
-
-
-def oblique_volume(scene, name, seed=0):
-    """A noise volume on an oblique (25 deg about z, then 15 deg about x), anisotropic grid; returns (node, image)."""
-    from mmreg_slicer import bridge
-    image = sitk.GetImageFromArray(np.random.default_rng(seed).random((22, 26, 30)).astype(np.float32) * 100.0)
-    image.SetSpacing((2.2, 3.1, 3.7))
-    image.SetOrigin((-30.0, 20.0, -40.0))
-    a, b = np.deg2rad(25.0), np.deg2rad(15.0)
-    rz = np.array([[np.cos(a), -np.sin(a), 0], [np.sin(a), np.cos(a), 0], [0, 0, 1]])
-    rx = np.array([[1, 0, 0], [0, np.cos(b), -np.sin(b)], [0, np.sin(b), np.cos(b)]])
-    image.SetDirection(tuple((rz @ rx).ravel()))
-    return bridge.volume_node_from_image(image, scene, name), image
 
 
 def expected_displacement_lps(image) -> np.ndarray:

@@ -18,6 +18,7 @@ import pytest
 import SimpleITK as sitk
 
 import mmreg
+from MMRegCommonLib.testing import node_ids
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -41,10 +42,6 @@ def module(tmp_path, monkeypatch):
 def phantoms(scene, shifts, prefix):
     from MMRegCommonLib.testing import make_phantom_nodes
     return [make_phantom_nodes(scene, f"{prefix} {i + 1}", shift=shift) for i, shift in enumerate(shifts)]
-
-
-def node_ids(scene):
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
 
 def arrays(nodes):

@@ -16,6 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 import mmreg
+from MMRegCommonLib.testing import node_ids
 
 HAS_METRIC = "metric" in mmreg.method_names()
 needs_metric = pytest.mark.skipif(not HAS_METRIC, reason="the engine has no 'metric' method yet")
@@ -29,16 +30,6 @@ def module():
 @pytest.fixture
 def options():
     return importlib.import_module("LearnedMetricLib.options")
-
-
-@pytest.fixture
-def case(scene):
-    from MMRegCommonLib.testing import make_synthetic_pair
-    return make_synthetic_pair(scene)
-
-
-def node_ids(scene) -> set:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
 
 ENGINE_OPTIONS = {"model": None, "similarity": "learned", "transform": "bspline", "control_spacing_mm": 16.0,

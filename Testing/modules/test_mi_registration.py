@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 import mmreg
+from MMRegCommonLib.testing import node_ids
 
 QUICK = {"method": "optimize", "levels": 1, "iterations": [3]}
 
@@ -20,16 +21,6 @@ QUICK = {"method": "optimize", "levels": 1, "iterations": [3]}
 @pytest.fixture
 def module():
     return importlib.import_module("MIRegistration")
-
-
-@pytest.fixture
-def case(scene):
-    from MMRegCommonLib.testing import make_synthetic_pair
-    return make_synthetic_pair(scene)
-
-
-def node_ids(scene) -> set:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
 
 def test_self_test_runs_headless(module, scene):

@@ -20,6 +20,7 @@ import pytest
 import SimpleITK as sitk
 
 import mmreg
+from MMRegCommonLib.testing import node_ids
 
 HAS_MULTISCALE = "multiscale" in mmreg.method_names()
 needs_multiscale = pytest.mark.skipif(not HAS_MULTISCALE, reason="the engine has no 'multiscale' method")
@@ -71,16 +72,6 @@ def module():
 @pytest.fixture
 def options():
     return importlib.import_module("MultiscaleRegistrationLib.options")
-
-
-@pytest.fixture
-def case(scene):
-    from MMRegCommonLib.testing import make_synthetic_pair
-    return make_synthetic_pair(scene)
-
-
-def node_ids(scene) -> set:
-    return {scene.GetNthNode(i).GetID() for i in range(scene.GetNumberOfNodes())}
 
 
 def status_with(models=(), available=True):

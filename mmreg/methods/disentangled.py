@@ -304,28 +304,14 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
     files, checkpoints, resume and stop request as every training run. The written model holds the RDM and
     an untrained registration network: train the registration stage with ``rdm_model`` set to it.
     """
-    from ..device import choose_device, set_threads  # noqa: PLC0415
     from ..models import ModelCard, save_model  # noqa: PLC0415
     from ..networks import parameter_count  # noqa: PLC0415
-    from ..progress import Progress  # noqa: PLC0415
-    from ..training import (PairSampler, RunFiles, _check_resume, _set_rng_state, after_own_step,  # noqa: PLC0415
-                            finish_own_run, load_checkpoint, pair_rng, prepare_ixi, prepare_manifest, run_paths,
-                            save_checkpoint, stop_own_run)
+    from ..training import (PairSampler, after_own_step, finish_own_run, open_own_run, pair_rng,  # noqa: PLC0415
+                            prepare_ixi, prepare_manifest, resume_checkpoint, save_checkpoint, stop_own_run)
 
     t_start = time.perf_counter()
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise InputError("The RDM stage trains in one process; run it without torchrun.")
-    device = choose_device(cfg.device)
-    threads = set_threads(cfg.threads)
-    prog = Progress(progress)
-    out_dir, ck_dir, last_path, best_path = run_paths(cfg, resume)
-    files = RunFiles(ck_dir)
-
-    def say(line: str) -> None:
-        files.line(line)
-        if log:
-            log(line)
-
+    device, threads, prog, (out_dir, ck_dir, last_path, best_path), files, say = open_own_run(
+        cfg, resume, progress, log, "The RDM stage")
     try:
         if data is None and cfg.data.manifest:  # a user's pairs: fixed images = domain a, moving = domain b
             data = prepare_manifest(cfg, prog.sub(0.0, 0.05), say)
@@ -364,14 +350,8 @@ def train_rdm(cfg, data=None, *, resume: bool = False, progress=None, log=None):
         history = {"loss": [], "seconds_per_step": [], "validation": [], "best": None, "wall_seconds": 0.0}
         step = 0
         if resume:
-            ck = load_checkpoint(last_path)
-            _check_resume(cfg, ck["config"], last_path)
-            module.load_state_dict(ck["network"])
-            opt_g.load_state_dict(ck["optimizer"]["generator"])
-            opt_d.load_state_dict(ck["optimizer"]["discriminator"])
-            _set_rng_state(ck["rng"], device)
-            history, step = ck["history"], int(ck["step"])
-            say(f"resumed from {last_path} at step {step}")
+            history, step = resume_checkpoint(cfg, last_path, module, {"generator": opt_g, "discriminator": opt_d},
+                                              device, say)
         wall_before = float(history.get("wall_seconds", 0.0))
         # fixed validation crops: held-out images of each domain (held-out subjects / validation pairs)
         vrng = np.random.default_rng(cfg.seed + 99)
