@@ -478,7 +478,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "(default: the config's, else 0); a second seed shows how much a result depends on chance")
     tr.add_argument("--teacher-model", default=None,
                     help="distillation: also teach the network to reproduce this trained model's fields (name or "
-                         "folder of the same method; it reads each pair before any random intensity curve)")
+                         "folder of the same method, or METHOD:NAME of another registration method, e.g. "
+                         "mi:mi_brain_mind_distilled; it reads each pair before any random intensity curve)")
     tr.add_argument("--teacher-weight", type=float, default=None,
                     help="weight of the teacher term, mean squared difference of the outputs in grid voxels "
                          "(default 1)")

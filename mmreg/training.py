@@ -272,7 +272,8 @@ class TrainConfig:
     start from trained weights instead of a fresh network (fine-tuning): a model name or folder of
     this method (see :func:`mmreg.models.resolve_model`), or a ``.pt`` file (a model's weights, a
     run's ``best.pt`` or a checkpoint); the architecture must match. Relative paths are taken from
-    the config file's folder. ``teacher_model``: a trained model of this method (name or folder) whose
+    the config file's folder. ``teacher_model``: a trained model of this method (name or folder; a
+    registration network of another method as ``"METHOD:NAME"``, :func:`teacher_reference`) whose
     output on each training pair the network is also taught to reproduce (distillation), with weight
     ``teacher_weight`` on the mean squared difference of the two outputs (voxels of the training grid,
     velocity or displacement as the models predict); the teacher reads the pair before any
@@ -1510,19 +1511,47 @@ def start_from_base_model(network, cfg: TrainConfig, device, say) -> str | None:
     return description
 
 
+def teacher_reference(cfg: TrainConfig, ref: str) -> tuple:
+    """``(method, model)`` of a teacher reference: ``"METHOD:NAME"`` names a model of another registration
+    method (e.g. ``"mi:mi_brain_mind_distilled"`` teaching a ``grad`` network); a model folder is of the method
+    its card names; a plain name is a model of ``cfg.method``."""
+    from .methods import method_names  # noqa: PLC0415
+    from .models import CARD_FILE  # noqa: PLC0415
+    text = str(ref)
+    folder = Path(text).expanduser()
+    if folder.is_dir() and (folder / CARD_FILE).is_file():
+        try:
+            method = json.loads((folder / CARD_FILE).read_text()).get("method")
+        except json.JSONDecodeError:
+            method = None  # load_model names the broken card
+        return (str(method) if method else cfg.method), text
+    method, sep, name = text.partition(":")
+    if sep and method in method_names():
+        return method, name
+    return cfg.method, text
+
+
 def load_teacher(cfg: TrainConfig, device, say=None, ref: str | None = None, key: str = "teacher_model",
                  taught: str = ""):
-    """The frozen teacher network ``ref`` (default ``cfg.teacher_model``; a model of ``cfg.method``: name or
-    folder, checksum verified), in eval mode on ``device``; None without a teacher. Errors name ``key``:
-    :class:`WeightsError` when the model is missing or its weights do not verify, :class:`InputError` when
-    it predicts another kind of field than this run (velocity vs displacement, integration steps): its
-    outputs would not be comparable. ``taught``: which pairs it teaches, for the message to ``say``."""
+    """The frozen teacher network ``ref`` (default ``cfg.teacher_model``: a model of ``cfg.method``, name or
+    folder, or of another registration method, ``"METHOD:NAME"`` or a folder of it, see
+    :func:`teacher_reference`; checksum verified), in eval mode on ``device``; None without a teacher. Errors
+    name ``key``: :class:`WeightsError` when the model is missing or its weights do not verify,
+    :class:`InputError` when it predicts another kind of field than this run (velocity vs displacement,
+    integration steps) or is not a registration network: its outputs would not be comparable. A teacher of
+    another method predicts one field; it teaches the student's (for ``grad``'s two-branch networks, the
+    fused field that warps the moving image, :func:`taught_field`). ``taught``: which pairs it teaches, for
+    the message to ``say``."""
     ref = cfg.teacher_model if ref is None else ref
     if not ref:
         return None
     from .models import load_model  # noqa: PLC0415
+    method, model = teacher_reference(cfg, ref)
     try:
-        network, card = load_model(cfg.method, ref, training_spec(cfg.method).build_network, device)
+        spec = training_spec(method)
+        if spec.trainer is not None and spec.use_trainer is None:
+            raise InputError(f"method '{method}' has no registration network to teach with.")
+        network, card = load_model(method, model, spec.build_network, device)
     except (InputError, WeightsError) as err:  # the same kind of error, naming the config key
         raise type(err)(f"{key}: {err}") from err
     if bool(card.diffeomorphic) != bool(cfg.diffeomorphic) or (
@@ -1560,6 +1589,18 @@ def load_teachers(cfg: TrainConfig, device, say=None) -> dict:
         network = load_teacher(cfg, device, say, ref=ref, key=key, taught=taught)
         teachers.update({source: network for source in sources})
     return teachers
+
+
+def taught_field(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The part of the student's output ``(B, C, *spatial)`` that a teacher's output ``(B, c, *spatial)``
+    teaches: all of it when ``c == C``; its first ``c`` channels when a teacher of another method predicts
+    one field and the student more (``grad``'s ``cat(phi_ig, phi_g)``: the fused field ``phi_ig``)."""
+    if teacher.shape[1] == student.shape[1]:
+        return student
+    if teacher.shape[1] < student.shape[1] and student.shape[1] % teacher.shape[1] == 0:
+        return student[:, :teacher.shape[1]]
+    raise InputError(f"The teacher predicts {teacher.shape[1]} channels and this network {student.shape[1]}; "
+                     "they do not teach each other.")
 
 
 def teacher_loss(student: torch.Tensor, teacher: torch.Tensor, weight: float,
@@ -2182,7 +2223,8 @@ def _train_loop(cfg, data, resume, spec, rank, world, local, device, threads, pr
                 for teacher, rows in taught.items():  # one forward pass per teacher; the mean over taught pairs
                     with torch.no_grad():
                         target = teacher(torch.cat([fixed[rows], teacher_moving[rows]], dim=1))
-                    distill = distill + teacher_loss(output[rows], target, cfg.teacher_weight) * (len(rows) / local)
+                    distill = distill + teacher_loss(taught_field(output[rows], target), target,
+                                                     cfg.teacher_weight) * (len(rows) / local)
                 loss = loss + distill
                 parts_sum["teacher"] = float(distill.detach()) if torch.is_tensor(distill) else distill
             elif optimisation_teacher is not None:  # displacements: the optimiser's field is not a network output

@@ -14,7 +14,7 @@ from mmreg.errors import InputError
 from mmreg.manifest import write_manifest
 from mmreg.methods.grad import split_output, training_loss
 from mmreg.models import ModelCard, save_model
-from mmreg.networks import DEFAULT_GRAD_ARCHITECTURE, GRAD_VARIANTS, gradient_magnitude, gradnet, parameter_count
+from mmreg.networks import DEFAULT_ARCHITECTURE, DEFAULT_GRAD_ARCHITECTURE, GRAD_VARIANTS, gradient_magnitude, gradnet, parameter_count
 from mmreg.training import config_for_manifest, config_from_dict, train
 
 SMALL = {"channels": [8, 8, 8, 8, 8, 8, 8, 8], "final_conv_channels": [8]}
@@ -197,6 +197,64 @@ def test_training_on_multimodal_pairs_lowers_the_mind_loss_and_the_model_registe
                        model=str(tmp_path / "model"), affine=False, threads=2)
     gate = sitk.GetArrayViewFromImage(r.extra_images["gradient_gate"])
     assert 0.0 < float(gate.mean()) < 1.0
+
+
+def test_a_teacher_of_another_method_teaches_the_fused_field(model_root, tmp_path, monkeypatch):
+    """teacher_model = "mi:NAME" (or an mi model folder): a registration network of another method teaches a grad
+    network's fused field phi_ig (the first three of its six output channels): the teacher term falls and the
+    student's phi_ig ends closer to the teacher's constant velocity than without the teacher. The metric (no
+    registration network) is refused, naming the key."""
+    from mmreg.models import load_model  # noqa: PLC0415
+    from mmreg.networks import registration_unet  # noqa: PLC0415
+    from mmreg.training import load_teacher, taught_field, teacher_reference  # noqa: PLC0415
+
+    monkeypatch.setenv("MMREG_CACHE", str(tmp_path / "cache"))
+    velocity = (0.6, -0.4, 0.3)  # voxels of the training grid
+    teacher = registration_unet(dict(SMALL))
+    last = [m for m in teacher.modules() if isinstance(m, torch.nn.Conv3d)][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        last.bias.copy_(torch.tensor(velocity))
+    save_model(model_root / "user" / "mi" / "constant", teacher,
+               ModelCard(name="constant", method="mi", architecture=dict(DEFAULT_ARCHITECTURE, **SMALL), spacing_mm=2.0,
+                         multiple=16))
+    rows = []
+    for k in range(3):
+        a, b = _phantom(seed=k), _phantom(centre_shift=(0.0, 1.0, -1.0 + k), seed=k, contrast=(0.9, 0.2, 0.6))
+        sitk.WriteImage(_image(a), str(tmp_path / f"f{k}.nii.gz"))
+        sitk.WriteImage(_image(b), str(tmp_path / f"m{k}.nii.gz"))
+        rows.append({"fixed": str(tmp_path / f"f{k}.nii.gz"), "moving": str(tmp_path / f"m{k}.nii.gz"),
+                     "split": "validation" if k == 2 else ""})
+    write_manifest(tmp_path / "pairs.csv", rows)
+
+    def run(out, teacher_model=None):
+        cfg = config_for_manifest("grad", tmp_path / "pairs.csv", output=tmp_path / out, steps=15, threads=2,
+                                  spacing_mm=2.0, augment=False)
+        cfg.architecture = dict(SMALL, variant="gated")
+        cfg.learning_rate, cfg.validation_every, cfg.checkpoint_every, cfg.data.prealign = 1e-3, 0, 0, "none"
+        cfg.final_model, cfg.seed = "last", 3
+        cfg.teacher_model, cfg.teacher_weight = teacher_model, 5.0
+        return cfg, train(cfg)
+
+    cfg, taught = run("taught", "mi:constant")
+    assert teacher_reference(cfg, "mi:constant") == ("mi", "constant")
+    assert teacher_reference(cfg, str(model_root / "user" / "mi" / "constant"))[0] == "mi"
+    assert teacher_reference(cfg, "grad_mr_gated") == ("grad", "grad_mr_gated")
+    assert taught.history["teacher"][-1] < 0.5 * taught.history["teacher"][0], taught.history["teacher"]
+    _, alone = run("alone")
+    pair = torch.cat([torch.from_numpy(_phantom(seed=0))[None, None],
+                      torch.from_numpy(_phantom(centre_shift=(0.0, 1.0, -1.0), seed=0))[None, None]], 1)
+
+    def error(result):
+        net, _ = load_model("grad", result.model_dir, gradnet)
+        with torch.no_grad():
+            phi = taught_field(net(pair), torch.zeros(1, 3, 1, 1, 1))
+        return float(torch.mean((phi - torch.tensor(velocity).reshape(1, 3, 1, 1, 1)) ** 2))
+    assert error(taught) < 0.3 * error(alone), (error(taught), error(alone))
+    with pytest.raises(InputError, match="teacher_model: method 'metric' has no registration network"):
+        load_teacher(cfg, torch.device("cpu"), ref="metric:metric_mr")
+    with pytest.raises(InputError, match="do not teach each other"):
+        taught_field(torch.zeros(1, 4, 2, 2, 2), torch.zeros(1, 3, 2, 2, 2))
 
 
 def test_bad_grad_configs_name_the_key():
